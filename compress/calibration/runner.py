@@ -1,0 +1,105 @@
+"""Layer-by-layer calibration runner.
+
+The calibration batch goes through the model one decoder block at a time: the inputs of block 0
+are captured once, then each block is run on every batch and its outputs become the next block's
+inputs. Statistics are gathered with forward hooks while a block runs. Memory is one block's
+activations for the whole calibration set ([n, seqlen, hidden]) plus the block itself.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from compress.progress import progress_bar
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook on block 0 once its inputs are recorded."""
+
+
+class LayerRunner:
+    """Runs calibration batches block by block.
+
+    Args:
+        adapter: the model's adapter (gives ``decoder`` and ``layers``).
+        input_ids: [n, seqlen] calibration windows.
+        batch_size: windows per block forward.
+        progress: show a progress bar over blocks.
+    """
+
+    def __init__(self, adapter, input_ids: torch.Tensor, batch_size: int = 16, progress: bool = True):
+        self.adapter = adapter
+        self.batch_size = batch_size
+        self.progress = progress
+        device = next(adapter.model.parameters()).device
+        self.input_ids = input_ids.to(device)
+        self.hidden: list[torch.Tensor] = []  # per batch: [b, seqlen, hidden] inputs of the current block
+        self.block_kwargs: list[dict] = []  # per batch: the keyword arguments the decoder passes its blocks
+        self.next_layer = 0
+
+    @torch.no_grad()
+    def capture_inputs(self) -> None:
+        """Record block 0's inputs for every batch by running the decoder up to block 0."""
+        first_block = self.adapter.layers[0]
+        captured: dict = {}
+
+        def hook(_module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _StopForward
+
+        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for batch in self.input_ids.split(self.batch_size):
+                try:
+                    self.adapter.decoder(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+                self.hidden.append(captured["hidden"])
+                kwargs = dict(captured["kwargs"])
+                kwargs["use_cache"] = False
+                kwargs.pop("cache", None)
+                kwargs.pop("past_key_values", None)
+                self.block_kwargs.append(kwargs)
+        finally:
+            handle.remove()
+        self.next_layer = 0
+
+    @torch.no_grad()
+    def run_block(self, layer_index: int, update: bool = True) -> None:
+        """Run block ``layer_index`` on every batch; with ``update`` its outputs replace the inputs."""
+        if not self.hidden:
+            self.capture_inputs()
+        block = self.adapter.layers[layer_index]
+        for b, (hidden, kwargs) in enumerate(zip(self.hidden, self.block_kwargs)):
+            out = block(hidden, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if update:
+                self.hidden[b] = out
+        if update:
+            self.next_layer = layer_index + 1
+
+    def blocks(self, description: str = "calibrating") -> Iterator[int]:
+        """Layer indices in order, with a progress bar."""
+        yield from progress_bar(range(self.adapter.num_layers), description, enabled=self.progress)
+
+
+@contextmanager
+def input_hooks(modules: dict[str, nn.Module], callback: Callable[[str, torch.Tensor], None]):
+    """Call ``callback(name, input)`` with each module's first positional input while active."""
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_module, args, _name=name):
+            callback(_name, args[0])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,43 @@
+"""What a pass sees while it runs: the model, its adapter, and the calibration data (lazily)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class PassContext:
+    """Shared state handed to each pass.
+
+    Args:
+        model: the HF causal LM being compressed (modified in place by pruning passes).
+        tokenizer: its tokenizer.
+        calibration_loader: returns the calibration windows [n, seqlen] (called at most once).
+        batch_size: calibration windows per block forward.
+        progress: show progress bars.
+    """
+
+    model: Any
+    tokenizer: Any = None
+    calibration_loader: Callable[[], torch.Tensor] | None = None
+    batch_size: int = 16
+    progress: bool = True
+    _calibration: torch.Tensor | None = field(default=None, repr=False)
+
+    def adapter(self):
+        from compress.models.llama import get_adapter
+
+        return get_adapter(self.model)
+
+    def calibration_ids(self) -> torch.Tensor:
+        """[n, seqlen] calibration windows (drawn once, then reused by later passes)."""
+        if self._calibration is None:
+            if self.calibration_loader is None:
+                from compress.errors import CompressError
+
+                raise CompressError("this pass needs calibration data; add a `calibration:` section to the recipe")
+            self._calibration = self.calibration_loader()
+        return self._calibration

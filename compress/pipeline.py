@@ -1,0 +1,344 @@
+"""The pipeline: load ► passes ► plan ► export ► reload check ► evaluate ► gates ► report.
+
+Everything is written into a temporary folder beside the output folder and renamed into place at
+the end, so an interrupted or failed run never leaves a half-written artifact under the output
+name.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compress.context import PassContext
+from compress.errors import CompressError, PlanError
+from compress.monitor import StageMonitor
+from compress.plan import Plan
+
+RELOAD_CHECK_WINDOWS = 4
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    report: dict
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------- helpers
+def resolve_device(device: str | None) -> str:
+    """"auto" → cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"device {device!r} asked for, but no CUDA GPU is available; use device: cpu or auto")
+    return device
+
+
+def _widths_table(adapter, dense_widths) -> list[dict]:
+    return [
+        {
+            "index": i,
+            "heads": w.heads,
+            "kv_heads": w.kv_heads,
+            "intermediate": w.intermediate,
+            "dense_heads": d.heads,
+            "dense_kv_heads": d.kv_heads,
+            "dense_intermediate": d.intermediate,
+        }
+        for i, (w, d) in enumerate(zip(adapter.all_widths(), dense_widths))
+    ]
+
+
+def _param_section(dense_counts: dict, pruned_counts: dict, target: float | None) -> dict:
+    return {
+        "dense": {"total": dense_counts["total"], "decoder_linear": dense_counts["decoder_linear"]},
+        "pruned": {"total": pruned_counts["total"], "decoder_linear": pruned_counts["decoder_linear"]},
+        "pruning_ratio": 1.0 - pruned_counts["decoder_linear"] / dense_counts["decoder_linear"],
+        "total_ratio": 1.0 - pruned_counts["total"] / dense_counts["total"],
+        "target_ratio": target,
+    }
+
+
+class _StagingDir:
+    """A temporary folder beside ``final`` that replaces it on ``commit()``."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir()
+
+    def commit(self) -> Path:
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            self.final.rename(old)
+        self.path.rename(self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _reload_max_abs_diff(model, folder: Path, windows: torch.Tensor, device: str) -> float:
+    """Reload the exported folder with ``AutoModelForCausalLM`` and compare logits with ``model``."""
+    from transformers import AutoModelForCausalLM
+
+    import compress  # noqa: F401  (registers the pruned-model classes)
+
+    dtype = next(model.parameters()).dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    with torch.no_grad():
+        batch = windows[:RELOAD_CHECK_WINDOWS].to(device)
+        diff = (model(input_ids=batch).logits.float() - reloaded(input_ids=batch).logits.float()).abs().max()
+    del reloaded
+    return float(diff)
+
+
+def _gate(name: str, value: float | None, threshold: float | None, op: str) -> dict | None:
+    if threshold is None or value is None:
+        return None
+    passed = value <= threshold if op == "<=" else value >= threshold
+    return {"name": name, "value": value, "threshold": threshold, "op": op, "passed": bool(passed)}
+
+
+# --------------------------------------------------------------------------------- recipe
+def describe_recipe(recipe, output: Path | None = None) -> list[str]:
+    """What ``run`` would do, one line per step (the dry run prints these)."""
+    out = Path(output) if output else Path(recipe.export.output)
+    lines = [
+        f"recipe    {recipe.name}",
+        f"model     {recipe.model.source} ({recipe.model.dtype}, device {recipe.device}, seed {recipe.seed})",
+    ]
+    if recipe.calibration is not None:
+        c = recipe.calibration
+        lines.append(f"calibrate {c.source}: {c.samples} windows × {c.seqlen} tokens, seed {c.seed}, batch {c.batch_size}")
+    for i, entry in enumerate(recipe.passes):
+        opts = ", ".join(f"{k}={v}" for k, v in entry.options.model_dump().items())
+        lines.append(f"pass {i + 1}    {entry.name}: {opts}")
+    lines.append(f"export    {', '.join(recipe.export.formats)} → {out}")
+    if recipe.evaluate is not None:
+        e = recipe.evaluate
+        lines.append(
+            f"evaluate  {', '.join(e.datasets)} at seqlen {e.seqlen}, first {e.max_windows} windows"
+            + (" (dense too)" if e.dense else "")
+        )
+    v = recipe.validate
+    gates = [f"reload max|Δ| ≤ {v.reload_max_abs_diff}"]
+    gates += [f"{n} {op} {t}" for n, op, t in (
+        ("ppl ratio", "≤", v.max_ppl_ratio), ("top-1 agreement", "≥", v.min_top1_agreement), ("mean KL", "≤", v.max_mean_kl)
+    ) if t is not None]
+    lines.append(f"validate  {'; '.join(gates)}")
+    return lines
+
+
+def _calibration_loader(recipe, tokenizer):
+    if recipe.calibration is None:
+        return None
+    from compress.calibration.sources import random_windows, read_text, tokenize_text
+
+    c = recipe.calibration
+
+    def load() -> torch.Tensor:
+        ids = tokenize_text(tokenizer, read_text(c.source))
+        return random_windows(ids, c.samples, c.seqlen, c.seed)
+
+    return load
+
+
+def _evaluation_windows(recipe, tokenizer) -> dict[str, torch.Tensor]:
+    from compress.calibration.sources import read_text, sequential_windows, tokenize_text
+
+    e = recipe.evaluate
+    windows = {}
+    for source in e.datasets:
+        name = source.split(":", 1)[1] if source.startswith("austen:") else Path(source).stem
+        windows[name] = sequential_windows(tokenize_text(tokenizer, read_text(source)), e.seqlen, e.max_windows)
+    return windows
+
+
+def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, device: str | None = None, progress: bool = True) -> RunResult:
+    """Run a validated recipe end to end and write the artifact folder."""
+    out = Path(output) if output else Path(recipe.export.output)
+    if dry_run:
+        return RunResult(output_dir=out, report={"dry_run": describe_recipe(recipe, out)}, passed=True)
+    if "onnx" in recipe.export.formats:
+        raise CompressError("export.formats: 'onnx' is not available yet; use [safetensors]")
+
+    from compress.models.llama import get_adapter
+    from compress.models.loading import load_model
+    from compress.registry import get_pass
+
+    torch.manual_seed(recipe.seed)
+    device = resolve_device(device or recipe.device)
+    monitor = StageMonitor()
+    staging = _StagingDir(out)
+    try:
+        with monitor.stage("load"):
+            loaded = load_model(recipe.model.source, dtype=recipe.model.dtype, device=device,
+                                trust_remote_code=recipe.model.trust_remote_code, progress=progress)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        adapter = get_adapter(model)
+        dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
+        eval_windows = _evaluation_windows(recipe, tokenizer) if recipe.evaluate is not None else {}
+        keep_dense = recipe.evaluate is not None and (recipe.evaluate.dense or recipe.evaluate.agreement)
+        dense_model = copy.deepcopy(model) if keep_dense else None
+
+        ctx = PassContext(model=model, tokenizer=tokenizer, calibration_loader=_calibration_loader(recipe, tokenizer),
+                          batch_size=recipe.calibration.batch_size if recipe.calibration else 16, progress=progress)
+        if recipe.calibration is not None and any(getattr(get_pass(e.name).cls, "needs_calibration", False) for e in recipe.passes):
+            with monitor.stage("calibration data"):
+                ctx.calibration_ids()
+        plan = Plan(model={"source": recipe.model.source, "architecture": type(model).__name__,
+                           "num_layers": adapter.num_layers,
+                           "dense_widths": [w.__dict__ for w in dense_widths]})
+        pass_reports = []
+        for entry in recipe.passes:
+            spec = get_pass(entry.name)
+            with monitor.stage(f"pass:{entry.name}") as record:
+                step = spec.cls(entry.options).run(ctx)
+            plan.steps.append(step)
+            pass_reports.append({"name": entry.name, "options": entry.options.model_dump(),
+                                 "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"], "details": {}})
+        adapter = get_adapter(model)
+        target = next((e.options.ratio for e in reversed(recipe.passes) if hasattr(e.options, "ratio")), None)
+        report = _base_report(recipe.name, recipe.model.source, device, recipe.model.dtype, recipe.seed,
+                              dense_counts, adapter, dense_widths, target)
+        report["passes"] = pass_reports
+        return _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dense_model, recipe.evaluate,
+                       recipe.validate, device, progress)
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def _base_report(name, source, device, dtype, seed, dense_counts, adapter, dense_widths, target) -> dict:
+    return {
+        "recipe": name,
+        "model": source,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "dtype": dtype,
+        "seed": seed,
+        "params": _param_section(dense_counts, adapter.param_counts(), target),
+        "layers": _widths_table(adapter, dense_widths),
+    }
+
+
+def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dense_model, evaluate, validate,
+            device, progress) -> RunResult:
+    """Export, check the reload, evaluate, apply the gates, write the report, rename into place."""
+    from compress.evaluation.paired import paired_evaluation
+    from compress.report import write_report
+    from exporters.safetensors import export_safetensors
+
+    with monitor.stage("export"):
+        exported = export_safetensors(model, tokenizer, staging.path)
+        plan.save(staging.path / "plan.json")
+    gates = []
+    check_windows = next(iter(eval_windows.values()), None)
+    if check_windows is None:
+        check_windows = torch.randint(0, model.config.vocab_size, (RELOAD_CHECK_WINDOWS, 32), generator=torch.Generator().manual_seed(0))
+    with monitor.stage("reload check"):
+        diff = _reload_max_abs_diff(model, staging.path, check_windows, device)
+    gates.append(_gate("reload_max_abs_diff", diff, validate.reload_max_abs_diff, "<="))
+
+    if evaluate is not None and eval_windows:
+        evaluation = {"seqlen": evaluate.seqlen, "max_windows": evaluate.max_windows, "datasets": {}}
+        agreements, kls = [], []
+        with monitor.stage("evaluate"):
+            for name, windows in eval_windows.items():
+                if dense_model is not None:
+                    r = paired_evaluation(dense_model, model, windows, evaluate.batch_size, progress, f"evaluating {name}")
+                    evaluation["datasets"][name] = {"dense_ppl": r.dense_ppl, "pruned_ppl": r.pruned_ppl, "ppl_ratio": r.ppl_ratio,
+                                                    "top1_agreement": r.top1_agreement, "mean_kl": r.mean_kl}
+                    agreements.append(r.top1_agreement)
+                    kls.append(r.mean_kl)
+                else:
+                    from compress.evaluation.perplexity import perplexity
+
+                    ppl = perplexity(model, windows, batch_size=evaluate.batch_size, progress=progress).ppl
+                    evaluation["datasets"][name] = {"dense_ppl": None, "pruned_ppl": ppl, "ppl_ratio": None}
+        evaluation["top1_agreement"] = sum(agreements) / len(agreements) if agreements else None
+        evaluation["mean_kl"] = sum(kls) / len(kls) if kls else None
+        report["evaluation"] = evaluation
+        ratios = [d["ppl_ratio"] for d in evaluation["datasets"].values() if d["ppl_ratio"] is not None]
+        gates.append(_gate("ppl_ratio", max(ratios) if ratios else None, validate.max_ppl_ratio, "<="))
+        gates.append(_gate("top1_agreement", evaluation["top1_agreement"], validate.min_top1_agreement, ">="))
+        gates.append(_gate("mean_kl", evaluation["mean_kl"], validate.max_mean_kl, "<="))
+
+    gates = [g for g in gates if g is not None]
+    failures = [f"{g['name']} = {g['value']:.6g} (must be {g['op']} {g['threshold']})" for g in gates if not g["passed"]]
+    report["validation"] = {"passed": not failures, "gates": gates}
+    report["stages"] = monitor.stages
+    final = staging.final
+    report["artifacts"] = {"dir": str(final), "files": sorted(exported.get("files", [])) + ["plan.json", "report.json", "report.md", "kept_widths.png"]}
+    write_report(staging.path, report)
+    staging.commit()
+    return RunResult(output_dir=final, report=report, passed=not failures, failures=failures)
+
+
+# --------------------------------------------------------------------------------- apply
+def apply_plan(model, plan: Plan) -> None:
+    """Replay every step of ``plan`` on ``model`` (no calibration data needed)."""
+    from compress.models.llama import get_adapter
+    from compress.pruning.surgeon import apply_step
+
+    adapter = get_adapter(model)
+    expected = plan.model.get("num_layers")
+    if expected is not None and expected != adapter.num_layers:
+        raise PlanError(f"the plan is for a model with {expected} layers, this model has {adapter.num_layers}")
+    dense_widths = plan.model.get("dense_widths")
+    if dense_widths:
+        actual = [w.__dict__ for w in adapter.all_widths()]
+        if actual != dense_widths:
+            raise PlanError("the plan was made for a model with other layer widths than this one")
+    for step in plan.steps:
+        apply_step(adapter, step)
+
+
+def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device: str | None = None,
+                    dtype: str = "float32", progress: bool = True) -> RunResult:
+    """``compress apply``: load the model, replay the plan, export with the reload check."""
+    from compress.models.llama import get_adapter
+    from compress.models.loading import load_model
+
+    plan = Plan.load(Path(plan_path))
+    device = resolve_device(device)
+    monitor = StageMonitor()
+    staging = _StagingDir(Path(output))
+    try:
+        with monitor.stage("load"):
+            loaded = load_model(model_source, dtype=dtype, device=device, progress=progress)
+        model = loaded.model
+        adapter = get_adapter(model)
+        dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
+        with monitor.stage("apply plan"):
+            apply_plan(model, plan)
+        adapter = get_adapter(model)
+        ratio = next((s.options.get("ratio") for s in reversed(plan.steps) if "ratio" in s.options), None)
+        report = _base_report(f"apply {Path(plan_path).name}", model_source, device, dtype, None,
+                              dense_counts, adapter, dense_widths, ratio)
+        report["passes"] = [{"name": s.pass_name, "options": s.options, "wall_s": 0.0, "peak_rss_mb": 0.0,
+                             "details": {"replayed": True}} for s in plan.steps]
+
+        class _Gates:  # only the reload gate applies to a replay
+            reload_max_abs_diff = 1e-4
+            max_ppl_ratio = min_top1_agreement = max_mean_kl = None
+
+        return _finish(report, model, loaded.tokenizer, plan, staging, monitor, {}, None, None, _Gates, device, progress)
+    except BaseException:
+        staging.discard()
+        raise

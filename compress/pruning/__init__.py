@@ -1,0 +1,1 @@
+"""Shared parts of structured pruning: scorers, units, allocators and the surgeon."""

@@ -1,0 +1,193 @@
+"""Structured pruning of LLaMA-family decoders: Scorer ► units ► Allocator ► plan ► Surgeon.
+
+``StructuredPruner`` is the engine behind ``flap``, ``wanda_sp`` and ``magnitude_sp``: the passes
+only choose the scorer, the aggregation of channel scores into units, the allocator and the
+compensation. The result is a ``PlanStep``; the model is sliced through the same surgeon that
+``compress apply`` uses, so replaying the plan gives identical weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.calibration.runner import LayerRunner, input_hooks
+from compress.calibration.stats import ChannelStats, ReferenceFluctuation
+from compress.plan import LayerPlan, PlanStep
+from compress.pruning.allocators import allocate_global, allocate_global_reference, allocate_uniform, round_channels
+from compress.pruning.scores import ConsumerStats, LayerScores
+from compress.pruning.surgeon import apply_layer_plan
+from compress.pruning.units import LayerUnits, build_layer_units, kept_heads
+
+
+@dataclass
+class PrunerSettings:
+    """How to prune. See the pass options for the meaning of each field."""
+
+    ratio: float
+    gqa: str = "query_heads"  # "query_heads" | "kv_groups"
+    aggregation: str = "mean_z"  # "mean_z" | "sum"
+    allocator: str = "global"  # "global" | "uniform"
+    compensation: str = "bias"  # "bias" | "none"
+    min_heads: int = 1
+    min_channels: int = 1
+    round_to: int = 1
+    sequential: bool = False
+    reference_threshold: bool = False  # FLAP parity: argmin threshold with strict ">"
+    reference_statistics: bool = False  # FLAP parity: streaming variance, fp16-rounded means
+
+
+class StructuredPruner:
+    def __init__(self, scorer, settings: PrunerSettings):
+        self.scorer = scorer
+        self.settings = settings
+
+    # ------------------------------------------------------------------ statistics
+    def _new_stats(self, adapter, layer_index: int) -> ConsumerStats:
+        device = adapter.attention_consumer(layer_index).weight.device
+        attn_in = adapter.attention_consumer(layer_index).in_features
+        mlp_in = adapter.mlp_consumer(layer_index).in_features
+        reference = self.settings.reference_statistics
+        return ConsumerStats(
+            attn=ChannelStats(attn_in, device),
+            mlp=ChannelStats(mlp_in, device),
+            attn_reference=ReferenceFluctuation(attn_in, device) if reference else None,
+            mlp_reference=ReferenceFluctuation(mlp_in, device) if reference else None,
+        )
+
+    def _observe_block(self, runner: LayerRunner, layer_index: int, update: bool) -> ConsumerStats:
+        """Run one block on the calibration set, recording its consumers' input statistics."""
+        adapter = runner.adapter
+        stats = self._new_stats(adapter, layer_index)
+        targets = {"attn": adapter.attention_consumer(layer_index), "mlp": adapter.mlp_consumer(layer_index)}
+
+        def record(name: str, x: torch.Tensor) -> None:
+            getattr(stats, name).update(x)
+            reference = getattr(stats, f"{name}_reference")
+            if reference is not None:
+                reference.update(x)
+
+        with input_hooks(targets, record):
+            runner.run_block(layer_index, update=update)
+        return stats
+
+    # ------------------------------------------------------------------ plan pieces
+    def _units(self, adapter, layer_index: int, scores: LayerScores) -> LayerUnits:
+        s = self.settings
+        return build_layer_units(
+            adapter,
+            layer_index,
+            scores,
+            gqa=s.gqa,
+            aggregation=s.aggregation,
+            min_heads=s.min_heads,
+            min_channels=s.min_channels,
+        )
+
+    def _compensation(self, weight: torch.Tensor, mean: torch.Tensor, keep_channels: list[int]) -> list[float] | None:
+        """FLAP bias: ``W[:, removed] @ mean[removed]`` ([out]), the removed channels' mean output."""
+        removed = torch.ones(weight.shape[1], dtype=torch.bool)
+        removed[torch.tensor(keep_channels, dtype=torch.long)] = False
+        if not removed.any():
+            return None
+        if self.settings.reference_statistics:
+            mean = mean.to(torch.float16).to(torch.float64)
+        delta = weight.detach().to(torch.float64)[:, removed.to(weight.device)] @ mean[removed.to(mean.device)]
+        return LayerPlan.bias_values(delta)
+
+    def _layer_plan(
+        self, adapter, units: LayerUnits, attn_keep: int, mlp_keep: int, stats: ConsumerStats | None
+    ) -> LayerPlan:
+        i = units.attn.layer
+        mlp_keep = round_channels(mlp_keep, self.settings.round_to, units.mlp.size)
+        heads, kv_heads = kept_heads(units.attn, units.attn.kept_units(attn_keep))
+        channels = units.mlp.kept_units(mlp_keep)
+        widths = adapter.widths(i)
+        plan = LayerPlan(
+            index=i,
+            keep_heads=heads if len(heads) < widths.heads else None,
+            keep_kv_heads=kv_heads if kv_heads is not None and len(kv_heads) < widths.kv_heads else None,
+            keep_channels=channels if len(channels) < widths.intermediate else None,
+        )
+        if self.settings.compensation == "bias" and stats is not None:
+            d = adapter.head_dim
+            if plan.keep_heads is not None:
+                head_channels = [h * d + k for h in plan.keep_heads for k in range(d)]
+                plan.o_proj_bias = self._compensation(adapter.attention_consumer(i).weight, stats.attn.mean, head_channels)
+            if plan.keep_channels is not None:
+                plan.down_proj_bias = self._compensation(adapter.mlp_consumer(i).weight, stats.mlp.mean, plan.keep_channels)
+        return plan
+
+    # ------------------------------------------------------------------ drivers
+    def run(self, ctx) -> PlanStep:
+        """Prune ``ctx.model`` in place; return the step that reproduces it."""
+        adapter = ctx.adapter()
+        s = self.settings
+        if not self.scorer.needs_activations:
+            return self._run_data_free(adapter)
+        runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
+        runner.capture_inputs()
+        if s.allocator == "uniform":
+            return self._run_layerwise(adapter, runner)
+        return self._run_global(adapter, runner, ctx)
+
+    def _run_data_free(self, adapter) -> PlanStep:
+        all_units = [self._units(adapter, i, self.scorer(adapter, i, None)) for i in range(adapter.num_layers)]
+        counts = self._allocate(all_units)
+        plans = [self._layer_plan(adapter, u, a, m, None) for u, (a, m) in zip(all_units, counts)]
+        for plan in plans:
+            apply_layer_plan(adapter, plan)
+        return PlanStep(pass_name="", options={}, layers=plans)
+
+    def _run_layerwise(self, adapter, runner: LayerRunner) -> PlanStep:
+        """Uniform allocation decides each layer alone, so layers are pruned as they are reached;
+        with ``sequential`` the pruned block's outputs feed the next block."""
+        plans = []
+        for i in runner.blocks("scoring layers"):
+            stats = self._observe_block(runner, i, update=not self.settings.sequential)
+            units = self._units(adapter, i, self.scorer(adapter, i, stats))
+            (attn_keep, mlp_keep), = allocate_uniform([units], self.settings.ratio)
+            plan = self._layer_plan(adapter, units, attn_keep, mlp_keep, stats)
+            apply_layer_plan(adapter, plan)
+            if self.settings.sequential:
+                runner.run_block(i, update=True)
+            plans.append(plan)
+        return PlanStep(pass_name="", options={}, layers=plans)
+
+    def _allocate(self, all_units: list[LayerUnits]) -> list[tuple[int, int]]:
+        s = self.settings
+        if s.allocator == "uniform":
+            return allocate_uniform(all_units, s.ratio)
+        if s.reference_threshold:
+            return allocate_global_reference(all_units, s.ratio)
+        return allocate_global(all_units, s.ratio)
+
+    def _run_global(self, adapter, runner: LayerRunner, ctx) -> PlanStep:
+        """Score every layer on the dense model, allocate globally, then slice. With
+        ``sequential`` a second pass re-scores each layer on the already-pruned upstream layers
+        (keeping the allocated widths) so channel choice and biases see the pruned inputs."""
+        all_stats, all_units = [], []
+        for i in runner.blocks("scoring layers"):
+            stats = self._observe_block(runner, i, update=True)
+            all_stats.append(stats)
+            all_units.append(self._units(adapter, i, self.scorer(adapter, i, stats)))
+        counts = self._allocate(all_units)
+        plans = []
+        if not self.settings.sequential:
+            for units, (a, m), stats in zip(all_units, counts, all_stats):
+                plans.append(self._layer_plan(adapter, units, a, m, stats))
+            for plan in plans:
+                apply_layer_plan(adapter, plan)
+            return PlanStep(pass_name="", options={}, layers=plans)
+
+        runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
+        runner.capture_inputs()
+        for i in runner.blocks("re-scoring on pruned inputs"):
+            stats = self._observe_block(runner, i, update=False)
+            units = self._units(adapter, i, self.scorer(adapter, i, stats))
+            plan = self._layer_plan(adapter, units, counts[i][0], counts[i][1], stats)
+            apply_layer_plan(adapter, plan)
+            runner.run_block(i, update=True)
+            plans.append(plan)
+        return PlanStep(pass_name="", options={}, layers=plans)

@@ -1,0 +1,107 @@
+"""The surgeon: slices q/k/v/o and gate/up/down to a layer plan and adds compensation biases.
+
+The model stays its stock HF class; each touched ``nn.Linear`` is replaced by a smaller one and the
+module attributes that transformers reads at run time (``num_key_value_groups``,
+``intermediate_size``) are updated, so the forward pass and the exporters see consistent widths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress.errors import PlanError
+from compress.plan import LayerPlan, PlanStep
+
+
+def _sliced_linear(linear: nn.Linear, keep_rows: torch.Tensor | None = None, keep_cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear holding ``linear``'s kept output rows / input columns (bias follows the rows)."""
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if keep_rows is not None:
+        weight = weight.index_select(0, keep_rows.to(weight.device))
+        bias = bias.index_select(0, keep_rows.to(weight.device)) if bias is not None else None
+    if keep_cols is not None:
+        weight = weight.index_select(1, keep_cols.to(weight.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def _with_added_bias(linear: nn.Linear, delta: list[float]) -> nn.Linear:
+    """``linear`` with ``delta`` [out] added to its bias (creating the bias if it had none)."""
+    delta_t = torch.tensor(delta, dtype=torch.float32, device=linear.weight.device).to(linear.weight.dtype)
+    if delta_t.shape[0] != linear.out_features:
+        raise PlanError(f"compensation bias has {delta_t.shape[0]} values, layer has {linear.out_features} outputs")
+    if linear.bias is None:
+        new = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight)
+            new.bias.copy_(delta_t)
+        return new
+    with torch.no_grad():
+        linear.bias.add_(delta_t)
+    return linear
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """[len(heads)·head_dim] row indices of the given heads."""
+    idx = torch.tensor(heads, dtype=torch.long)
+    return (idx[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _check_indices(name: str, indices: list[int], size: int, layer: int) -> None:
+    if not indices:
+        raise PlanError(f"layer {layer}: {name} keeps nothing; every layer must keep at least one")
+    if sorted(set(indices)) != list(indices) or indices[0] < 0 or indices[-1] >= size:
+        raise PlanError(f"layer {layer}: {name} must be sorted unique indices in [0, {size}), got {indices[:8]}…")
+
+
+def apply_layer_plan(adapter, plan: LayerPlan) -> None:
+    """Slice layer ``plan.index`` of the adapter's model in place."""
+    i = plan.index
+    if not 0 <= i < adapter.num_layers:
+        raise PlanError(f"plan names layer {i}, the model has {adapter.num_layers}")
+    widths = adapter.widths(i)
+    attn, mlp = adapter.attention(i), adapter.mlp(i)
+    d = adapter.head_dim
+
+    if plan.keep_heads is not None:
+        keep_kv = plan.keep_kv_heads if plan.keep_kv_heads is not None else list(range(widths.kv_heads))
+        _check_indices("keep_heads", plan.keep_heads, widths.heads, i)
+        _check_indices("keep_kv_heads", keep_kv, widths.kv_heads, i)
+        kv_of_head = adapter.kv_head_of_query_heads(i)
+        per_kv = [sum(1 for h in plan.keep_heads if int(kv_of_head[h]) == kv) for kv in keep_kv]
+        if len(set(per_kv)) != 1 or sum(per_kv) != len(plan.keep_heads):
+            raise PlanError(
+                f"layer {i}: kept query heads must belong to kept KV heads in equal numbers per KV head "
+                f"(got {per_kv} for KV heads {keep_kv})"
+            )
+        q_rows, kv_rows = _head_rows(plan.keep_heads, d), _head_rows(keep_kv, d)
+        attn.q_proj = _sliced_linear(attn.q_proj, keep_rows=q_rows)
+        attn.k_proj = _sliced_linear(attn.k_proj, keep_rows=kv_rows)
+        attn.v_proj = _sliced_linear(attn.v_proj, keep_rows=kv_rows)
+        attn.o_proj = _sliced_linear(attn.o_proj, keep_cols=q_rows)
+        attn.num_key_value_groups = len(plan.keep_heads) // len(keep_kv)
+    if plan.o_proj_bias is not None:
+        attn.o_proj = _with_added_bias(attn.o_proj, plan.o_proj_bias)
+
+    if plan.keep_channels is not None:
+        _check_indices("keep_channels", plan.keep_channels, widths.intermediate, i)
+        rows = torch.tensor(plan.keep_channels, dtype=torch.long)
+        mlp.gate_proj = _sliced_linear(mlp.gate_proj, keep_rows=rows)
+        mlp.up_proj = _sliced_linear(mlp.up_proj, keep_rows=rows)
+        mlp.down_proj = _sliced_linear(mlp.down_proj, keep_cols=rows)
+        mlp.intermediate_size = len(plan.keep_channels)
+    if plan.down_proj_bias is not None:
+        mlp.down_proj = _with_added_bias(mlp.down_proj, plan.down_proj_bias)
+
+
+def apply_step(adapter, step: PlanStep) -> None:
+    """Apply every layer plan of one step."""
+    for layer_plan in step.layers:
+        apply_layer_plan(adapter, layer_plan)

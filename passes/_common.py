@@ -1,0 +1,21 @@
+"""Options shared by the structured pruning passes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StructuredOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float = Field(gt=0.0, lt=1.0, description="Fraction of decoder attention+MLP linear weights to remove.")
+    gqa: Literal["query_heads", "kv_groups"] = Field(
+        "query_heads",
+        description="Attention unit: 'query_heads' removes the same number of query heads from every KV group "
+        "(KV heads stay); 'kv_groups' removes whole KV heads with their query heads.",
+    )
+    min_heads: int = Field(1, ge=0, description="Attention units (query-head slots or KV groups) every layer keeps.")
+    min_channels: int = Field(1, ge=0, description="MLP channels every layer keeps.")
+    round_to: int = Field(1, ge=1, description="Round each layer's kept MLP channels to a multiple of this (e.g. 64, 128).")

@@ -1,0 +1,69 @@
+"""FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI 2024)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from compress.plan import PlanStep
+from compress.pruning.scores import FluctuationScorer
+from compress.pruning.structured import PrunerSettings, StructuredPruner
+from compress.registry import register_pass
+from passes._common import StructuredOptions
+
+
+@register_pass("flap")
+class FlapPass:
+    """FLAP: drop heads and MLP channels whose inputs fluctuate least; compensate with a bias.
+
+    Scores each o_proj/down_proj input channel by its variance on calibration text weighted by
+    the column energy of the weights that read it (WIFV), standardises per layer, cuts all layers
+    with one cost-weighted global threshold (AL-AM), and replaces each removed unit by its mean
+    contribution as a bias.
+    """
+
+    needs_calibration = True
+
+    class Options(StructuredOptions):
+        metric: Literal["wifv", "ifv", "wifn"] = Field("wifv", description="Channel score: WIFV (default), IFV or WIFN.")
+        structure: Literal["al-am", "ul-um"] = Field(
+            "al-am", description="'al-am': one global threshold over standardised scores (adaptive widths); "
+            "'ul-um': every layer loses the same share."
+        )
+        compensation: Literal["bias", "none"] = Field("bias", description="Add the removed units' mean output as a bias.")
+        sequential: bool = Field(
+            False,
+            description="Re-score each layer on the outputs of the already-pruned layers before slicing it "
+            "(widths stay as allocated on the dense model; costs one more calibration pass).",
+        )
+        parity: bool = Field(
+            False,
+            description="Reproduce the reference code: streaming variance, squared attention score, "
+            "argmin threshold with strict '>', no per-layer floor, fp16-rounded means.",
+        )
+
+    def __init__(self, options: "FlapPass.Options"):
+        self.options = options
+
+    def settings(self) -> PrunerSettings:
+        o = self.options
+        return PrunerSettings(
+            ratio=o.ratio,
+            gqa=o.gqa,
+            aggregation="mean_z" if o.structure == "al-am" else "sum",
+            allocator="global" if o.structure == "al-am" else "uniform",
+            compensation=o.compensation,
+            min_heads=0 if o.parity else o.min_heads,
+            min_channels=0 if o.parity else o.min_channels,
+            round_to=o.round_to,
+            sequential=o.sequential,
+            reference_threshold=o.parity,
+            reference_statistics=o.parity,
+        )
+
+    def run(self, ctx) -> PlanStep:
+        scorer = FluctuationScorer(self.options.metric, parity=self.options.parity)
+        step = StructuredPruner(scorer, self.settings()).run(ctx)
+        step.pass_name, step.options = self.name, self.options.model_dump()
+        return step

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-initialised decoders (fast) and the real SmolLM2 (marked slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A 4-layer decoder small enough for unit tests: hidden 64, 8 query heads, 4 KV heads (GQA)."""
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    return cls(**common)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model_cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[family]
+    model = model_cls(config).eval()
+    # Random init gives near-identical tiny weights; widen them so pruning choices are not ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 128, (6, 16), generator=g)
