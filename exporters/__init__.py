@@ -1,0 +1,1 @@
+"""Exporters: write a compressed in-memory model to disk (safetensors + config; ONNX)."""
