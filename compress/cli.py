@@ -1,0 +1,535 @@
+"""The ``compress`` command line: run recipes, list passes, inspect and evaluate models, replay plans.
+
+Heavy modules (torch, transformers, the pipeline) are imported inside each command, so
+``compress --help`` stays quick. Every :class:`~compress.errors.CompressError` raised by a command
+is caught in one place (:class:`CompressGroup`) and printed as ``error: <message>`` on stderr with
+the error's exit code (2 for bad input, 3 for a failed gate) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from compress.errors import CompressError, PlanError
+
+EXIT_GATE_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+# ------------------------------------------------------------------------------------ errors
+def print_error(message: str) -> None:
+    """``error: <message>`` in red on stderr; continuation lines are indented under the message."""
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
+    first, *rest = message.splitlines() or [""]
+    text = Text("error: ", style="bold red")
+    text.append(first, style="red")
+    for line in rest:
+        text.append("\n       " + line, style="red")
+    console.print(text)
+
+
+class CompressGroup(TyperGroup):
+    """The command group; turns user errors from any command into a message and an exit code."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CompressError as error:
+            print_error(str(error))
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+app = typer.Typer(
+    name="compress",
+    cls=CompressGroup,
+    help=(
+        "Ahead-of-time structured compression of Hugging Face models.\n\n"
+        "Write a recipe (model, calibration text, passes, export, gates) and run it with "
+        "[bold]compress run recipe.yaml[/bold]. See docs/recipes.md for every recipe field."
+    ),
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class DTypeChoice(str, Enum):
+    """Weight dtypes a model can be loaded in."""
+
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def _stdout() -> Console:
+    return Console(highlight=False)
+
+
+# ------------------------------------------------------------------------------------ option checks
+def _device_option(value: Optional[str]) -> Optional[str]:
+    """Validate ``--device`` (auto, cpu, cuda, cuda:N), resolve ``auto``, and refuse CUDA without a GPU."""
+    if value is None:
+        return None
+    from compress.recipe import normalize_device, resolve_device
+
+    try:
+        device = resolve_device(normalize_device(value))
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter(f"{device} asked for, but no CUDA GPU is visible; use cpu or auto")
+    return device
+
+
+def _data_option(values: list[str]) -> list[str]:
+    """Validate every ``--data`` source before a model is loaded."""
+    from compress.recipe import check_text_source
+
+    for value in values:
+        try:
+            check_text_source(value)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+    return values
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        from compress import __version__
+
+        typer.echo(f"compress {__version__}")
+        raise typer.Exit()
+
+
+DeviceOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device",
+        help="Device to run on: auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N.",
+        callback=_device_option,
+        show_default=False,
+    ),
+]
+DTypeOption = Annotated[DTypeChoice, typer.Option("--dtype", help="Dtype to load the weights in.")]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run while loading it."),
+]
+QuietOption = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="Print only errors, gate failures and the output folder; no summary or progress bars."
+    ),
+]
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the compress version and exit.", callback=_version_option, is_eager=True),
+    ] = False,
+) -> None:
+    """Ahead-of-time structured compression of Hugging Face models."""
+
+
+# ------------------------------------------------------------------------------------ run
+@app.command("run")
+def run_command(
+    recipe: Annotated[
+        Path, typer.Argument(help="The recipe YAML file to run (fields: docs/recipes.md).", show_default=False)
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Output folder; replaces the recipe's export.output.", show_default=False),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the recipe and print what would run, without loading a model.")
+    ] = False,
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Run a recipe: load the model, run its passes in order, export, evaluate and check the gates.
+
+    The output folder gets the model files, [bold]plan.json[/bold], [bold]report.json[/bold],
+    [bold]report.md[/bold] and [bold]kept_widths.png[/bold]. Exits with 2 on a bad recipe and 3 when a
+    validation gate fails.
+    """
+    from compress.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    if dry_run:
+        from compress.pipeline import describe_recipe
+
+        console = _stdout()
+        for line in describe_recipe(parsed.with_overrides(device=device), output=output):
+            console.print(line, markup=False, soft_wrap=True)
+        return
+    if not quiet:
+        where = escape(parsed.source_name)
+        _stdout().print(f"running [bold]{escape(parsed.name)}[/bold] ({where}): {_recipe_outline(parsed)}")
+    from compress.pipeline import run_recipe
+
+    result = run_recipe(parsed, output=output, dry_run=False, device=device, progress=not quiet)
+    _finish(result, quiet)
+
+
+def _recipe_outline(recipe: Any) -> str:
+    passes = " → ".join(entry.name for entry in recipe.passes) or "no passes"
+    return escape(f"{recipe.model_source}, {passes}")
+
+
+# ------------------------------------------------------------------------------------ apply
+@app.command("apply")
+def apply_command(
+    plan: Annotated[Path, typer.Argument(help="A plan.json written by an earlier run.", show_default=False)],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The dense model the plan was made for: smollm2-135m, a hub id, a folder or a .gguf file.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Folder to write the pruned model and its report to.", show_default=False),
+    ],
+    device: DeviceOption = None,
+    dtype: DTypeOption = DTypeChoice.float32,
+    no_eval: Annotated[
+        bool, typer.Option("--no-eval", help="Skip the perplexity evaluation; only rebuild, export and reload-check.")
+    ] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Replay a plan on a model without calibration data: the same kept heads and channels, the same biases.
+
+    Example: [bold]compress apply outputs/llama-flap-50/plan.json --model smollm2-135m -o out2[/bold]
+    """
+    if not plan.is_file():
+        raise PlanError(f"plan file not found: {plan}")
+    from compress.pipeline import apply_plan_file
+    from compress.recipe import resolve_device
+
+    options = dict(device=device or resolve_device("auto"), dtype=dtype.value, progress=not quiet, evaluate=not no_eval)
+    result = apply_plan_file(plan, model, output, **declared_keywords(apply_plan_file, options))
+    _finish(result, quiet)
+
+
+def declared_keywords(function: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``function`` accepts as keywords.
+
+    The pipeline is growing (``apply_plan_file`` may not take ``evaluate`` yet); the CLI keeps its
+    flags stable and passes each one as soon as the function declares it.
+    """
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(options)
+    return {key: value for key, value in options.items() if key in parameters}
+
+
+# ------------------------------------------------------------------------------------ run/apply summary
+def _finish(result: Any, quiet: bool) -> None:
+    """Print the summary (unless quiet) and the output folder; exit 3 with each failure if gates failed."""
+    if not quiet:
+        _stdout().print(summary_table(result.report))
+    _stdout().print(f"output: [bold]{escape(str(result.output_dir))}[/bold]")
+    if not result.passed:
+        for failure in result.failures or ["validation failed"]:
+            print_error(f"gate failed: {failure}")
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def summary_table(report: dict) -> Table:
+    """Dense vs pruned: parameter counts, perplexities, agreement, ratios and the gate verdict."""
+    from compress.report import fmt_count, fmt_number, fmt_percent
+
+    table = Table(title=f"{escape(str(report.get('recipe', 'run')))}", title_justify="left")
+    table.add_column("")
+    table.add_column("dense", justify="right")
+    table.add_column("pruned", justify="right")
+    table.add_column("pruned / dense", justify="right")
+    params = report.get("params") or {}
+    dense, pruned = params.get("dense") or {}, params.get("pruned") or {}
+    for label, key in (("decoder-linear params", "decoder_linear"), ("total params", "total")):
+        if key in dense or key in pruned:
+            share = pruned[key] / dense[key] if dense.get(key) and key in pruned else None
+            table.add_row(label, fmt_count(dense.get(key)), fmt_count(pruned.get(key)), fmt_percent(share))
+    evaluation = report.get("evaluation") or {}
+    for name, result in (evaluation.get("datasets") or {}).items():
+        table.add_row(
+            f"PPL {escape(str(name))}", fmt_number(result.get("dense_ppl")), fmt_number(result.get("pruned_ppl")),
+            fmt_number(result.get("ppl_ratio")),
+        )
+    if evaluation.get("top1_agreement") is not None:
+        table.add_row("top-1 agreement", "", fmt_percent(evaluation["top1_agreement"]), "")
+    if evaluation.get("mean_kl") is not None:
+        table.add_row("mean KL", "", fmt_number(evaluation["mean_kl"]), "")
+    if "pruning_ratio" in params:
+        target = params.get("target_ratio")
+        note = f" (target {fmt_percent(target)})" if target is not None else ""
+        table.add_row("pruning ratio", "", fmt_percent(params["pruning_ratio"]) + note, "")
+    if "total_ratio" in params:
+        table.add_row("total-parameter ratio", "", fmt_percent(params["total_ratio"]), "")
+    validation = report.get("validation")
+    if validation:
+        verdict = "[green]passed[/green]" if validation.get("passed") else "[red]FAILED[/red]"
+        table.add_row("validation", "", verdict, "")
+    return table
+
+
+# ------------------------------------------------------------------------------------ passes
+@app.command("passes")
+def passes_command() -> None:
+    """List the registered passes, what each does, and its options (the keys a recipe may set)."""
+    from compress.registry import available_passes
+
+    console = _stdout()
+    specs = available_passes()
+    if not specs:
+        console.print("no passes are registered")
+        return
+    for spec in specs.values():
+        console.print(pass_options_table(spec))
+
+
+def pass_options_table(spec: Any) -> Table:
+    """One pass as a table: option, type (with bounds), default, description."""
+    from compress.recipe import describe_bounds
+
+    title = f"[bold]{escape(spec.name)}[/bold]" + (f" — {escape(spec.summary)}" if spec.summary else "")
+    table = Table(title=title, title_justify="left", expand=False)
+    table.add_column("option", style="cyan", no_wrap=True)
+    table.add_column("type")
+    table.add_column("default")
+    table.add_column("description")
+    for name, field in spec.options.model_fields.items():
+        bounds = describe_bounds(field)
+        kind = type_label(field.annotation) + (f" ({bounds})" if bounds else "")
+        cells = (field.alias or name, kind, default_label(field), field.description or "")
+        table.add_row(*(escape(cell) for cell in cells))
+    if not spec.options.model_fields:
+        table.add_row("—", "", "", "this pass has no options")
+    return table
+
+
+def type_label(annotation: Any) -> str:
+    """A readable type: ``float``, ``wifv | ifv | wifn``, ``int | null``, ``list[int]``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        return type_label(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_label(arg) for arg in args)
+    if origin is typing.Literal:
+        return " | ".join(str(arg) for arg in args)
+    if annotation is type(None):
+        return "null"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_label(a) for a in args)}]"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def default_label(field: Any) -> str:
+    """A field's default in YAML-ish form, or ``required``."""
+    if field.is_required():
+        return "required"
+    try:
+        value = field.get_default(call_default_factory=True, validated_data={})
+    except TypeError:
+        value = field.get_default(call_default_factory=True)
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    if isinstance(value, Enum):
+        value = value.value
+    try:
+        return json.dumps(value) if not isinstance(value, str) else value
+    except TypeError:
+        return str(value)
+
+
+# ------------------------------------------------------------------------------------ inspect
+@app.command("inspect")
+def inspect_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model to describe: smollm2-135m, a hub id (offline), a local folder or a .gguf file.",
+            show_default=False,
+        ),
+    ],
+    device: DeviceOption = None,
+    dtype: DTypeOption = DTypeChoice.float32,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Show a model's architecture, parameter counts by part, prunable groups and per-layer widths."""
+    from compress.models.llama import get_adapter
+    from compress.models.loading import load_model
+
+    loaded = load_model(model, dtype=dtype.value, device=device or "cpu", trust_remote_code=trust_remote_code)
+    summary = get_adapter(loaded.model).summary()
+    ModelSummaryView(summary, title=model).print(_stdout())
+
+
+class ModelSummaryView:
+    """Renders an adapter's ``summary()`` dict as rich tables."""
+
+    PARTS = (
+        ("embedding", "embedding"),
+        ("attention (q, k, v, o)", "attention"),
+        ("MLP (gate, up, down)", "mlp"),
+        ("norms", "norms"),
+        ("lm_head", "lm_head"),
+    )
+
+    def __init__(self, summary: dict, title: str):
+        self.summary = summary
+        self.title = title
+
+    def print(self, console: Console) -> None:
+        console.print(self.overview())
+        console.print(self.params())
+        if self.summary.get("groups"):
+            console.print(self.groups())
+        widths = self.summary.get("layer_widths") or []
+        if widths:
+            console.print(self.widths(widths))
+
+    def overview(self) -> Table:
+        table = Table(title=escape(self.title), title_justify="left", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for label, key in (("architecture", "architecture"), ("family", "family"), ("layers", "layers"),
+                           ("hidden size", "hidden_size"), ("head dim", "head_dim")):
+            if key in self.summary:
+                table.add_row(label, escape(str(self.summary[key])))
+        return table
+
+    def params(self) -> Table:
+        from compress.report import fmt_count, fmt_percent
+
+        params = self.summary.get("params") or {}
+        total = params.get("total")
+        table = Table(title="parameters", title_justify="left")
+        table.add_column("part")
+        table.add_column("parameters", justify="right")
+        table.add_column("share", justify="right")
+        for label, key in self.PARTS:
+            if key not in params:
+                continue
+            value = params[key]
+            shown = "0 (tied to the embedding)" if key == "lm_head" and value == 0 else fmt_count(value)
+            table.add_row(label, shown, fmt_percent(value / total) if total else "—")
+        if "decoder_linear" in params:
+            value = params["decoder_linear"]
+            share = fmt_percent(value / total) if total else "—"
+            table.add_row("[bold]decoder linears[/bold] (prunable)", fmt_count(value), share)
+        table.add_row("[bold]total[/bold]", fmt_count(total), "100.0%" if total else "—")
+        return table
+
+    def groups(self) -> Table:
+        from compress.report import fmt_count
+
+        table = Table(title="prunable groups", title_justify="left")
+        table.add_column("kind", style="cyan")
+        table.add_column("per layer", justify="right")
+        table.add_column("params each", justify="right")
+        table.add_column("description")
+        for group in self.summary["groups"]:
+            table.add_row(
+                escape(str(group.get("kind", ""))), str(group.get("per_layer", "")),
+                fmt_count(group.get("cost_params")), escape(str(group.get("description", ""))),
+            )
+        return table
+
+    @staticmethod
+    def widths(widths: list[dict]) -> Table | Text:
+        shapes = {(w.get("heads"), w.get("kv_heads"), w.get("intermediate")) for w in widths}
+        if len(shapes) == 1:
+            heads, kv_heads, intermediate = shapes.pop()
+            return Text(
+                f"all {len(widths)} layers: {heads} query heads, {kv_heads} KV heads, {intermediate} MLP channels"
+            )
+        table = Table(title="width per layer", title_justify="left")
+        for column in ("layer", "query heads", "KV heads", "MLP channels"):
+            table.add_column(column, justify="right")
+        for w in widths:
+            table.add_row(str(w.get("index")), str(w.get("heads")), str(w.get("kv_heads")), str(w.get("intermediate")))
+        return table
+
+
+# ------------------------------------------------------------------------------------ eval
+@app.command("eval")
+def eval_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model to evaluate: smollm2-135m, a hub id (offline), a folder (e.g. a run's output) or a .gguf file.",
+            show_default=False,
+        ),
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", "-d", callback=_data_option,
+            help="Text to measure on: austen, austen:<novel>, or a .txt/.jsonl file or folder. Repeat for several.",
+        ),
+    ] = ["austen:persuasion"],  # noqa: B006 - typer reads the default from here
+    seqlen: Annotated[int, typer.Option("--seqlen", min=2, help="Tokens per window.")] = 128,
+    windows: Annotated[
+        int,
+        typer.Option(
+            "--windows", min=1, help="Use at most this many non-overlapping windows from the start of each text."
+        ),
+    ] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 8,
+    device: DeviceOption = None,
+    dtype: DTypeOption = DTypeChoice.float32,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Measure perplexity: exp(mean NLL of every predicted token) over non-overlapping windows."""
+    from compress.calibration.sources import read_text, sequential_windows, tokenize_text
+    from compress.evaluation.perplexity import perplexity
+    from compress.models.loading import load_model
+    from compress.recipe import resolve_device
+
+    device = device or resolve_device("auto")
+    loaded = load_model(model, dtype=dtype.value, device=device, trust_remote_code=trust_remote_code)
+    table = Table(title=f"perplexity of {escape(model)} (seqlen {seqlen})", title_justify="left")
+    for column, justify in (("data", "left"), ("windows", "right"), ("tokens", "right"), ("PPL", "right")):
+        table.add_column(column, justify=justify)
+    for source in data:
+        ids = tokenize_text(loaded.tokenizer, read_text(source))
+        batch = sequential_windows(ids, seqlen, windows, source=source)
+        result = perplexity(loaded.model, batch, batch_size=batch_size, progress=True)
+        table.add_row(escape(source), str(batch.shape[0]), f"{int(result.tokens):,}", f"{result.ppl:.2f}")
+    _stdout().print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,347 @@
+"""The `compress` CLI (with the pipeline/model modules faked) and the report writer."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, Field
+from typer.testing import CliRunner
+
+from compress import __version__, registry
+from compress.cli import app
+from compress.errors import CompressError
+from compress.report import PLOT_PNG, REPORT_JSON, REPORT_MD, write_report
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "200"}
+
+
+class ToyPrune:
+    """Toy pruning pass: removes the least busy channels."""
+
+    class Options(BaseModel):
+        ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of decoder linear weights to remove.")
+        min_heads: int = Field(1, ge=1, description="Heads every layer keeps.")
+
+
+@pytest.fixture(autouse=True)
+def toy_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_load_builtin_passes", lambda: None)
+    registry.register_pass("toyprune")(ToyPrune)
+
+
+@dataclass
+class FakeRunResult:
+    output_dir: Path
+    report: dict
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+def sample_report(layers: int = 4) -> dict:
+    """A report with every section, shaped like the pipeline's."""
+    return {
+        "recipe": "toy-50",
+        "model": "smollm2-135m",
+        "created": "2025-01-01T00:00:00+00:00",
+        "device": "cpu",
+        "dtype": "float32",
+        "seed": 0,
+        "params": {
+            "dense": {"total": 134_515_008, "decoder_linear": 106_168_320},
+            "pruned": {"total": 81_431_104, "decoder_linear": 53_084_160},
+            "pruning_ratio": 0.5,
+            "total_ratio": 0.3946,
+            "target_ratio": 0.5,
+        },
+        "layers": [
+            {"index": i, "heads": 9 - i, "kv_heads": 3, "intermediate": 1536 - 256 * i,
+             "dense_heads": 9, "dense_kv_heads": 3, "dense_intermediate": 1536}
+            for i in range(layers)
+        ],
+        "passes": [{"name": "toyprune", "options": {"ratio": 0.5}, "wall_s": 12.5, "peak_rss_mb": 1500.0,
+                    "details": {"allocator": "global"}}],
+        "stages": [
+            {"name": "load", "wall_s": 3.0, "peak_rss_mb": 900.0},
+            {"name": "toyprune", "wall_s": 12.5, "peak_rss_mb": 1500.0},
+        ],
+        "evaluation": {"seqlen": 128, "max_windows": 256,
+                       "datasets": {"persuasion": {"dense_ppl": 51.7, "pruned_ppl": 90.2, "ppl_ratio": 1.745}},
+                       "top1_agreement": 0.61, "mean_kl": 0.42},
+        "validation": {"passed": True, "gates": [
+            {"name": "reload_max_abs_diff", "value": 2e-6, "threshold": 1e-4, "op": "<=", "passed": True}]},
+        "artifacts": {"dir": "outputs/toy-50", "files": ["config.json", "model.safetensors"]},
+    }
+
+
+def fake_module(monkeypatch, name: str, **attributes) -> types.ModuleType:
+    """Install a stand-in module under ``name`` for the duration of a test."""
+    module = types.ModuleType(name)
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def write_recipe(tmp_path: Path, text: str = "model: smollm2-135m\npasses:\n  - toyprune: {ratio: 0.5}\n") -> Path:
+    path = tmp_path / "toy.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------ help, version
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ([], ["run", "apply", "passes", "inspect", "eval", "--version"]),
+        (["run"], ["--output", "--dry-run", "--device", "--quiet"]),
+        (["apply"], ["--model", "--output", "--device", "--no-eval"]),
+        (["passes"], ["options"]),
+        (["inspect"], ["--device", "--dtype"]),
+        (["eval"], ["--data", "--seqlen", "--windows", "--batch-size", "--device", "--dtype"]),
+    ],
+)
+def test_help_explains_every_option(command, expected):
+    result = runner.invoke(app, [*command, "--help"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    for word in expected:
+        assert word in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"compress {__version__}"
+
+
+# ------------------------------------------------------------------------------ passes
+def test_passes_lists_registered_pass_with_options():
+    result = runner.invoke(app, ["passes"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "toyprune" in result.output
+    assert "Toy pruning pass" in result.output
+    assert "ratio" in result.output and "float (> 0 and < 1)" in result.output
+    assert "Fraction of decoder linear weights to remove." in result.output
+    assert "min_heads" in result.output and "int (>= 1)" in result.output
+
+
+# ------------------------------------------------------------------------------ run
+def test_run_bad_recipe_exits_2_with_yaml_path(tmp_path):
+    path = write_recipe(tmp_path, "model: smollm2-135m\npasses:\n  - toyprune: {ratio: 1.5}\ncolour: red\n")
+    result = runner.invoke(app, ["run", str(path)], env=WIDE)
+    assert result.exit_code == 2
+    assert "error:" in result.output
+    assert "passes[0].toyprune.ratio: must be > 0 and < 1 (got 1.5)" in result.output
+    assert "colour: unknown field" in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_run_bad_yaml_and_missing_file_exit_2(tmp_path):
+    path = write_recipe(tmp_path, "passes: [\n")
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "invalid YAML" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "recipe file not found" in result.output
+
+
+def test_run_rejects_unknown_device_option(tmp_path):
+    result = runner.invoke(app, ["run", str(write_recipe(tmp_path)), "--device", "gpu"], env=WIDE)
+    assert result.exit_code == 2
+    assert "--device" in result.output and "cuda:N" in result.output
+
+
+def test_dry_run_prints_the_description_and_runs_nothing(tmp_path, monkeypatch):
+    seen = {}
+
+    def describe_recipe(recipe, output=None):
+        seen["recipe"], seen["output"] = recipe, output
+        return [f"recipe {recipe.name}", f"pass 1 {recipe.passes[0].name}"]
+
+    def run_recipe(*args, **kwargs):
+        raise AssertionError("a dry run must not run the pipeline")
+
+    fake_module(monkeypatch, "compress.pipeline", describe_recipe=describe_recipe, run_recipe=run_recipe)
+    result = runner.invoke(app, ["run", str(write_recipe(tmp_path)), "--dry-run", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "recipe toy" in result.output and "pass 1 toyprune" in result.output
+    assert seen["output"] == tmp_path / "out"
+
+
+def test_run_prints_summary_and_passes_overrides(tmp_path, monkeypatch):
+    calls = {}
+
+    def run_recipe(recipe, *, output=None, dry_run=False, device=None, progress=True):
+        calls.update(recipe=recipe, output=output, dry_run=dry_run, device=device, progress=progress)
+        return FakeRunResult(output_dir=output, report=sample_report(), passed=True)
+
+    fake_module(monkeypatch, "compress.pipeline", run_recipe=run_recipe, describe_recipe=None)
+    arguments = ["run", str(write_recipe(tmp_path)), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    result = runner.invoke(app, arguments, env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert calls["output"] == tmp_path / "out" and calls["device"] == "cpu" and calls["dry_run"] is False
+    assert calls["recipe"].passes[0].name == "toyprune"
+    for text in ("106,168,320", "53,084,160", "PPL persuasion", "51.70", "90.20", "pruning ratio", "50.0%", "passed"):
+        assert text in result.output
+    assert str(tmp_path / "out") in result.output
+
+
+def test_run_failed_gate_exits_3_with_each_failure(tmp_path, monkeypatch):
+    def run_recipe(recipe, **kwargs):
+        report = sample_report()
+        report["validation"]["passed"] = False
+        return FakeRunResult(tmp_path / "out", report, passed=False, failures=["ppl_ratio = 1.745 (must be <= 1.5)"])
+
+    fake_module(monkeypatch, "compress.pipeline", run_recipe=run_recipe, describe_recipe=None)
+    result = runner.invoke(app, ["run", str(write_recipe(tmp_path)), "--quiet"])
+    assert result.exit_code == 3
+    assert "gate failed: ppl_ratio = 1.745 (must be <= 1.5)" in result.output
+    assert "PPL persuasion" not in result.output  # --quiet: no summary table
+
+
+def test_user_errors_from_the_pipeline_are_one_line(tmp_path, monkeypatch):
+    def run_recipe(recipe, **kwargs):
+        raise CompressError("model source 'x' not found")
+
+    fake_module(monkeypatch, "compress.pipeline", run_recipe=run_recipe, describe_recipe=None)
+    result = runner.invoke(app, ["run", str(write_recipe(tmp_path))])
+    assert result.exit_code == 2
+    assert "error: model source 'x' not found" in result.output
+    assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------ apply
+def test_apply_calls_the_pipeline(tmp_path, monkeypatch):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}", encoding="utf-8")
+    calls = {}
+
+    def apply_plan_file(plan_path, model_source, output, *, device=None, dtype="float32", progress=True, evaluate=True):
+        calls.update(plan=plan_path, model=model_source, output=output, device=device, evaluate=evaluate)
+        return FakeRunResult(output, sample_report(), passed=True)
+
+    fake_module(monkeypatch, "compress.pipeline", apply_plan_file=apply_plan_file)
+    out = tmp_path / "out2"
+    arguments = ["apply", str(plan), "--model", "smollm2-135m", "-o", str(out), "--device", "cpu", "--no-eval"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert calls == {"plan": plan, "model": "smollm2-135m", "output": out, "device": "cpu", "evaluate": False}
+
+
+def test_apply_passes_only_the_keywords_the_pipeline_declares(tmp_path, monkeypatch):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}", encoding="utf-8")
+
+    def apply_plan_file(plan_path, model_source, output, *, device=None):
+        return FakeRunResult(output, {"recipe": "apply"}, passed=True)
+
+    fake_module(monkeypatch, "compress.pipeline", apply_plan_file=apply_plan_file)
+    arguments = ["apply", str(plan), "-m", "m", "-o", str(tmp_path / "o"), "--device", "cpu", "--no-eval"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+
+
+def test_apply_missing_plan_exits_2(tmp_path):
+    result = runner.invoke(app, ["apply", str(tmp_path / "plan.json"), "-m", "m", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "plan file not found" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------ inspect, eval
+@dataclass
+class FakeLoaded:
+    model: object
+    tokenizer: object
+
+
+def test_inspect_renders_the_adapter_summary(monkeypatch):
+    summary = {
+        "architecture": "LlamaForCausalLM", "family": "llama", "layers": 2, "hidden_size": 576, "head_dim": 64,
+        "params": {"total": 1000, "embedding": 200, "decoder_linear": 700, "attention": 300, "mlp": 400,
+                   "norms": 100, "lm_head": 0},
+        "groups": [{"kind": "query_head", "per_layer": 9, "cost_params": 73728, "description": "q rows + o columns"}],
+        "layer_widths": [{"index": 0, "heads": 9, "kv_heads": 3, "intermediate": 1536},
+                         {"index": 1, "heads": 6, "kv_heads": 3, "intermediate": 768}],
+    }
+    loads = []
+    fake_module(monkeypatch, "compress.models.loading",
+                load_model=lambda source, **kw: loads.append((source, kw)) or FakeLoaded("model", "tok"))
+    fake_module(monkeypatch, "compress.models.llama",
+                get_adapter=lambda model: types.SimpleNamespace(summary=lambda: summary))
+    result = runner.invoke(app, ["inspect", "smollm2-135m", "--device", "cpu"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert loads[0][0] == "smollm2-135m" and loads[0][1]["device"] == "cpu"
+    for text in ("LlamaForCausalLM", "decoder linears", "700", "70.0%", "tied", "query_head", "73,728", "768"):
+        assert text in result.output
+
+
+def test_eval_prints_perplexity_per_source(monkeypatch):
+    import torch
+
+    fake_module(monkeypatch, "compress.models.loading", load_model=lambda source, **kw: FakeLoaded("model", "tok"))
+    fake_module(
+        monkeypatch, "compress.calibration.sources",
+        read_text=lambda source: "text of " + source,
+        tokenize_text=lambda tokenizer, text: torch.arange(1000),
+        sequential_windows=lambda ids, seqlen, max_windows, source=None: ids[: seqlen * 3].reshape(3, seqlen),
+    )
+    fake_module(
+        monkeypatch, "compress.evaluation.perplexity",
+        perplexity=lambda model, windows, batch_size=8, progress=True: types.SimpleNamespace(
+            ppl=42.5, nll=3.75, tokens=windows.shape[0] * (windows.shape[1] - 1)),
+    )
+    result = runner.invoke(
+        app,
+        ["eval", "m", "-d", "austen:persuasion", "-d", "austen:emma", "--seqlen", "16", "--device", "cpu"],
+        env=WIDE,
+    )
+    assert result.exit_code == 0, result.output
+    assert "austen:persuasion" in result.output and "austen:emma" in result.output
+    assert "42.50" in result.output and "45" in result.output  # 3 windows x 15 predicted tokens
+
+
+def test_eval_rejects_unknown_text_before_loading(monkeypatch):
+    fake_module(monkeypatch, "compress.models.loading",
+                load_model=lambda *a, **k: (_ for _ in ()).throw(AssertionError("must not load")))
+    result = runner.invoke(app, ["eval", "m", "--data", "austen:persuation"], env=WIDE)
+    assert result.exit_code == 2
+    assert "--data" in result.output and "austen:persuasion" in result.output
+
+
+# ------------------------------------------------------------------------------ report
+def test_write_report_writes_json_markdown_and_plot(tmp_path):
+    report = sample_report(layers=6)
+    write_report(tmp_path / "run", report)
+    folder = tmp_path / "run"
+    assert json.loads((folder / REPORT_JSON).read_text()) == report
+    png = (folder / PLOT_PNG).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    markdown = (folder / REPORT_MD).read_text()
+    assert markdown.startswith("# Compression report: toy-50")
+    assert "| Decoder linears | 106,168,320 | 53,084,160 | 50.0% |" in markdown
+    assert "| persuasion | 51.70 | 90.20 | 1.745 |" in markdown
+    assert "| Layer | Query heads | KV heads | MLP channels | Heads kept | Channels kept |" in markdown
+    assert "| 1 | 8 / 9 | 3 / 3 | 1280 / 1536 | 88.9% | 83.3% |" in markdown
+    assert "| toyprune | ratio=0.5 | 12.50 | 1500.0 |" in markdown
+    assert "| load | 3.000 | 900.00 |" in markdown
+    assert "**PASSED**" in markdown and "| reload_max_abs_diff | 2.000e-06 | <= 1.000e-04 | pass |" in markdown
+    assert f"![kept width per layer]({PLOT_PNG})" in markdown
+    assert "- `model.safetensors`" in markdown
+
+
+def test_write_report_skips_missing_sections_and_keeps_json_strict(tmp_path):
+    write_report(tmp_path, {"recipe": "bare", "model": "m", "params": {"dense": {"total": 10}, "pruned": {"total": 5},
+                                                                     "pruning_ratio": float("inf")}})
+    markdown = (tmp_path / REPORT_MD).read_text()
+    assert "## Parameters" in markdown
+    for absent in ("## Evaluation", "## Validation", "## Kept width", "## Passes", "## Stages", "## Artifacts"):
+        assert absent not in markdown
+    assert not (tmp_path / PLOT_PNG).exists()
+    data = json.loads((tmp_path / REPORT_JSON).read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert data["params"]["pruning_ratio"] == "inf"
