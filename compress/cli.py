@@ -232,23 +232,10 @@ def apply_command(
     from compress.pipeline import apply_plan_file
     from compress.recipe import resolve_device
 
-    options = dict(device=device or resolve_device("auto"), dtype=dtype.value, progress=not quiet, evaluate=not no_eval)
-    result = apply_plan_file(plan, model, output, **declared_keywords(apply_plan_file, options))
+    result = apply_plan_file(
+        plan, model, output, device=device or resolve_device("auto"), dtype=dtype.value, progress=not quiet, evaluate=not no_eval
+    )
     _finish(result, quiet)
-
-
-def declared_keywords(function: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``options`` that ``function`` accepts as keywords.
-
-    The pipeline is growing (``apply_plan_file`` may not take ``evaluate`` yet); the CLI keeps its
-    flags stable and passes each one as soon as the function declares it.
-    """
-    import inspect
-
-    parameters = inspect.signature(function).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return dict(options)
-    return {key: value for key, value in options.items() if key in parameters}
 
 
 # ------------------------------------------------------------------------------------ run/apply summary

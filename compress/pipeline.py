@@ -158,10 +158,10 @@ def _calibration_loader(recipe, tokenizer):
     return load
 
 
-def _evaluation_windows(recipe, tokenizer) -> dict[str, torch.Tensor]:
+def _evaluation_windows(e, tokenizer) -> dict[str, torch.Tensor]:
+    """Windows [max_windows, seqlen] of each evaluation text of the ``evaluate`` section ``e``."""
     from compress.calibration.sources import read_text, sequential_windows, tokenize_text
 
-    e = recipe.evaluate
     windows = {}
     for source in e.datasets:
         name = source.split(":", 1)[1] if source.startswith("austen:") else Path(source).stem
@@ -174,8 +174,6 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
     out = Path(output) if output else Path(recipe.export.output)
     if dry_run:
         return RunResult(output_dir=out, report={"dry_run": describe_recipe(recipe, out)}, passed=True)
-    if "onnx" in recipe.export.formats:
-        raise CompressError("export.formats: 'onnx' is not available yet; use [safetensors]")
 
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
@@ -192,7 +190,7 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
         model, tokenizer = loaded.model, loaded.tokenizer
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
-        eval_windows = _evaluation_windows(recipe, tokenizer) if recipe.evaluate is not None else {}
+        eval_windows = _evaluation_windows(recipe.evaluate, tokenizer) if recipe.evaluate is not None else {}
         keep_dense = recipe.evaluate is not None and (recipe.evaluate.dense or recipe.evaluate.agreement)
         dense_model = copy.deepcopy(model) if keep_dense else None
 
@@ -310,8 +308,10 @@ def apply_plan(model, plan: Plan) -> None:
 
 
 def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device: str | None = None,
-                    dtype: str = "float32", progress: bool = True) -> RunResult:
-    """``compress apply``: load the model, replay the plan, export with the reload check."""
+                    dtype: str = "float32", progress: bool = True, evaluate: bool = True) -> RunResult:
+    """``compress apply``: load the model, replay the plan, export with the reload check; with
+    ``evaluate``, also the perplexity of the result on the first 256 windows of persuasion."""
+    from compress.recipe import EvaluateSpec, ValidateSpec
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
 
@@ -334,11 +334,9 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
         report["passes"] = [{"name": s.pass_name, "options": s.options, "wall_s": 0.0, "peak_rss_mb": 0.0,
                              "details": {"replayed": True}} for s in plan.steps]
 
-        class _Gates:  # only the reload gate applies to a replay
-            reload_max_abs_diff = 1e-4
-            max_ppl_ratio = min_top1_agreement = max_mean_kl = None
-
-        return _finish(report, model, loaded.tokenizer, plan, staging, monitor, {}, None, None, _Gates, device, progress)
+        spec = EvaluateSpec(datasets=["austen:persuasion"], dense=False, agreement=False) if evaluate else None
+        windows = _evaluation_windows(spec, loaded.tokenizer) if spec is not None else {}
+        return _finish(report, model, loaded.tokenizer, plan, staging, monitor, windows, None, spec, ValidateSpec(), device, progress)
     except BaseException:
         staging.discard()
         raise

@@ -37,6 +37,9 @@ class FlapPass:
             description="Re-score each layer on the outputs of the already-pruned layers before slicing it "
             "(widths stay as allocated on the dense model; costs one more calibration pass).",
         )
+        square_attention: bool = Field(
+            False, description="Square the attention channel scores before standardising (the reference code does)."
+        )
         parity: bool = Field(
             False,
             description="Reproduce the reference code: streaming variance, squared attention score, "
@@ -63,7 +66,9 @@ class FlapPass:
         )
 
     def run(self, ctx) -> PlanStep:
-        scorer = FluctuationScorer(self.options.metric, parity=self.options.parity)
+        scorer = FluctuationScorer(
+            self.options.metric, parity=self.options.parity, square_attention=self.options.square_attention
+        )
         step = StructuredPruner(scorer, self.settings()).run(ctx)
         step.pass_name, step.options = self.name, self.options.model_dump()
         return step

