@@ -18,4 +18,8 @@ class StructuredOptions(BaseModel):
     )
     min_heads: int = Field(1, ge=0, description="Attention units (query-head slots or KV groups) every layer keeps.")
     min_channels: int = Field(1, ge=0, description="MLP channels every layer keeps.")
+    skip_layers: list[int] = Field(
+        default_factory=list,
+        description="Layers never pruned (negative indices count from the end, e.g. [0, -1] keeps the first and last).",
+    )
     round_to: int = Field(1, ge=1, description="Round each layer's kept MLP channels to a multiple of this (e.g. 64, 128).")

@@ -30,6 +30,7 @@ def _settings(options: _BaselineOptions, *, sequential: bool) -> PrunerSettings:
         min_heads=options.min_heads,
         min_channels=options.min_channels,
         round_to=options.round_to,
+        skip_layers=tuple(options.skip_layers),
         sequential=sequential,
     )
 

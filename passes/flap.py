@@ -60,6 +60,7 @@ class FlapPass:
             min_heads=0 if o.parity else o.min_heads,
             min_channels=0 if o.parity else o.min_channels,
             round_to=o.round_to,
+            skip_layers=tuple(o.skip_layers),
             sequential=o.sequential,
             reference_threshold=o.parity,
             reference_statistics=o.parity,

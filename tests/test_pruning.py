@@ -278,3 +278,21 @@ def test_parity_mode_runs_and_uses_the_reference_threshold():
     step = run_pass(model, "flap", ratio=0.5, parity=True, gqa="kv_groups")
     assert step.options["parity"] is True
     assert abs(achieved_ratio(dense, model) - 0.5) < 0.06
+
+
+def test_skip_layers_are_left_dense():
+    model = tiny_model()
+    step = run_pass(model, "flap", ratio=0.5, skip_layers=[0, -1])
+    adapter = get_adapter(model)
+    for i in (0, 3):
+        assert adapter.widths(i).heads == 8
+        assert adapter.widths(i).intermediate == 96
+        assert step.layers[i].keep_heads is None and step.layers[i].o_proj_bias is None
+    assert adapter.widths(1).intermediate < 96
+
+
+def test_skip_layers_out_of_range_is_a_clear_error():
+    from compress.errors import CompressError
+
+    with pytest.raises(CompressError, match="skip_layers"):
+        run_pass(tiny_model(), "flap", ratio=0.5, skip_layers=[4])

@@ -14,6 +14,7 @@ import torch
 
 from compress.calibration.runner import LayerRunner, input_hooks
 from compress.calibration.stats import ChannelStats, ReferenceFluctuation
+from compress.errors import CompressError
 from compress.plan import LayerPlan, PlanStep
 from compress.pruning.allocators import allocate_global, allocate_global_reference, allocate_uniform, round_channels
 from compress.pruning.scores import ConsumerStats, LayerScores
@@ -34,6 +35,7 @@ class PrunerSettings:
     min_channels: int = 1
     round_to: int = 1
     sequential: bool = False
+    skip_layers: tuple[int, ...] = ()  # never pruned; negative indices count from the last layer
     reference_threshold: bool = False  # FLAP parity: argmin threshold with strict ">"
     reference_statistics: bool = False  # FLAP parity: streaming variance, fp16-rounded means
 
@@ -75,7 +77,7 @@ class StructuredPruner:
     # ------------------------------------------------------------------ plan pieces
     def _units(self, adapter, layer_index: int, scores: LayerScores) -> LayerUnits:
         s = self.settings
-        return build_layer_units(
+        units = build_layer_units(
             adapter,
             layer_index,
             scores,
@@ -84,6 +86,9 @@ class StructuredPruner:
             min_heads=s.min_heads,
             min_channels=s.min_channels,
         )
+        if layer_index in {i % adapter.num_layers for i in s.skip_layers}:
+            units.attn.min_keep, units.mlp.min_keep = units.attn.size, units.mlp.size
+        return units
 
     def _compensation(self, weight: torch.Tensor, mean: torch.Tensor, keep_channels: list[int]) -> list[float] | None:
         """FLAP bias: ``W[:, removed] @ mean[removed]`` ([out]), the removed channels' mean output."""
@@ -124,6 +129,9 @@ class StructuredPruner:
         """Prune ``ctx.model`` in place; return the step that reproduces it."""
         adapter = ctx.adapter()
         s = self.settings
+        bad = [i for i in s.skip_layers if not -adapter.num_layers <= i < adapter.num_layers]
+        if bad:
+            raise CompressError(f"skip_layers: {bad} out of range for a model with {adapter.num_layers} layers")
         if not self.scorer.needs_activations:
             return self._run_data_free(adapter)
         runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)

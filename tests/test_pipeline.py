@@ -1,0 +1,95 @@
+"""End to end through the pipeline on a tiny random decoder that uses the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import compress  # noqa: F401  (registers pruned_llama)
+from compress.errors import CompressError
+from compress.pipeline import apply_plan_file, run_recipe
+from compress.recipe import parse_recipe
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama with SmolLM2's vocabulary and tokenizer, saved as safetensors."""
+    from compress.models.loading import embedded_model_folder
+
+    folder = tmp_path_factory.mktemp("tiny-smol")
+    model = tiny_model(vocab_size=49152)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_model_folder(progress=False)).save_pretrained(folder)
+    return folder
+
+
+def recipe_for(folder, output, **overrides):
+    data = {
+        "name": "tiny-flap",
+        "model": str(folder),
+        "device": "cpu",
+        "calibration": {"source": "austen", "samples": 8, "seqlen": 32, "seed": 0, "batch_size": 4},
+        "passes": [{"flap": {"ratio": 0.4}}],
+        "export": {"output": str(output)},
+        "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 32, "max_windows": 4, "batch_size": 2},
+        "validate": {"reload_max_abs_diff": 1e-4, "max_ppl_ratio": 1000.0},
+    }
+    data.update(overrides)
+    return parse_recipe(data, "test.yaml")
+
+
+@pytest.mark.slow
+def test_run_writes_a_reloadable_artifact_and_a_report(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    result = run_recipe(recipe_for(tiny_folder, out), progress=False)
+    assert result.passed, result.failures
+    for name in ("config.json", "model.safetensors", "plan.json", "report.json", "report.md", "kept_widths.png", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # the staging folder is gone
+
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["params"]["pruning_ratio"] - 0.4) < 0.05
+    assert report["params"]["total_ratio"] < report["params"]["pruning_ratio"]
+    assert {s["name"] for s in report["stages"]} >= {"load", "pass:flap", "export", "reload check", "evaluate"}
+    assert report["evaluation"]["datasets"]["persuasion"]["dense_ppl"] > 0
+    assert len(report["layers"]) == 4
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert reloaded(ids).logits.isfinite().all()
+
+
+@pytest.mark.slow
+def test_apply_reproduces_the_run_bit_for_bit(tiny_folder, tmp_path):
+    first = run_recipe(recipe_for(tiny_folder, tmp_path / "a"), progress=False)
+    replay = apply_plan_file(first.output_dir / "plan.json", str(tiny_folder), tmp_path / "b", device="cpu",
+                             progress=False, evaluate=False)
+    assert replay.passed
+    original = load_file(tmp_path / "a" / "model.safetensors")
+    replayed = load_file(tmp_path / "b" / "model.safetensors")
+    assert original.keys() == replayed.keys()
+    for key in original:
+        assert torch.equal(original[key], replayed[key]), key
+
+
+@pytest.mark.slow
+def test_a_failed_gate_is_reported_and_the_artifact_marked(tiny_folder, tmp_path):
+    recipe = recipe_for(tiny_folder, tmp_path / "out", validate={"reload_max_abs_diff": 1e-4, "max_ppl_ratio": 1.0001})
+    result = run_recipe(recipe, progress=False)
+    assert not result.passed
+    assert "ppl_ratio" in result.failures[0] and "1.0001" in result.failures[0]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["validation"]["passed"] is False
+
+
+def test_a_failing_run_leaves_no_output_folder(tmp_path):
+    recipe = recipe_for(tmp_path / "missing-model", tmp_path / "out")
+    with pytest.raises(CompressError):
+        run_recipe(recipe, progress=False)
+    assert list(tmp_path.iterdir()) == []
