@@ -26,6 +26,15 @@ class FlapPass:
     needs_calibration = True
 
     class Options(StructuredOptions):
+        gqa: Literal["query_heads", "kv_groups"] = Field(
+            "kv_groups",
+            description="Attention unit: 'kv_groups' (default) removes whole KV heads with their query heads; "
+            "'query_heads' removes the same number of query heads from every KV group (KV heads stay).",
+        )
+        skip_layers: list[int] = Field(
+            default_factory=lambda: [0, -1],
+            description="Layers never pruned (negative indices count from the end); default: the first and last.",
+        )
         metric: Literal["wifv", "ifv", "wifn"] = Field("wifv", description="Channel score: WIFV (default), IFV or WIFN.")
         structure: Literal["al-am", "ul-um"] = Field(
             "al-am", description="'al-am': one global threshold over standardised scores (adaptive widths); "
@@ -38,12 +47,12 @@ class FlapPass:
             "(widths stay as allocated on the dense model; costs one more calibration pass).",
         )
         square_attention: bool = Field(
-            False, description="Square the attention channel scores before standardising (the reference code does)."
+            True, description="Square the attention channel scores before standardising, as the reference code does."
         )
         parity: bool = Field(
             False,
             description="Reproduce the reference code: streaming variance, squared attention score, "
-            "argmin threshold with strict '>', no per-layer floor, fp16-rounded means.",
+            "argmin threshold with strict '>', no per-layer floor and no skipped layers, fp16-rounded means.",
         )
 
     def __init__(self, options: "FlapPass.Options"):
@@ -60,7 +69,7 @@ class FlapPass:
             min_heads=0 if o.parity else o.min_heads,
             min_channels=0 if o.parity else o.min_channels,
             round_to=o.round_to,
-            skip_layers=tuple(o.skip_layers),
+            skip_layers=() if o.parity else tuple(o.skip_layers),
             sequential=o.sequential,
             reference_threshold=o.parity,
             reference_statistics=o.parity,
