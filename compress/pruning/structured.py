@@ -58,7 +58,7 @@ class StructuredPruner:
             mlp_reference=ReferenceFluctuation(mlp_in, device) if reference else None,
         )
 
-    def _observe_block(self, runner: LayerRunner, layer_index: int, update: bool) -> ConsumerStats:
+    def observe_block(self, runner: LayerRunner, layer_index: int, update: bool) -> ConsumerStats:
         """Run one block on the calibration set, recording its consumers' input statistics."""
         adapter = runner.adapter
         stats = self._new_stats(adapter, layer_index)
@@ -75,7 +75,7 @@ class StructuredPruner:
         return stats
 
     # ------------------------------------------------------------------ plan pieces
-    def _units(self, adapter, layer_index: int, scores: LayerScores) -> LayerUnits:
+    def layer_units(self, adapter, layer_index: int, scores: LayerScores) -> LayerUnits:
         s = self.settings
         units = build_layer_units(
             adapter,
@@ -101,7 +101,7 @@ class StructuredPruner:
         delta = weight.detach().to(torch.float64)[:, removed.to(weight.device)] @ mean[removed.to(mean.device)]
         return LayerPlan.bias_values(delta)
 
-    def _layer_plan(
+    def layer_plan(
         self, adapter, units: LayerUnits, attn_keep: int, mlp_keep: int, stats: ConsumerStats | None
     ) -> LayerPlan:
         i = units.attn.layer
@@ -141,9 +141,9 @@ class StructuredPruner:
         return self._run_global(adapter, runner, ctx)
 
     def _run_data_free(self, adapter) -> PlanStep:
-        all_units = [self._units(adapter, i, self.scorer(adapter, i, None)) for i in range(adapter.num_layers)]
-        counts = self._allocate(all_units)
-        plans = [self._layer_plan(adapter, u, a, m, None) for u, (a, m) in zip(all_units, counts)]
+        all_units = [self.layer_units(adapter, i, self.scorer(adapter, i, None)) for i in range(adapter.num_layers)]
+        counts = self.allocate(all_units)
+        plans = [self.layer_plan(adapter, u, a, m, None) for u, (a, m) in zip(all_units, counts)]
         for plan in plans:
             apply_layer_plan(adapter, plan)
         return PlanStep(pass_name="", options={}, layers=plans)
@@ -153,17 +153,17 @@ class StructuredPruner:
         with ``sequential`` the pruned block's outputs feed the next block."""
         plans = []
         for i in runner.blocks("scoring layers"):
-            stats = self._observe_block(runner, i, update=not self.settings.sequential)
-            units = self._units(adapter, i, self.scorer(adapter, i, stats))
+            stats = self.observe_block(runner, i, update=not self.settings.sequential)
+            units = self.layer_units(adapter, i, self.scorer(adapter, i, stats))
             (attn_keep, mlp_keep), = allocate_uniform([units], self.settings.ratio)
-            plan = self._layer_plan(adapter, units, attn_keep, mlp_keep, stats)
+            plan = self.layer_plan(adapter, units, attn_keep, mlp_keep, stats)
             apply_layer_plan(adapter, plan)
             if self.settings.sequential:
                 runner.run_block(i, update=True)
             plans.append(plan)
         return PlanStep(pass_name="", options={}, layers=plans)
 
-    def _allocate(self, all_units: list[LayerUnits]) -> list[tuple[int, int]]:
+    def allocate(self, all_units: list[LayerUnits]) -> list[tuple[int, int]]:
         s = self.settings
         if s.allocator == "uniform":
             return allocate_uniform(all_units, s.ratio)
@@ -177,14 +177,14 @@ class StructuredPruner:
         (keeping the allocated widths) so channel choice and biases see the pruned inputs."""
         all_stats, all_units = [], []
         for i in runner.blocks("scoring layers"):
-            stats = self._observe_block(runner, i, update=True)
+            stats = self.observe_block(runner, i, update=True)
             all_stats.append(stats)
-            all_units.append(self._units(adapter, i, self.scorer(adapter, i, stats)))
-        counts = self._allocate(all_units)
+            all_units.append(self.layer_units(adapter, i, self.scorer(adapter, i, stats)))
+        counts = self.allocate(all_units)
         plans = []
         if not self.settings.sequential:
             for units, (a, m), stats in zip(all_units, counts, all_stats):
-                plans.append(self._layer_plan(adapter, units, a, m, stats))
+                plans.append(self.layer_plan(adapter, units, a, m, stats))
             for plan in plans:
                 apply_layer_plan(adapter, plan)
             return PlanStep(pass_name="", options={}, layers=plans)
@@ -192,9 +192,9 @@ class StructuredPruner:
         runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
         runner.capture_inputs()
         for i in runner.blocks("re-scoring on pruned inputs"):
-            stats = self._observe_block(runner, i, update=False)
-            units = self._units(adapter, i, self.scorer(adapter, i, stats))
-            plan = self._layer_plan(adapter, units, counts[i][0], counts[i][1], stats)
+            stats = self.observe_block(runner, i, update=False)
+            units = self.layer_units(adapter, i, self.scorer(adapter, i, stats))
+            plan = self.layer_plan(adapter, units, counts[i][0], counts[i][1], stats)
             apply_layer_plan(adapter, plan)
             runner.run_block(i, update=True)
             plans.append(plan)
