@@ -209,7 +209,8 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
                 step = spec.cls(entry.options).run(ctx)
             plan.steps.append(step)
             pass_reports.append({"name": entry.name, "options": entry.options.model_dump(),
-                                 "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"], "details": {}})
+                                 "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"],
+                                 "details": _step_details(step)})
         adapter = get_adapter(model)
         target = next((e.options.ratio for e in reversed(recipe.passes) if hasattr(e.options, "ratio")), None)
         report = _base_report(recipe.name, recipe.model.source, device, recipe.model.dtype, recipe.seed,
@@ -220,6 +221,16 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
     except BaseException:
         staging.discard()
         raise
+
+
+def _step_details(step) -> dict:
+    """What a pruning step changed, for the report."""
+    return {
+        "layers_with_heads_removed": sum(p.keep_heads is not None for p in step.layers),
+        "layers_with_kv_heads_removed": sum(p.keep_kv_heads is not None for p in step.layers),
+        "layers_with_channels_removed": sum(p.keep_channels is not None for p in step.layers),
+        "compensation_biases": sum((p.o_proj_bias is not None) + (p.down_proj_bias is not None) for p in step.layers),
+    }
 
 
 def _base_report(name, source, device, dtype, seed, dense_counts, adapter, dense_widths, target) -> dict:
@@ -332,7 +343,7 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
         report = _base_report(f"apply {Path(plan_path).name}", model_source, device, dtype, None,
                               dense_counts, adapter, dense_widths, ratio)
         report["passes"] = [{"name": s.pass_name, "options": s.options, "wall_s": 0.0, "peak_rss_mb": 0.0,
-                             "details": {"replayed": True}} for s in plan.steps]
+                             "details": {"replayed": True, **_step_details(s)}} for s in plan.steps]
 
         spec = EvaluateSpec(datasets=["austen:persuasion"], dense=False, agreement=False) if evaluate else None
         windows = _evaluation_windows(spec, loaded.tokenizer) if spec is not None else {}

@@ -52,9 +52,11 @@ def paired_evaluation(dense, pruned, windows: torch.Tensor, batch_size: int = 8,
         logits_pruned = pruned(input_ids=batch).logits
         nll_dense = nll_dense + _token_nll(logits_dense, batch).cpu()
         nll_pruned = nll_pruned + _token_nll(logits_pruned, batch).cpu()
-        logp_dense = F.log_softmax(logits_dense[:, :-1].double(), dim=-1)
-        logp_pruned = F.log_softmax(logits_pruned[:, :-1].double(), dim=-1)
-        kl_sum = kl_sum + (logp_dense.exp() * (logp_dense - logp_pruned)).sum().cpu()
+        logp_dense = F.log_softmax(logits_dense[:, :-1].float(), dim=-1)
+        logp_pruned = F.log_softmax(logits_pruned[:, :-1].float(), dim=-1)
+        # Per-position KL in float32 (a sum over the vocabulary), accumulated over positions in float64.
+        kl_per_position = (logp_dense.exp() * (logp_dense - logp_pruned)).sum(dim=-1)
+        kl_sum = kl_sum + kl_per_position.double().sum().cpu()
         agree += int((logits_dense[:, :-1].argmax(-1) == logits_pruned[:, :-1].argmax(-1)).sum())
         tokens += batch[:, 1:].numel()
     return PairedResult(
