@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from compress.context import PassContext
-from compress.errors import CompressError, PlanError
+from compress.errors import PlanError
 from compress.monitor import StageMonitor
 from compress.plan import Plan
 
@@ -34,12 +34,10 @@ class RunResult:
 
 # --------------------------------------------------------------------------------- helpers
 def resolve_device(device: str | None) -> str:
-    """"auto" → cuda when available, else cpu."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompressError(f"device {device!r} asked for, but no CUDA GPU is available; use device: cpu or auto")
-    return device
+    """"auto" (or None) → cuda when available, else cpu; the loader's checks apply."""
+    from compress.models.loading import resolve_device as resolve_torch_device
+
+    return str(resolve_torch_device(device or "auto"))
 
 
 def _widths_table(adapter, dense_widths) -> list[dict]:
