@@ -45,8 +45,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "flap_ablation.json")
     args = parser.parse_args()
 
-    import torch
-
     from compress.calibration.runner import LayerRunner
     from compress.calibration.sources import random_windows, read_text, sequential_windows, tokenize_text
     from compress.evaluation.perplexity import perplexity
