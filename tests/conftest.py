@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -21,14 +30,19 @@ def tiny_config(family: str = "llama", **overrides):
         tie_word_embeddings=True,
     )
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     return cls(**common)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
-    model_cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[family]
+    model_cls = {
+        "llama": LlamaForCausalLM,
+        "mistral": MistralForCausalLM,
+        "qwen2": Qwen2ForCausalLM,
+        "qwen3": Qwen3ForCausalLM,
+    }[family]
     model = model_cls(config).eval()
     # Random init gives near-identical tiny weights; widen them so pruning choices are not ties.
     with torch.no_grad():

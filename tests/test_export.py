@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_model
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 import compress  # noqa: F401  (registers pruned_llama with the Auto classes)
 from compress.models.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
@@ -43,25 +43,10 @@ TOLERANCE = 1e-6
 
 def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     """A Qwen3 decoder with the conftest tiny shapes (q_norm/k_norm over head_dim 8)."""
-    torch.manual_seed(seed)
-    values = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    values.update(overrides)
-    model = Qwen3ForCausalLM(Qwen3Config(**values)).eval()
+    model = tiny_model("qwen3", seed=seed, **overrides)
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.2)
-            else:  # norms: move off 1.0 so q_norm/k_norm matter
+            if parameter.dim() != 2:  # norms: move off 1.0 so q_norm/k_norm matter
                 parameter.uniform_(0.5, 1.5)
     return model
 
@@ -398,17 +383,17 @@ def test_remote_code_loads_without_the_compress_package(family, batch, tmp_path)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
     arguments = [str(out_dir), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")]
-    run = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD_SCRIPT, *arguments],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_python(REMOTE_LOAD_SCRIPT, arguments, cwd=tmp_path, env=env)
     remote_logits = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(remote_logits, logits_of(model, batch), rtol=0, atol=TOLERANCE)
+
+
+def run_python(script: str, arguments: list[str], *, cwd: Path, env: dict) -> None:
+    """Run ``script`` in a fresh interpreter and fail with its stderr if it fails."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, *arguments], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 BOTH_PATHS_SCRIPT = """
@@ -433,15 +418,7 @@ def test_with_compress_imported_its_classes_win_over_the_copied_code(tmp_path):
 
     repo_root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo_root), HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
-    run = subprocess.run(
-        [sys.executable, "-c", BOTH_PATHS_SCRIPT, str(tmp_path / "export")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_python(BOTH_PATHS_SCRIPT, [str(tmp_path / "export")], cwd=tmp_path, env=env)
 
 
 # ------------------------------------------------------------------------------ tokenizer, config
