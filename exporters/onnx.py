@@ -1,0 +1,331 @@
+"""ONNX exporter for LLaMA-family decoders (dense or structurally pruned) with a KV cache.
+
+    export_onnx(model, tokenizer, out_dir, options) -> OnnxExport
+
+One graph serves both prefill and cached decoding (the sequence and past lengths are dynamic, the
+past may be empty). Its I/O follows the names ONNX Runtime tooling expects:
+
+    in   input_ids                     int64  [batch, seq]
+    in   attention_mask                int64  [batch, past_seq + seq]    (1 = real token, 0 = padding)
+    in   position_ids                  int64  [batch, seq]
+    in   past_key_values.{i}.key/value float  [batch, kv_heads_i, past_seq, head_dim]
+    out  logits                        float  [batch, seq, vocab]
+    out  present.{i}.key/value         float  [batch, kv_heads_i, past_seq + seq, head_dim]
+
+``kv_heads_i`` is read from layer i's modules (through the model's adapter), never from the
+config: a pruned model's layers differ. ``export.json`` beside the graph records every name, shape,
+dtype and per-layer head count, so a runtime can size the cache without the torch config.
+
+Files written into ``out_dir`` (the caller owns atomicity): ``model.onnx`` (graph),
+``model.onnx.data`` (weights as external data), ``export.json``, and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DecoderIOSpec",
+    "DecoderWithCache",
+    "OnnxExport",
+    "OnnxExportOptions",
+    "decoder_io_spec",
+    "export_onnx",
+]
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+SPEC_FILE = "export.json"
+SPEC_FORMAT = "compress.onnx-decoder/1"
+DEFAULT_OPSET = 18
+
+# torch.export specialises sample sizes 0 and 1, so the trace uses sizes >= 2 for every dynamic dim.
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 4
+_ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class OnnxExportOptions:
+    """opset: ONNX opset of the default domain (18 unless a reason to change it).
+    fp16: export float16 weights and activations (inputs/outputs of the cache are float16 too).
+    slim: run onnxslim over the graph (constant folding, dead-node removal)."""
+
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    slim: bool = True
+
+
+@dataclass
+class DecoderIOSpec:
+    """The graph's contract (the content of ``export.json``).
+
+    kv_heads[i]: KV heads of layer i; past/present key and value of layer i are
+    [batch, kv_heads[i], past_seq, head_dim] in ``dtype``.
+    """
+
+    num_layers: int
+    kv_heads: list[int]
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    opset: int
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    model_type: str = ""
+    files: dict = field(default_factory=lambda: {"model": ONNX_FILE, "weights": DATA_FILE})
+    format: str = SPEC_FORMAT
+
+    # --------------------------------------------------------------------------- names
+    def past_names(self, layer: int) -> tuple[str, str]:
+        return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+    def present_names(self, layer: int) -> tuple[str, str]:
+        return f"present.{layer}.key", f"present.{layer}.value"
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", "position_ids"]
+        for i in range(self.num_layers):
+            names += self.past_names(i)
+        return names
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for i in range(self.num_layers):
+            names += self.present_names(i)
+        return names
+
+    # --------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        shape = lambda i, seq: ["batch", self.kv_heads[i], seq, self.head_dim]  # noqa: E731
+        data["inputs"] = [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_seq + seq"]},
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+        ] + [
+            {"name": name, "dtype": self.dtype, "shape": shape(i, "past_seq")}
+            for i in range(self.num_layers)
+            for name in self.past_names(i)
+        ]
+        data["outputs"] = [{"name": "logits", "dtype": self.dtype, "shape": ["batch", "seq", self.vocab_size]}] + [
+            {"name": name, "dtype": self.dtype, "shape": shape(i, "past_seq + seq")}
+            for i in range(self.num_layers)
+            for name in self.present_names(i)
+        ]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoderIOSpec":
+        if data.get("format") != SPEC_FORMAT:
+            raise ValueError(f"not a {SPEC_FORMAT} spec (format {data.get('format')!r})")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> "DecoderIOSpec":
+        return cls.from_dict(json.loads((Path(folder) / SPEC_FILE).read_text(encoding="utf-8")))
+
+
+def eos_token_ids(model: nn.Module) -> list[int]:
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _token_id(model: nn.Module, name: str) -> int | None:
+    """``name`` from the generation config, else from the model config; None when neither has it."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def decoder_io_spec(model: nn.Module, options: OnnxExportOptions = OnnxExportOptions()) -> DecoderIOSpec:
+    """The I/O contract of ``model``'s graph, with per-layer KV heads read from its modules."""
+    from compress.models.llama import get_adapter
+
+    adapter = get_adapter(model)
+    return DecoderIOSpec(
+        num_layers=adapter.num_layers,
+        kv_heads=[w.kv_heads for w in adapter.all_widths()],
+        head_dim=adapter.head_dim,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        dtype="float16" if options.fp16 else "float32",
+        opset=options.opset,
+        bos_token_id=_token_id(model, "bos_token_id"),
+        eos_token_id=eos_token_ids(model),
+        pad_token_id=_token_id(model, "pad_token_id"),
+        model_type=str(model.config.model_type),
+    )
+
+
+# ------------------------------------------------------------------------------- the wrapper
+class DecoderWithCache(nn.Module):
+    """A causal LM with flat tensor I/O: the cache goes in and out as one (key, value) pair per layer.
+
+    forward(input_ids [b, s], attention_mask [b, p + s], position_ids [b, s],
+            past_key_values: list of (key, value), each [b, kv_heads_i, p, head_dim])
+        -> (logits [b, s, vocab], present_0_key, present_0_value, ..., each [b, kv_heads_i, p + s, head_dim])
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer, (key, value) in enumerate(past_key_values):
+            cache.update(key, value, layer)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        present = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _trace_inputs(spec: DecoderIOSpec, dtype: torch.dtype) -> tuple:
+    b, s, p = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, spec.vocab_size, (b, s), generator=generator)
+    attention_mask = torch.ones(b, p + s, dtype=torch.long)
+    position_ids = torch.arange(p, p + s).expand(b, s).contiguous()
+    past = [
+        tuple(torch.zeros(b, spec.kv_heads[i], p, spec.head_dim, dtype=dtype) for _ in range(2))
+        for i in range(spec.num_layers)
+    ]
+    return input_ids, attention_mask, position_ids, past
+
+
+def _dynamic_shapes(spec: DecoderIOSpec) -> dict:
+    Dim = torch.export.Dim
+    batch, seq, past_seq, total_seq = Dim("batch"), Dim("seq"), Dim("past_seq"), Dim("total_seq")
+    cache_dims = {0: batch, 2: past_seq}
+    return {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total_seq},
+        "position_ids": {0: batch, 1: seq},
+        "past_key_values": [(cache_dims, cache_dims) for _ in range(spec.num_layers)],
+    }
+
+
+# ------------------------------------------------------------------------------- export
+@dataclass
+class OnnxExport:
+    """What was written: files (names relative to the folder), the spec, and export timings."""
+
+    folder: Path
+    files: list[str]
+    spec: DecoderIOSpec
+    nodes: int
+    bytes: int
+
+
+def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportOptions = OnnxExportOptions()) -> OnnxExport:
+    """Trace ``model`` (eval mode, on the CPU) into ``out_dir``/model.onnx with external weights.
+
+    The model is not modified: a CPU copy is traced (in float16 when ``options.fp16``).
+    """
+    import onnx
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = decoder_io_spec(model, options)
+    dtype = torch.float16 if options.fp16 else torch.float32
+    traced = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    # The SDPA path exports to plain MatMul/Softmax; "eager" would too but keeps an extra repeat_kv copy.
+    traced.config._attn_implementation = "sdpa"
+    wrapper = DecoderWithCache(traced).eval()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch:
+        raw = Path(scratch) / ONNX_FILE
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper,
+                _trace_inputs(spec, dtype),
+                dynamo=True,
+                opset_version=options.opset,
+                dynamic_shapes=_dynamic_shapes(spec),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(raw, external_data=True)
+        del program, wrapper, traced
+        proto = onnx.load(str(raw), load_external_data=True)
+        if options.slim:
+            proto = _slim(proto)
+        _check_contract(proto, spec)
+        for stale in (out_dir / ONNX_FILE, out_dir / DATA_FILE):
+            stale.unlink(missing_ok=True)
+        onnx.save_model(
+            proto,
+            str(out_dir / ONNX_FILE),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=1024,
+        )
+        nodes = len(proto.graph.node)
+    spec.save(out_dir / SPEC_FILE)
+    files = [ONNX_FILE, DATA_FILE, SPEC_FILE] + _write_tokenizer(tokenizer, out_dir)
+    size = sum((out_dir / f).stat().st_size for f in (ONNX_FILE, DATA_FILE))
+    return OnnxExport(folder=out_dir, files=files, spec=spec, nodes=nodes, bytes=size)
+
+
+def _slim(proto):
+    import onnxslim
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return onnxslim.slim(proto)
+
+
+def _check_contract(proto, spec: DecoderIOSpec) -> None:
+    """The graph's opset and I/O names are the ones ``spec`` promises (torch may change both)."""
+    opsets = {entry.domain: entry.version for entry in proto.opset_import}
+    if opsets.get("", opsets.get("ai.onnx")) != spec.opset:
+        raise RuntimeError(f"exported graph has opset {opsets}, expected {spec.opset} for the default domain")
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != spec.input_names or outputs != spec.output_names:
+        raise RuntimeError(f"exported graph I/O names differ from the spec: {inputs[:4]}… / {outputs[:3]}…")
+
+
+def _write_tokenizer(tokenizer, out_dir: Path) -> list[str]:
+    if tokenizer is None:
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        names = sorted(path.name for path in Path(scratch).iterdir())
+        for name in names:
+            shutil.copy2(Path(scratch) / name, out_dir / name)
+    return names
