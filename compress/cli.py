@@ -238,6 +238,61 @@ def apply_command(
     _finish(result, quiet)
 
 
+# ------------------------------------------------------------------------------------ validate
+@app.command("validate")
+def validate_command(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A recipe (its output folder is checked with its gates) or an artifact folder written by run.",
+            show_default=False,
+        ),
+    ],
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Re-check a finished artifact: ONNX vs PyTorch parity, greedy generation, and quality vs the dense model.
+
+    Gates come from the recipe (given, or the copy a run saves in its folder), else the defaults.
+    The folder's report is updated; a failing folder gets a [bold]FAILED[/bold] file and the command exits 3.
+    """
+    from compress.validation import validate_artifact
+
+    result = validate_artifact(target, device=device, progress=not quiet)
+    _finish(result, quiet)
+
+
+# ------------------------------------------------------------------------------------ generate
+@app.command("generate")
+def generate_command(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.", show_default=False)],
+    onnx: Annotated[
+        Path,
+        typer.Option(
+            "--onnx",
+            help="An exported ONNX decoder folder (model.onnx + export.json + tokenizer), e.g. outputs/NAME/onnx.",
+            show_default=False,
+        ),
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 32,
+    device: DeviceOption = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token.")] = False,
+) -> None:
+    """Greedy generation with ONNX Runtime and the KV cache (no PyTorch model needed).
+
+    Example: [bold]compress generate --onnx outputs/llama-flap-50/onnx "It was a truth"[/bold]
+    """
+    from compress.onnx_runtime import OrtDecoder, greedy_generate, load_tokenizer
+
+    decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all")
+    tokenizer = load_tokenizer(onnx)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    result = greedy_generate(decoder, ids, max_new_tokens, stop_at_eos=not ignore_eos)
+    console = _stdout()
+    console.print(Text(prompt, style="bold") + Text(tokenizer.decode(result.tokens)), soft_wrap=True)
+    console.print(f"[dim]{len(result.tokens)} tokens, {escape(decoder.provider)}[/dim]")
+
+
 # ------------------------------------------------------------------------------------ run/apply summary
 def _finish(result: Any, quiet: bool) -> None:
     """Print the summary (unless quiet) and the output folder; exit 3 with each failure if gates failed."""
@@ -275,6 +330,13 @@ def summary_table(report: dict) -> Table:
         table.add_row("top-1 agreement", "", fmt_percent(evaluation["top1_agreement"]), "")
     if evaluation.get("mean_kl") is not None:
         table.add_row("mean KL", "", fmt_number(evaluation["mean_kl"]), "")
+    parity = ((report.get("onnx") or {}).get("validation") or {}).get("parity") or {}
+    if "logits" in parity:
+        table.add_row("ONNX vs PyTorch max |Δ| logits", "", fmt_number(parity["logits"].get("max_abs")), "")
+    generation = ((report.get("onnx") or {}).get("validation") or {}).get("generation") or {}
+    if generation.get("prompts"):
+        same = sum(bool(p.get("identical")) for p in generation["prompts"])
+        table.add_row("ONNX greedy generations identical", "", f"{same} / {len(generation['prompts'])}", "")
     if "pruning_ratio" in params:
         target = params.get("target_ratio")
         note = f" (target {fmt_percent(target)})" if target is not None else ""

@@ -22,6 +22,7 @@ from compress.monitor import StageMonitor
 from compress.plan import Plan
 
 RELOAD_CHECK_WINDOWS = 4
+ONNX_SUBDIR = "onnx"
 
 
 @dataclass
@@ -105,13 +106,6 @@ def _reload_max_abs_diff(model, folder: Path, windows: torch.Tensor, device: str
     return float(diff)
 
 
-def _gate(name: str, value: float | None, threshold: float | None, op: str) -> dict | None:
-    if threshold is None or value is None:
-        return None
-    passed = value <= threshold if op == "<=" else value >= threshold
-    return {"name": name, "value": value, "threshold": threshold, "op": op, "passed": bool(passed)}
-
-
 # --------------------------------------------------------------------------------- recipe
 def describe_recipe(recipe, output: Path | None = None) -> list[str]:
     """What ``run`` would do, one line per step (the dry run prints these)."""
@@ -127,6 +121,9 @@ def describe_recipe(recipe, output: Path | None = None) -> list[str]:
         opts = ", ".join(f"{k}={v}" for k, v in entry.options.model_dump().items())
         lines.append(f"pass {i + 1}    {entry.name}: {opts}")
     lines.append(f"export    {', '.join(recipe.export.formats)} → {out}")
+    if "onnx" in recipe.export.formats:
+        o = recipe.export.onnx
+        lines.append(f"onnx      opset {o.opset}, {'fp16' if o.fp16 else 'fp32'}, slim {'on' if o.slim else 'off'} → {out / ONNX_SUBDIR}")
     if recipe.evaluate is not None:
         e = recipe.evaluate
         lines.append(
@@ -138,6 +135,10 @@ def describe_recipe(recipe, output: Path | None = None) -> list[str]:
     gates += [f"{n} {op} {t}" for n, op, t in (
         ("ppl ratio", "≤", v.max_ppl_ratio), ("top-1 agreement", "≥", v.min_top1_agreement), ("mean KL", "≤", v.max_mean_kl)
     ) if t is not None]
+    if "onnx" in recipe.export.formats:
+        gates.append(f"ONNX vs PyTorch atol {v.onnx_atol:g} rtol {v.onnx_rtol:g}")
+        if v.generation_tokens and v.generation_prompts:
+            gates.append(f"{v.generation_tokens} greedy tokens identical on {len(v.generation_prompts)} prompts")
     lines.append(f"validate  {'; '.join(gates)}")
     return lines
 
@@ -156,7 +157,7 @@ def _calibration_loader(recipe, tokenizer):
     return load
 
 
-def _evaluation_windows(e, tokenizer) -> dict[str, torch.Tensor]:
+def evaluation_windows(e, tokenizer) -> dict[str, torch.Tensor]:
     """Windows [max_windows, seqlen] of each evaluation text of the ``evaluate`` section ``e``."""
     from compress.calibration.sources import read_text, sequential_windows, tokenize_text
 
@@ -188,7 +189,7 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
         model, tokenizer = loaded.model, loaded.tokenizer
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
-        eval_windows = _evaluation_windows(recipe.evaluate, tokenizer) if recipe.evaluate is not None else {}
+        eval_windows = evaluation_windows(recipe.evaluate, tokenizer) if recipe.evaluate is not None else {}
         keep_dense = recipe.evaluate is not None and (recipe.evaluate.dense or recipe.evaluate.agreement)
         dense_model = copy.deepcopy(model) if keep_dense else None
 
@@ -214,11 +215,23 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
         report = _base_report(recipe.name, recipe.model.source, device, recipe.model.dtype, recipe.seed,
                               dense_counts, adapter, dense_widths, target)
         report["passes"] = pass_reports
+        _save_recipe_copy(recipe, staging.path)
         return _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dense_model, recipe.evaluate,
-                       recipe.validate, device, progress)
+                       recipe.validate, device, progress, export=recipe.export)
     except BaseException:
         staging.discard()
         raise
+
+
+def _save_recipe_copy(recipe, folder: Path) -> None:
+    """The recipe as run, so ``compress validate DIR`` can find its gates later."""
+    import yaml
+
+    from compress.validation import RECIPE_COPY
+
+    data = recipe.to_dict()
+    data["name"] = recipe.name
+    (folder / RECIPE_COPY).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
 def _step_details(step) -> dict:
@@ -244,55 +257,78 @@ def _base_report(name, source, device, dtype, seed, dense_counts, adapter, dense
     }
 
 
-def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dense_model, evaluate, validate,
-            device, progress) -> RunResult:
-    """Export, check the reload, evaluate, apply the gates, write the report, rename into place."""
+def evaluate_pair(dense_model, model, eval_windows: dict, evaluate, progress: bool) -> dict:
+    """The report's ``evaluation`` section: per dataset the dense and pruned perplexity (and their
+    ratio), plus top-1 agreement and mean KL averaged over datasets when a dense model is given."""
     from compress.evaluation.paired import paired_evaluation
+    from compress.evaluation.perplexity import perplexity
+
+    evaluation = {"seqlen": evaluate.seqlen, "max_windows": evaluate.max_windows, "datasets": {}}
+    agreements, kls = [], []
+    for name, windows in eval_windows.items():
+        if dense_model is not None:
+            r = paired_evaluation(dense_model, model, windows, evaluate.batch_size, progress, f"evaluating {name}")
+            evaluation["datasets"][name] = {"dense_ppl": r.dense_ppl, "pruned_ppl": r.pruned_ppl, "ppl_ratio": r.ppl_ratio,
+                                            "top1_agreement": r.top1_agreement, "mean_kl": r.mean_kl}
+            agreements.append(r.top1_agreement)
+            kls.append(r.mean_kl)
+        else:
+            ppl = perplexity(model, windows, batch_size=evaluate.batch_size, progress=progress).ppl
+            evaluation["datasets"][name] = {"dense_ppl": None, "pruned_ppl": ppl, "ppl_ratio": None}
+    evaluation["top1_agreement"] = sum(agreements) / len(agreements) if agreements else None
+    evaluation["mean_kl"] = sum(kls) / len(kls) if kls else None
+    return evaluation
+
+
+def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dense_model, evaluate, validate,
+            device, progress, export=None) -> RunResult:
+    """Export, check the reload (and the ONNX graph), evaluate, apply the gates, write the report,
+    rename into place. A failed gate still writes everything, with a ``FAILED`` marker."""
     from compress.report import write_report
+    from compress.validation import Gate, failures_of, mark_result, quality_gates, validate_onnx
     from exporters.safetensors import export_safetensors
 
     with monitor.stage("export"):
         exported = export_safetensors(model, tokenizer, staging.path)
         plan.save(staging.path / "plan.json")
-    gates = []
+    files = sorted(exported.get("files", [])) + ["plan.json"]
+    gates: list[Gate] = []
     check_windows = next(iter(eval_windows.values()), None)
     if check_windows is None:
         check_windows = torch.randint(0, model.config.vocab_size, (RELOAD_CHECK_WINDOWS, 32), generator=torch.Generator().manual_seed(0))
     with monitor.stage("reload check"):
         diff = _reload_max_abs_diff(model, staging.path, check_windows, device)
-    gates.append(_gate("reload_max_abs_diff", diff, validate.reload_max_abs_diff, "<="))
+    gates.append(Gate.check("reload_max_abs_diff", diff, validate.reload_max_abs_diff, "<=",
+                            "in-memory model vs the safetensors export reloaded with from_pretrained"))
+
+    if export is not None and "onnx" in export.formats:
+        from exporters.onnx import OnnxExportOptions, export_onnx
+
+        onnx_dir = staging.path / ONNX_SUBDIR
+        options = OnnxExportOptions(opset=export.onnx.opset, fp16=export.onnx.fp16, slim=export.onnx.slim)
+        with monitor.stage("export onnx"):
+            onnx_export = export_onnx(model, tokenizer, onnx_dir, options)
+        with monitor.stage("validate onnx"):
+            section, onnx_gates = validate_onnx(model, tokenizer, onnx_dir, validate, check_windows, device)
+        report["onnx"] = {"dir": ONNX_SUBDIR, "opset": options.opset, "dtype": onnx_export.spec.dtype,
+                          "slim": options.slim, "nodes": onnx_export.nodes, "bytes": onnx_export.bytes,
+                          "kv_heads": onnx_export.spec.kv_heads, "validation": section}
+        files += [f"{ONNX_SUBDIR}/{name}" for name in onnx_export.files]
+        gates += onnx_gates
 
     if evaluate is not None and eval_windows:
-        evaluation = {"seqlen": evaluate.seqlen, "max_windows": evaluate.max_windows, "datasets": {}}
-        agreements, kls = [], []
         with monitor.stage("evaluate"):
-            for name, windows in eval_windows.items():
-                if dense_model is not None:
-                    r = paired_evaluation(dense_model, model, windows, evaluate.batch_size, progress, f"evaluating {name}")
-                    evaluation["datasets"][name] = {"dense_ppl": r.dense_ppl, "pruned_ppl": r.pruned_ppl, "ppl_ratio": r.ppl_ratio,
-                                                    "top1_agreement": r.top1_agreement, "mean_kl": r.mean_kl}
-                    agreements.append(r.top1_agreement)
-                    kls.append(r.mean_kl)
-                else:
-                    from compress.evaluation.perplexity import perplexity
-
-                    ppl = perplexity(model, windows, batch_size=evaluate.batch_size, progress=progress).ppl
-                    evaluation["datasets"][name] = {"dense_ppl": None, "pruned_ppl": ppl, "ppl_ratio": None}
-        evaluation["top1_agreement"] = sum(agreements) / len(agreements) if agreements else None
-        evaluation["mean_kl"] = sum(kls) / len(kls) if kls else None
-        report["evaluation"] = evaluation
-        ratios = [d["ppl_ratio"] for d in evaluation["datasets"].values() if d["ppl_ratio"] is not None]
-        gates.append(_gate("ppl_ratio", max(ratios) if ratios else None, validate.max_ppl_ratio, "<="))
-        gates.append(_gate("top1_agreement", evaluation["top1_agreement"], validate.min_top1_agreement, ">="))
-        gates.append(_gate("mean_kl", evaluation["mean_kl"], validate.max_mean_kl, "<="))
+            report["evaluation"] = evaluate_pair(dense_model, model, eval_windows, evaluate, progress)
+        gates += quality_gates(report["evaluation"], validate)
 
     gates = [g for g in gates if g is not None]
-    failures = [f"{g['name']} = {g['value']:.6g} (must be {g['op']} {g['threshold']})" for g in gates if not g["passed"]]
-    report["validation"] = {"passed": not failures, "gates": gates}
+    failures = failures_of(gates)
+    report["validation"] = {"passed": not failures, "gates": [g.to_dict() for g in gates], "device": device}
     report["stages"] = monitor.stages
     final = staging.final
-    report["artifacts"] = {"dir": str(final), "files": sorted(exported.get("files", [])) + ["plan.json", "report.json", "report.md", "kept_widths.png"]}
+    report["artifacts"] = {"dir": str(final), "files": files + ["report.json", "report.md", "kept_widths.png"]}
     write_report(staging.path, report)
+    mark_result(staging.path, failures)
     staging.commit()
     return RunResult(output_dir=final, report=report, passed=not failures, failures=failures)
 
@@ -344,7 +380,7 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
                              "details": {"replayed": True, **_step_details(s)}} for s in plan.steps]
 
         spec = EvaluateSpec(datasets=["austen:persuasion"], dense=False, agreement=False) if evaluate else None
-        windows = _evaluation_windows(spec, loaded.tokenizer) if spec is not None else {}
+        windows = evaluation_windows(spec, loaded.tokenizer) if spec is not None else {}
         return _finish(report, model, loaded.tokenizer, plan, staging, monitor, windows, None, spec, ValidateSpec(), device, progress)
     except BaseException:
         staging.discard()

@@ -45,8 +45,13 @@ from compress.errors import RecipeError
 
 DEFAULT_MODEL = "smollm2-135m"
 DType = Literal["float32", "float16", "bfloat16"]
-EXPORT_FORMATS_AVAILABLE = ("safetensors",)
-EXPORT_FORMATS_PLANNED = ("onnx",)
+EXPORT_FORMATS_AVAILABLE = ("safetensors", "onnx")
+EXPORT_FORMATS_PLANNED: tuple[str, ...] = ()
+DEFAULT_GENERATION_PROMPTS = (
+    "It was a truth universally acknowledged that",
+    "Captain Wentworth walked into the room and",
+    "The weather at Bath that morning was",
+)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AUSTEN_PREFIX = "austen"
 
@@ -137,6 +142,14 @@ class CalibrationSpec(_Strict):
     batch_size: int = Field(16, gt=0, description="Windows per forward pass.")
 
 
+class OnnxSpec(_Strict):
+    """How the ONNX decoder (with KV cache) is written: ``export.onnx``."""
+
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset of the default domain.")
+    fp16: bool = Field(False, description="Write float16 weights, activations and cache.")
+    slim: bool = Field(True, description="Simplify the graph with onnxslim (constant folding, dead nodes).")
+
+
 class ExportSpec(_Strict):
     """Where the compressed model and the report go, and in which formats."""
 
@@ -144,6 +157,7 @@ class ExportSpec(_Strict):
     formats: list[ExportFormat] = Field(
         default_factory=lambda: ["safetensors"], min_length=1, description="Model formats to write."
     )
+    onnx: OnnxSpec = Field(default_factory=OnnxSpec, description="ONNX options (used when formats has onnx).")
 
     @field_validator("formats")
     @classmethod
@@ -177,6 +191,24 @@ class ValidateSpec(_Strict):
         None, ge=0, le=1, description="Min fraction of tokens where dense and pruned agree on the top-1 token."
     )
     max_mean_kl: Optional[float] = Field(None, ge=0, description="Max mean KL(dense || pruned) per token.")
+    onnx_atol: float = Field(1.0e-4, ge=0, description="ONNX vs PyTorch logits: absolute tolerance (fp32, CPU).")
+    onnx_rtol: float = Field(1.0e-3, ge=0, description="ONNX vs PyTorch logits: relative tolerance (fp32, CPU).")
+    onnx_cuda_factor: float = Field(
+        10.0, ge=1, description="Both tolerances are multiplied by this when ONNX Runtime runs on CUDA."
+    )
+    onnx_fp16_atol: float = Field(0.5, ge=0, description="Absolute logits tolerance of an fp16 graph vs fp32 PyTorch.")
+    onnx_fp16_rtol: float = Field(0.05, ge=0, description="Relative logits tolerance of an fp16 graph vs fp32 PyTorch.")
+    onnx_windows: int = Field(4, gt=0, description="Evaluation windows in the fixed ONNX parity batch.")
+    onnx_decode_steps: int = Field(
+        4, ge=0, description="Tokens of each parity window fed one by one through the KV cache after the prefill."
+    )
+    generation_tokens: int = Field(
+        32, ge=0, description="Greedy tokens per prompt that ONNX Runtime must reproduce exactly (0 = skip)."
+    )
+    generation_prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_GENERATION_PROMPTS),
+        description="Prompts for the greedy generation check.",
+    )
 
 
 class PassEntry(BaseModel):

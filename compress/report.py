@@ -133,6 +133,7 @@ def render_markdown(report: dict, plot_file: str | None = None) -> str:
         _params_section(report.get("params")),
         _evaluation_section(report.get("evaluation")),
         _validation_section(report.get("validation")),
+        _onnx_section(report.get("onnx")),
         _layers_section(report.get("layers"), plot_file),
         _passes_section(report.get("passes")),
         _stages_section(report.get("stages")),
@@ -195,15 +196,53 @@ def _validation_section(validation: dict | None) -> list[str]:
     if not validation:
         return []
     verdict = "PASSED" if validation.get("passed") else "FAILED"
-    lines = ["## Validation", "", f"**{verdict}**"]
+    where = f" (on {validation['device']})" if validation.get("device") else ""
+    lines = ["## Validation", "", f"**{verdict}**{where}"]
     gates = validation.get("gates") or []
     if gates:
-        table = MarkdownTable(["Gate", "Value", "Threshold", "Result"], right_aligned=(1, 2))
+        table = MarkdownTable(["Gate", "Value", "Threshold", "Result", "What was measured"], right_aligned=(1, 2))
         for gate in gates:
             threshold = f"{gate.get('op', '')} {fmt_number(gate.get('threshold'))}".strip()
             verdict = "pass" if gate.get("passed") else "**FAIL**"
-            table.add_row(gate.get("name"), fmt_number(gate.get("value")), threshold, verdict)
+            table.add_row(gate.get("name"), fmt_number(gate.get("value")), threshold, verdict, gate.get("detail") or "")
         lines += ["", *table.render()]
+    return lines
+
+
+def _onnx_section(onnx: dict | None) -> list[str]:
+    if not onnx:
+        return []
+    lines = ["## ONNX", ""]
+    graph = f"- **Graph:** `{onnx.get('dir', 'onnx')}/model.onnx`, opset {onnx.get('opset')}, {onnx.get('dtype')}"
+    if isinstance(onnx.get("bytes"), (int, float)):
+        graph += f", {fmt_count(onnx.get('nodes'))} nodes, {onnx['bytes'] / 1e6:.1f} MB with weights"
+    lines.append(graph)
+    if onnx.get("kv_heads"):
+        lines.append(f"- **KV heads per layer:** {_inline(onnx['kv_heads'])}")
+    validation = onnx.get("validation") or {}
+    if validation.get("provider"):
+        lines.append(f"- **Validated with:** ONNX Runtime {validation['provider']}")
+    parity = validation.get("parity") or {}
+    parts = [name for name in ("prefill", "decode", "present") if name in parity]
+    if parts:
+        lines += ["", f"ONNX Runtime vs PyTorch on {parity.get('windows')} windows of {parity.get('tokens')} tokens "
+                  f"({parity.get('prefill_tokens')} prefilled, {parity.get('decode_steps')} decoded through the cache); "
+                  f"atol {parity.get('atol')}, rtol {parity.get('rtol')}:", ""]
+        table = MarkdownTable(["Output", "Max abs", "Max rel", "Cosine", "Tolerance used"], right_aligned=(1, 2, 3, 4))
+        labels = {"prefill": "logits (prefill)", "decode": "logits (cached decode)", "present": "present key/value (worst layer)"}
+        for name in parts:
+            stats = parity[name]
+            table.add_row(labels[name], fmt_number(stats.get("max_abs")), fmt_number(stats.get("max_rel")),
+                          f"{stats.get('cosine', 0):.8f}", fmt_percent(stats.get("tolerance_used")))
+        lines += table.render()
+    generation = validation.get("generation") or {}
+    if generation.get("prompts"):
+        lines += ["", f"Greedy generation, {generation.get('max_new_tokens')} new tokens:", ""]
+        table = MarkdownTable(["Prompt", "Identical", "ONNX Runtime continuation"])
+        for item in generation["prompts"]:
+            same = "yes" if item.get("identical") else f"**no** (from token {item.get('first_mismatch')})"
+            table.add_row(item.get("prompt"), same, _inline(item.get("onnx_text") or "", 200))
+        lines += table.render()
     return lines
 
 

@@ -86,6 +86,51 @@ def test_a_failed_gate_is_reported_and_the_artifact_marked(tiny_folder, tmp_path
     assert "ppl_ratio" in result.failures[0] and "1.0001" in result.failures[0]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["validation"]["passed"] is False
+    assert "ppl_ratio" in (tmp_path / "out" / "FAILED").read_text()
+
+
+ONNX_GATES = {"onnx_graph_valid", "onnx_logits_allclose", "onnx_present_allclose", "onnx_generation_identical"}
+
+
+@pytest.mark.slow
+def test_onnx_export_is_validated_in_the_run_and_again_by_validate(tiny_folder, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.validation import validate_artifact
+
+    out = tmp_path / "out"
+    recipe = recipe_for(tiny_folder, out, export={"output": str(out), "formats": ["safetensors", "onnx"]},
+                        validate={"max_ppl_ratio": 1000.0, "generation_tokens": 8})
+    result = run_recipe(recipe, progress=False)
+    assert result.passed, result.failures
+    for name in ("onnx/model.onnx", "onnx/model.onnx.data", "onnx/export.json", "onnx/tokenizer.json", "recipe.yaml"):
+        assert (out / name).is_file(), name
+    assert not (out / "FAILED").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert ONNX_GATES <= {g["name"] for g in report["validation"]["gates"]}
+    validation = report["onnx"]["validation"]
+    assert validation["provider"] == "CPUExecutionProvider"
+    assert validation["parity"]["logits"]["max_abs"] < 1e-4
+    assert validation["parity"]["decode_steps"] == 4
+    assert all(p["identical"] and len(p["onnx_tokens"]) > 0 for p in validation["generation"]["prompts"])
+    assert {s["name"] for s in report["stages"]} >= {"export onnx", "validate onnx"}
+    assert "## ONNX" in (out / "report.md").read_text()
+
+    again = validate_artifact(out, progress=False)  # thresholds from the recipe copy in the folder
+    assert again.passed, again.failures
+    assert json.loads((out / "report.json").read_text())["validation"]["revalidated"] is True
+
+    strict = recipe.to_dict()
+    strict["validate"].update(onnx_atol=0.0, onnx_rtol=0.0)
+    strict_path = tmp_path / "strict.yaml"
+    strict_path.write_text(yaml.safe_dump(strict))
+    cli = CliRunner().invoke(app, ["validate", "-q", str(strict_path)])
+    assert cli.exit_code == 3, cli.output
+    assert "gate failed: onnx_logits_allclose" in cli.output and "must be <= 1.0" in cli.output
+    assert "onnx_logits_allclose" in (out / "FAILED").read_text()
+    assert json.loads((out / "report.json").read_text())["validation"]["passed"] is False
 
 
 def test_a_failing_run_leaves_no_output_folder(tmp_path):
