@@ -245,6 +245,7 @@ def validate_command(
         Path,
         typer.Argument(
             help="A recipe (its output folder is checked with its gates) or an artifact folder written by run.",
+            metavar="RECIPE|DIR",
             show_default=False,
         ),
     ],

@@ -99,7 +99,9 @@ def write_recipe(tmp_path: Path, text: str = "model: smollm2-135m\npasses:\n  - 
 @pytest.mark.parametrize(
     "command, expected",
     [
-        ([], ["run", "apply", "passes", "inspect", "eval", "--version"]),
+        ([], ["run", "apply", "passes", "inspect", "eval", "validate", "generate", "--version"]),
+        (["validate"], ["RECIPE", "FAILED", "--device", "--quiet"]),
+        (["generate"], ["--onnx", "--max-new-tokens", "--device", "--ignore-eos"]),
         (["run"], ["--output", "--dry-run", "--device", "--quiet"]),
         (["apply"], ["--model", "--output", "--device", "--no-eval"]),
         (["passes"], ["options"]),
