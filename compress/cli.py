@@ -285,7 +285,7 @@ def generate_command(
     """
     from compress.onnx_runtime import OrtDecoder, greedy_generate, load_tokenizer
 
-    decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all")
+    decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all", require_device=device is not None)
     tokenizer = load_tokenizer(onnx)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     result = greedy_generate(decoder, ids, max_new_tokens, stop_at_eos=not ignore_eos)

@@ -31,24 +31,43 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def select_providers(device: str) -> list:
-    """ORT providers for ``device`` (cpu, cuda, cuda:N): CUDA with TF32 off when the GPU build and a GPU
-    are there, else the CPU."""
+def select_providers(device: str, require: bool = False) -> list:
+    """ORT providers for ``device`` (cpu, cuda, cuda:N): CUDA with TF32 off when the GPU build of ONNX
+    Runtime is installed, else the CPU. With ``require``, asking for CUDA without it is an error
+    instead of a fallback."""
     ort = import_onnxruntime()
-    if device.startswith("cuda") and CUDA_PROVIDER in ort.get_available_providers():
-        device_id = int(device.split(":", 1)[1]) if ":" in device else 0
-        return [(CUDA_PROVIDER, {"device_id": device_id, "use_tf32": 0}), CPU_PROVIDER]
-    return [CPU_PROVIDER]
+    if not device.startswith("cuda"):
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        if require:
+            raise CompressError(
+                f"{device} asked for, but this ONNX Runtime has no {CUDA_PROVIDER}; install compress[gpu] "
+                "(onnxruntime-gpu instead of onnxruntime) or use --device cpu"
+            )
+        return [CPU_PROVIDER]
+    device_id = int(device.split(":", 1)[1]) if ":" in device else 0
+    return [(CUDA_PROVIDER, {"device_id": device_id, "use_tf32": 0}), CPU_PROVIDER]
 
 
 class OrtDecoder:
     """An exported decoder folder opened in ONNX Runtime.
 
     ``optimization``: ``basic`` (constant folding and redundancy removal only; what parity checks use)
-    or ``all`` (every ORT fusion; what deployment and the speed benchmark use).
+    or ``all`` (every ORT fusion; what deployment and the speed benchmark use). ``require_device``:
+    fail instead of falling back to the CPU when CUDA is asked for but unavailable.
+    ``session_config``: extra ORT session config entries, e.g.
+    ``{"session.intra_op.allow_spinning": "0"}``.
     """
 
-    def __init__(self, folder: Path, device: str = "cpu", optimization: str = "basic", threads: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        device: str = "cpu",
+        optimization: str = "basic",
+        threads: int | None = None,
+        require_device: bool = False,
+        session_config: dict[str, str] | None = None,
+    ):
         from exporters.onnx import ONNX_FILE, SPEC_FILE, DecoderIOSpec
 
         ort = import_onnxruntime()
@@ -65,8 +84,10 @@ class OrtDecoder:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(
-            str(self.folder / ONNX_FILE), options, providers=select_providers(device)
+            str(self.folder / ONNX_FILE), options, providers=select_providers(device, require=require_device)
         )
         self.dtype = _NUMPY_DTYPES[self.spec.dtype]
 

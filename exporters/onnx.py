@@ -239,7 +239,8 @@ def _dynamic_shapes(spec: DecoderIOSpec) -> dict:
 # ------------------------------------------------------------------------------- export
 @dataclass
 class OnnxExport:
-    """What was written: files (names relative to the folder), the spec, and export timings."""
+    """What was written: files (names relative to the folder), the spec, the graph's node count and
+    the size in bytes of the graph plus its weights."""
 
     folder: Path
     files: list[str]
@@ -295,6 +296,8 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
             size_threshold=1024,
         )
         nodes = len(proto.graph.node)
+    # onnx writes the external data file owner-only; give it the graph file's permissions.
+    (out_dir / DATA_FILE).chmod((out_dir / ONNX_FILE).stat().st_mode & 0o777)
     spec.save(out_dir / SPEC_FILE)
     files = [ONNX_FILE, DATA_FILE, SPEC_FILE] + _write_tokenizer(tokenizer, out_dir)
     size = sum((out_dir / f).stat().st_size for f in (ONNX_FILE, DATA_FILE))
