@@ -23,3 +23,17 @@ class StructuredOptions(BaseModel):
         description="Layers never pruned (negative indices count from the end, e.g. [0, -1] keeps the first and last).",
     )
     round_to: int = Field(1, ge=1, description="Round each layer's kept MLP channels to a multiple of this (e.g. 64, 128).")
+    block_metric: Literal["angular", "cosine", "mse"] = Field(
+        "angular", description="block_budget allocator: how far a block turns its hidden state (mean per token)."
+    )
+    block_temperature: float = Field(
+        0.075, gt=0, description="block_budget allocator: sigmoid temperature on the block distances; smaller "
+        "gives more unequal blocks (0.075 matches the reference's 1e4 over 128 × 1024 summed tokens)."
+    )
+
+
+AllocatorName = Literal["uniform", "global", "block_budget"]
+ALLOCATOR_HELP = (
+    "'uniform': every layer loses the same share; 'global': FLAP's standardised global threshold over all "
+    "layers; 'block_budget': CFSP's per-block budget from how much each block changes the hidden state."
+)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from compress.plan import PlanStep
 from compress.pruning.scores import MagnitudeScorer, WandaSpScorer
 from compress.pruning.structured import PrunerSettings, StructuredPruner
 from compress.registry import register_pass
-from passes._common import StructuredOptions
+from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions
 
 
 class _BaselineOptions(StructuredOptions):
-    allocator: Literal["uniform", "global"] = Field(
-        "uniform", description="'uniform': every layer loses the same share (the baseline as published); "
-        "'global': FLAP's standardised global threshold."
-    )
+    allocator: AllocatorName = Field("uniform", description=ALLOCATOR_HELP + " Default: uniform, as published.")
 
 
 def _settings(options: _BaselineOptions, *, sequential: bool) -> PrunerSettings:
@@ -32,6 +27,8 @@ def _settings(options: _BaselineOptions, *, sequential: bool) -> PrunerSettings:
         round_to=options.round_to,
         skip_layers=tuple(options.skip_layers),
         sequential=sequential,
+        block_metric=options.block_metric,
+        block_temperature=options.block_temperature,
     )
 
 

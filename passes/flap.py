@@ -10,7 +10,7 @@ from compress.plan import PlanStep
 from compress.pruning.scores import FluctuationScorer
 from compress.pruning.structured import PrunerSettings, StructuredPruner
 from compress.registry import register_pass
-from passes._common import StructuredOptions
+from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions
 
 
 @register_pass("flap")
@@ -40,6 +40,9 @@ class FlapPass:
             "al-am", description="'al-am': one global threshold over standardised scores (adaptive widths); "
             "'ul-um': every layer loses the same share."
         )
+        allocator: AllocatorName | None = Field(
+            None, description=ALLOCATOR_HELP + " Default (null): the one `structure` implies."
+        )
         compensation: Literal["bias", "none"] = Field("bias", description="Add the removed units' mean output as a bias.")
         sequential: bool = Field(
             False,
@@ -64,7 +67,7 @@ class FlapPass:
             ratio=o.ratio,
             gqa=o.gqa,
             aggregation="mean_z" if o.structure == "al-am" else "sum",
-            allocator="global" if o.structure == "al-am" else "uniform",
+            allocator=o.allocator or ("global" if o.structure == "al-am" else "uniform"),
             compensation=o.compensation,
             min_heads=0 if o.parity else o.min_heads,
             min_channels=0 if o.parity else o.min_channels,
@@ -73,6 +76,8 @@ class FlapPass:
             sequential=o.sequential,
             reference_threshold=o.parity,
             reference_statistics=o.parity,
+            block_metric=o.block_metric,
+            block_temperature=o.block_temperature,
         )
 
     def run(self, ctx) -> PlanStep:

@@ -105,4 +105,43 @@ class MagnitudeScorer:
         )
 
 
+class CfspScorer:
+    """CFSP's fine channel score, with a_j = sqrt(mean_samples sum_t x[t, j]^2) of the consumer input.
+
+    For the MLP, with |Wd| [h, I], and |Wu|^T, |Wg|^T [h, I] (row i = hidden unit, column j = channel)::
+
+        terms  = (|Wd| * a^b, |Wu|^T, |Wg|^T)
+        score_j = mean_i( sum_terms M[i, j] / norm(M)[i, j] ) * a_j^c
+
+    ``reference`` divides each term by its column sum over i (the released code). Each term then
+    contributes exactly 1/h, so the ranking is a_j alone: an activation-norm score. ``intended``
+    (the default) divides by the row sum over channels j, in the spirit of relative importance, so
+    the weights do change the ranking. For attention channels (o_proj inputs) the same rule applies
+    to the single term |Wo| * a^b.
+    """
+
+    needs_activations = True
+
+    def __init__(self, score: str = "intended", b: float = 1.0, c: float = 1.0):
+        if score not in ("intended", "reference"):
+            raise ValueError(f"unknown CFSP score {score!r}")
+        self.score, self.b, self.c = score, b, c
+
+    def _relative(self, terms: list[torch.Tensor], activation: torch.Tensor) -> torch.Tensor:
+        axis = 0 if self.score == "reference" else 1  # column sums (code) or row sums (intended)
+        total = sum(m / m.sum(dim=axis, keepdim=True).clamp_min(1e-30) for m in terms)
+        return total.mean(dim=0) * activation.pow(self.c)
+
+    def __call__(self, adapter, layer_index: int, stats: ConsumerStats) -> LayerScores:
+        mlp = adapter.mlp_linears(layer_index)
+        a_mlp = stats.mlp.sample_sq_norm.sqrt()
+        a_attn = stats.attn.sample_sq_norm.sqrt()
+        weight = lambda name: mlp[name].weight.detach().to(torch.float64).abs()  # noqa: E731
+        down = weight("down_proj") * a_mlp.pow(self.b).to(mlp["down_proj"].weight.device)
+        mlp_score = self._relative([down, weight("up_proj").T, weight("gate_proj").T], a_mlp.to(down.device))
+        o_proj = adapter.attention_consumer(layer_index).weight.detach().to(torch.float64).abs()
+        attn_score = self._relative([o_proj * a_attn.pow(self.b).to(o_proj.device)], a_attn.to(o_proj.device))
+        return LayerScores(attn=attn_score, mlp=mlp_score)
+
+
 Scorer = Callable[..., LayerScores]

@@ -16,7 +16,14 @@ from compress.calibration.runner import LayerRunner, input_hooks
 from compress.calibration.stats import ChannelStats, ReferenceFluctuation
 from compress.errors import CompressError
 from compress.plan import LayerPlan, PlanStep
-from compress.pruning.allocators import allocate_global, allocate_global_reference, allocate_uniform, round_channels
+from compress.pruning.allocators import (
+    allocate_block_budget,
+    allocate_global,
+    allocate_global_reference,
+    allocate_uniform,
+    round_channels,
+)
+from compress.pruning.block_importance import BlockDistance, measure_block_importance
 from compress.pruning.scores import ConsumerStats, LayerScores
 from compress.pruning.surgeon import apply_layer_plan
 from compress.pruning.units import LayerUnits, build_layer_units, kept_heads
@@ -29,7 +36,7 @@ class PrunerSettings:
     ratio: float
     gqa: str = "query_heads"  # "query_heads" | "kv_groups"
     aggregation: str = "mean_z"  # "mean_z" | "sum"
-    allocator: str = "global"  # "global" | "uniform"
+    allocator: str = "global"  # "global" | "uniform" | "block_budget"
     compensation: str = "bias"  # "bias" | "none"
     min_heads: int = 1
     min_channels: int = 1
@@ -38,12 +45,16 @@ class PrunerSettings:
     skip_layers: tuple[int, ...] = ()  # never pruned; negative indices count from the last layer
     reference_threshold: bool = False  # FLAP parity: argmin threshold with strict ">"
     reference_statistics: bool = False  # FLAP parity: streaming variance, fp16-rounded means
+    prune_attention: bool = True  # False: attention units are all kept (MLP-only pruning)
+    block_metric: str = "angular"  # block_budget: "angular" | "cosine" | "mse"
+    block_temperature: float = 0.075  # block_budget: sigmoid temperature on the mean token distance
 
 
 class StructuredPruner:
     def __init__(self, scorer, settings: PrunerSettings):
         self.scorer = scorer
         self.settings = settings
+        self.block_importance: list[float] = []  # block_budget: one per layer, from the dense pass
 
     # ------------------------------------------------------------------ statistics
     def _new_stats(self, adapter, layer_index: int) -> ConsumerStats:
@@ -70,8 +81,15 @@ class StructuredPruner:
             if reference is not None:
                 reference.update(x)
 
+        measure_block = update and self.settings.allocator == "block_budget"
+        before = list(runner.hidden) if measure_block else []
         with input_hooks(targets, record):
             runner.run_block(layer_index, update=update)
+        if measure_block:
+            distance = BlockDistance(self.settings.block_metric)
+            for x_in, x_out in zip(before, runner.hidden):
+                distance.update(x_in, x_out)
+            self.block_importance.append(distance.value)
         return stats
 
     # ------------------------------------------------------------------ plan pieces
@@ -88,6 +106,8 @@ class StructuredPruner:
         )
         if layer_index in {i % adapter.num_layers for i in s.skip_layers}:
             units.attn.min_keep, units.mlp.min_keep = units.attn.size, units.mlp.size
+        if not s.prune_attention:
+            units.attn.min_keep = units.attn.size
         return units
 
     def _compensation(self, weight: torch.Tensor, mean: torch.Tensor, keep_channels: list[int]) -> list[float] | None:
@@ -133,14 +153,18 @@ class StructuredPruner:
         if bad:
             raise CompressError(f"skip_layers: {bad} out of range for a model with {adapter.num_layers} layers")
         if not self.scorer.needs_activations:
-            return self._run_data_free(adapter)
+            return self._run_data_free(adapter, ctx)
         runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
         runner.capture_inputs()
         if s.allocator == "uniform":
             return self._run_layerwise(adapter, runner)
         return self._run_global(adapter, runner, ctx)
 
-    def _run_data_free(self, adapter) -> PlanStep:
+    def _run_data_free(self, adapter, ctx) -> PlanStep:
+        if self.settings.allocator == "block_budget":
+            self.block_importance = measure_block_importance(
+                adapter, ctx.calibration_ids(), ctx.batch_size, self.settings.block_metric, ctx.progress
+            )
         all_units = [self.layer_units(adapter, i, self.scorer(adapter, i, None)) for i in range(adapter.num_layers)]
         counts = self.allocate(all_units)
         plans = [self.layer_plan(adapter, u, a, m, None) for u, (a, m) in zip(all_units, counts)]
@@ -167,6 +191,11 @@ class StructuredPruner:
         s = self.settings
         if s.allocator == "uniform":
             return allocate_uniform(all_units, s.ratio)
+        if s.allocator == "block_budget":
+            try:
+                return allocate_block_budget(all_units, s.ratio, self.block_importance, s.block_temperature, s.round_to)
+            except ValueError as error:
+                raise CompressError(f"ratio: {error}") from None
         if s.reference_threshold:
             return allocate_global_reference(all_units, s.ratio)
         return allocate_global(all_units, s.ratio)
@@ -176,6 +205,7 @@ class StructuredPruner:
         ``sequential`` a second pass re-scores each layer on the already-pruned upstream layers
         (keeping the allocated widths) so channel choice and biases see the pruned inputs."""
         all_stats, all_units = [], []
+        self.block_importance = []
         for i in runner.blocks("scoring layers"):
             stats = self.observe_block(runner, i, update=True)
             all_stats.append(stats)
