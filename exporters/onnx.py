@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -264,6 +265,8 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     # The SDPA path exports to plain MatMul/Softmax; "eager" would too but keeps an extra repeat_kv copy.
     traced.config._attn_implementation = "sdpa"
     wrapper = DecoderWithCache(traced).eval()
+    # torch.onnx logs one warning per torchvision op it cannot register; irrelevant for decoders.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch:
         raw = Path(scratch) / ONNX_FILE
         with torch.no_grad(), warnings.catch_warnings():
