@@ -241,6 +241,7 @@ def _step_details(step) -> dict:
         "layers_with_kv_heads_removed": sum(p.keep_kv_heads is not None for p in step.layers),
         "layers_with_channels_removed": sum(p.keep_channels is not None for p in step.layers),
         "compensation_biases": sum((p.o_proj_bias is not None) + (p.down_proj_bias is not None) for p in step.layers),
+        **step.details,
     }
 
 
@@ -290,8 +291,8 @@ def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dens
 
     with monitor.stage("export"):
         exported = export_safetensors(model, tokenizer, staging.path)
-        plan.save(staging.path / "plan.json")
-    files = sorted(exported.get("files", [])) + ["plan.json"]
+        plan_files = plan.save(staging.path / "plan.json")
+    files = sorted(exported.get("files", [])) + plan_files
     gates: list[Gate] = []
     check_windows = next(iter(eval_windows.values()), None)
     if check_windows is None:
@@ -337,7 +338,7 @@ def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dens
 def apply_plan(model, plan: Plan) -> None:
     """Replay every step of ``plan`` on ``model`` (no calibration data needed)."""
     from compress.models.llama import get_adapter
-    from compress.pruning.surgeon import apply_step
+    from compress.pruning.surgeon import REFIT_ARTIFACT, apply_step
 
     adapter = get_adapter(model)
     expected = plan.model.get("num_layers")
@@ -349,7 +350,21 @@ def apply_plan(model, plan: Plan) -> None:
         if actual != dense_widths:
             raise PlanError("the plan was made for a model with other layer widths than this one")
     for step in plan.steps:
-        apply_step(adapter, step)
+        apply_step(adapter, step)  # slices, biases and least-squares refits
+        if set(step.artifacts) - {REFIT_ARTIFACT}:
+            _replay_artifacts(model, step)
+
+
+def _replay_artifacts(model, step) -> None:
+    """Re-apply a step's saved tensors (e.g. merged LoRA deltas) through its pass's ``replay``."""
+    from compress.registry import get_pass
+
+    spec = get_pass(step.pass_name)
+    replay = getattr(spec.cls, "replay", None) if spec is not None else None
+    if replay is None:
+        raise PlanError(f"plan step {step.pass_name!r} carries artifacts ({', '.join(step.artifacts)}) "
+                        "but no registered pass of that name can replay them")
+    replay(model, step)
 
 
 def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device: str | None = None,

@@ -31,6 +31,16 @@ class StructuredOptions(BaseModel):
         "gives more unequal blocks (0.075 matches the reference's 1e4 over 128 × 1024 summed tokens)."
     )
 
+    compensation: Literal["bias", "least_squares", "none"] = Field(
+        "none",
+        description="After slicing: 'bias' adds the removed units' mean output (FLAP); 'least_squares' refits "
+        "o_proj/down_proj on the kept inputs to reproduce the dense output on calibration data (ridge, "
+        "closed form in float64) and adds the intercept as a bias; 'none' leaves the consumers as sliced.",
+    )
+    ls_damp: float = Field(
+        1e-2, gt=0, description="least_squares: ridge strength relative to the mean diagonal of X^T X."
+    )
+
 
 AllocatorName = Literal["uniform", "global", "block_budget"]
 ALLOCATOR_HELP = (

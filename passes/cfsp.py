@@ -38,9 +38,6 @@ class CfspPass:
         )
         attention: bool = Field(False, description="Also prune attention units within each block's budget.")
         allocator: AllocatorName = Field("block_budget", description=ALLOCATOR_HELP)
-        compensation: Literal["bias", "none"] = Field(
-            "none", description="'bias': add the removed channels' mean output as a bias (FLAP's); CFSP has none."
-        )
         b: float = Field(1.0, ge=0, description="Exponent of the activation norm inside the down_proj term.")
         c: float = Field(1.0, ge=0, description="Exponent of the activation norm multiplying the score.")
         sequential: bool = Field(False, description="Re-score each layer on the already-pruned upstream layers.")
@@ -56,6 +53,7 @@ class CfspPass:
             aggregation="mean_z" if o.allocator == "global" else "sum",
             allocator=o.allocator,
             compensation=o.compensation,
+            ls_damp=o.ls_damp,
             min_heads=o.min_heads,
             min_channels=o.min_channels,
             round_to=o.round_to,

@@ -43,7 +43,10 @@ class FlapPass:
         allocator: AllocatorName | None = Field(
             None, description=ALLOCATOR_HELP + " Default (null): the one `structure` implies."
         )
-        compensation: Literal["bias", "none"] = Field("bias", description="Add the removed units' mean output as a bias.")
+        compensation: Literal["bias", "least_squares", "none"] = Field(
+            "bias", description="'bias' (FLAP): add the removed units' mean output; 'least_squares': refit "
+            "o_proj/down_proj on the kept inputs (see docs/recipes.md); 'none'."
+        )
         sequential: bool = Field(
             False,
             description="Re-score each layer on the outputs of the already-pruned layers before slicing it "
@@ -69,6 +72,7 @@ class FlapPass:
             aggregation="mean_z" if o.structure == "al-am" else "sum",
             allocator=o.allocator or ("global" if o.structure == "al-am" else "uniform"),
             compensation=o.compensation,
+            ls_damp=o.ls_damp,
             min_heads=0 if o.parity else o.min_heads,
             min_channels=0 if o.parity else o.min_channels,
             round_to=o.round_to,

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from compress.calibration.stats import ChannelStats, ReferenceFluctuation
+from compress.pruning.compensation import GramStats
 
 
 @dataclass
@@ -22,6 +23,8 @@ class ConsumerStats:
     mlp: ChannelStats
     attn_reference: ReferenceFluctuation | None = None  # parity mode only
     mlp_reference: ReferenceFluctuation | None = None
+    attn_gram: "GramStats | None" = None  # least-squares compensation only
+    mlp_gram: "GramStats | None" = None
 
 
 @dataclass

@@ -24,8 +24,9 @@ from compress.pruning.allocators import (
     round_channels,
 )
 from compress.pruning.block_importance import BlockDistance, measure_block_importance
+from compress.pruning.compensation import GramStats, least_squares_refit
 from compress.pruning.scores import ConsumerStats, LayerScores
-from compress.pruning.surgeon import apply_layer_plan
+from compress.pruning.surgeon import REFIT_ARTIFACT, apply_layer_plan
 from compress.pruning.units import LayerUnits, build_layer_units, kept_heads
 
 
@@ -37,7 +38,8 @@ class PrunerSettings:
     gqa: str = "query_heads"  # "query_heads" | "kv_groups"
     aggregation: str = "mean_z"  # "mean_z" | "sum"
     allocator: str = "global"  # "global" | "uniform" | "block_budget"
-    compensation: str = "bias"  # "bias" | "none"
+    compensation: str = "bias"  # "bias" | "least_squares" | "none"
+    ls_damp: float = 1e-2  # least_squares: ridge strength relative to the mean diagonal of X^T X
     min_heads: int = 1
     min_channels: int = 1
     round_to: int = 1
@@ -55,6 +57,7 @@ class StructuredPruner:
         self.scorer = scorer
         self.settings = settings
         self.block_importance: list[float] = []  # block_budget: one per layer, from the dense pass
+        self.refit: dict[str, torch.Tensor] = {}  # least_squares: consumer weights, see REFIT_ARTIFACT
 
     # ------------------------------------------------------------------ statistics
     def _new_stats(self, adapter, layer_index: int) -> ConsumerStats:
@@ -62,11 +65,14 @@ class StructuredPruner:
         attn_in = adapter.attention_consumer(layer_index).in_features
         mlp_in = adapter.mlp_consumer(layer_index).in_features
         reference = self.settings.reference_statistics
+        gram = self.settings.compensation == "least_squares"
         return ConsumerStats(
             attn=ChannelStats(attn_in, device),
             mlp=ChannelStats(mlp_in, device),
             attn_reference=ReferenceFluctuation(attn_in, device) if reference else None,
             mlp_reference=ReferenceFluctuation(mlp_in, device) if reference else None,
+            attn_gram=GramStats(attn_in, device) if gram else None,
+            mlp_gram=GramStats(mlp_in, device) if gram else None,
         )
 
     def observe_block(self, runner: LayerRunner, layer_index: int, update: bool) -> ConsumerStats:
@@ -77,9 +83,9 @@ class StructuredPruner:
 
         def record(name: str, x: torch.Tensor) -> None:
             getattr(stats, name).update(x)
-            reference = getattr(stats, f"{name}_reference")
-            if reference is not None:
-                reference.update(x)
+            for extra in (getattr(stats, f"{name}_reference"), getattr(stats, f"{name}_gram")):
+                if extra is not None:
+                    extra.update(x)
 
         measure_block = update and self.settings.allocator == "block_budget"
         before = list(runner.hidden) if measure_block else []
@@ -135,6 +141,8 @@ class StructuredPruner:
             keep_kv_heads=kv_heads if kv_heads is not None and len(kv_heads) < widths.kv_heads else None,
             keep_channels=channels if len(channels) < widths.intermediate else None,
         )
+        if self.settings.compensation == "least_squares" and stats is not None:
+            self._least_squares(adapter, plan, stats)
         if self.settings.compensation == "bias" and stats is not None:
             d = adapter.head_dim
             if plan.keep_heads is not None:
@@ -143,6 +151,28 @@ class StructuredPruner:
             if plan.keep_channels is not None:
                 plan.down_proj_bias = self._compensation(adapter.mlp_consumer(i).weight, stats.mlp.mean, plan.keep_channels)
         return plan
+
+    def _least_squares(self, adapter, plan: LayerPlan, stats: ConsumerStats) -> None:
+        """Refit o_proj/down_proj on their kept inputs; weights go to ``self.refit``, the intercept
+        to the plan's compensation bias."""
+        i, d = plan.index, adapter.head_dim
+        pieces = []
+        if plan.keep_heads is not None:
+            channels = [h * d + k for h in plan.keep_heads for k in range(d)]
+            pieces.append(("o_proj", adapter.attention_consumer(i), stats.attn_gram, channels, "o_proj_bias"))
+        if plan.keep_channels is not None:
+            pieces.append(("down_proj", adapter.mlp_consumer(i), stats.mlp_gram, plan.keep_channels, "down_proj_bias"))
+        for name, consumer, gram, channels, bias_field in pieces:
+            weight, intercept = least_squares_refit(consumer.weight, gram, channels, self.settings.ls_damp)
+            self.refit[f"{i}.{name}"] = weight.to(dtype=consumer.weight.dtype).cpu()
+            setattr(plan, bias_field, LayerPlan.bias_values(intercept))
+
+    def _apply(self, adapter, plan: LayerPlan) -> None:
+        apply_layer_plan(adapter, plan, self.refit)
+
+    def _step(self, plans: list[LayerPlan]) -> PlanStep:
+        artifacts = {REFIT_ARTIFACT: dict(self.refit)} if self.refit else {}
+        return PlanStep(pass_name="", options={}, layers=plans, artifacts=artifacts)
 
     # ------------------------------------------------------------------ drivers
     def run(self, ctx) -> PlanStep:
@@ -169,8 +199,8 @@ class StructuredPruner:
         counts = self.allocate(all_units)
         plans = [self.layer_plan(adapter, u, a, m, None) for u, (a, m) in zip(all_units, counts)]
         for plan in plans:
-            apply_layer_plan(adapter, plan)
-        return PlanStep(pass_name="", options={}, layers=plans)
+            self._apply(adapter, plan)
+        return self._step(plans)
 
     def _run_layerwise(self, adapter, runner: LayerRunner) -> PlanStep:
         """Uniform allocation decides each layer alone, so layers are pruned as they are reached;
@@ -181,11 +211,11 @@ class StructuredPruner:
             units = self.layer_units(adapter, i, self.scorer(adapter, i, stats))
             (attn_keep, mlp_keep), = allocate_uniform([units], self.settings.ratio)
             plan = self.layer_plan(adapter, units, attn_keep, mlp_keep, stats)
-            apply_layer_plan(adapter, plan)
+            self._apply(adapter, plan)
             if self.settings.sequential:
                 runner.run_block(i, update=True)
             plans.append(plan)
-        return PlanStep(pass_name="", options={}, layers=plans)
+        return self._step(plans)
 
     def allocate(self, all_units: list[LayerUnits]) -> list[tuple[int, int]]:
         s = self.settings
@@ -216,8 +246,8 @@ class StructuredPruner:
             for units, (a, m), stats in zip(all_units, counts, all_stats):
                 plans.append(self.layer_plan(adapter, units, a, m, stats))
             for plan in plans:
-                apply_layer_plan(adapter, plan)
-            return PlanStep(pass_name="", options={}, layers=plans)
+                self._apply(adapter, plan)
+            return self._step(plans)
 
         runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
         runner.capture_inputs()
@@ -225,7 +255,7 @@ class StructuredPruner:
             stats = self.observe_block(runner, i, update=False)
             units = self.layer_units(adapter, i, self.scorer(adapter, i, stats))
             plan = self.layer_plan(adapter, units, counts[i][0], counts[i][1], stats)
-            apply_layer_plan(adapter, plan)
+            self._apply(adapter, plan)
             runner.run_block(i, update=True)
             plans.append(plan)
-        return PlanStep(pass_name="", options={}, layers=plans)
+        return self._step(plans)

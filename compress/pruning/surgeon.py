@@ -13,6 +13,9 @@ from torch import nn
 from compress.errors import PlanError
 from compress.plan import LayerPlan, PlanStep
 
+# Step artifact holding least-squares refits: "{layer}.o_proj" / "{layer}.down_proj" -> weight [out, kept].
+REFIT_ARTIFACT = "refit"
+
 
 def _sliced_linear(linear: nn.Linear, keep_rows: torch.Tensor | None = None, keep_cols: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear holding ``linear``'s kept output rows / input columns (bias follows the rows)."""
@@ -61,8 +64,19 @@ def _check_indices(name: str, indices: list[int], size: int, layer: int) -> None
         raise PlanError(f"layer {layer}: {name} must be sorted unique indices in [0, {size}), got {indices[:8]}…")
 
 
-def apply_layer_plan(adapter, plan: LayerPlan) -> None:
-    """Slice layer ``plan.index`` of the adapter's model in place."""
+def _with_weight(linear: nn.Linear, weight: torch.Tensor, layer: int, name: str) -> nn.Linear:
+    """``linear`` with its weight replaced by a refit of the same shape."""
+    if tuple(weight.shape) != tuple(linear.weight.shape):
+        raise PlanError(f"layer {layer}: refit {name} weight is {tuple(weight.shape)}, the sliced layer "
+                        f"{tuple(linear.weight.shape)}")
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(device=linear.weight.device, dtype=linear.weight.dtype))
+    return linear
+
+
+def apply_layer_plan(adapter, plan: LayerPlan, refit: dict[str, torch.Tensor] | None = None) -> None:
+    """Slice layer ``plan.index`` of the adapter's model in place; ``refit`` (see ``REFIT_ARTIFACT``)
+    replaces the sliced consumers' weights by least-squares refits before the biases are added."""
     i = plan.index
     if not 0 <= i < adapter.num_layers:
         raise PlanError(f"plan names layer {i}, the model has {adapter.num_layers}")
@@ -87,6 +101,9 @@ def apply_layer_plan(adapter, plan: LayerPlan) -> None:
         attn.v_proj = _sliced_linear(attn.v_proj, keep_rows=kv_rows)
         attn.o_proj = _sliced_linear(attn.o_proj, keep_cols=q_rows)
         attn.num_key_value_groups = len(plan.keep_heads) // len(keep_kv)
+    refit = refit or {}
+    if f"{i}.o_proj" in refit:
+        attn.o_proj = _with_weight(attn.o_proj, refit[f"{i}.o_proj"], i, "o_proj")
     if plan.o_proj_bias is not None:
         attn.o_proj = _with_added_bias(attn.o_proj, plan.o_proj_bias)
 
@@ -97,11 +114,14 @@ def apply_layer_plan(adapter, plan: LayerPlan) -> None:
         mlp.up_proj = _sliced_linear(mlp.up_proj, keep_rows=rows)
         mlp.down_proj = _sliced_linear(mlp.down_proj, keep_cols=rows)
         mlp.intermediate_size = len(plan.keep_channels)
+    if f"{i}.down_proj" in refit:
+        mlp.down_proj = _with_weight(mlp.down_proj, refit[f"{i}.down_proj"], i, "down_proj")
     if plan.down_proj_bias is not None:
         mlp.down_proj = _with_added_bias(mlp.down_proj, plan.down_proj_bias)
 
 
 def apply_step(adapter, step: PlanStep) -> None:
-    """Apply every layer plan of one step."""
+    """Apply every layer plan of one step (with its least-squares refits, if any)."""
+    refit = getattr(step, "artifacts", {}).get(REFIT_ARTIFACT)
     for layer_plan in step.layers:
-        apply_layer_plan(adapter, layer_plan)
+        apply_layer_plan(adapter, layer_plan, refit)
