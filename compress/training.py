@@ -1,0 +1,496 @@
+"""A small, reusable LoRA training loop: attach adapters, train on random text windows, merge.
+
+Used by the ``lora_recover`` pass (recovery fine-tuning after pruning) and meant for any pass that
+needs to train low-rank adapters on a causal LM (LoRAPrune, …). The pieces:
+
+    attach_lora(model, spec, seed)            peft LoRA layers injected in place (``inject_adapter_in_model``)
+    train_lora(model, ids, spec, train, …)     attach + AdamW on random windows of ``ids``; LoRA stays attached
+    merge_lora(model) -> factors               detach the adapters, add ``scaling · B @ A`` to each weight
+    apply_lora_factors(model, factors)         the same addition from saved factors (plan replay)
+
+Factors are a flat tensor dict (float32, CPU) with three entries per adapted linear, keyed by the
+linear's module name in ``model``: ``<name>.lora_A`` [r, in], ``<name>.lora_B`` [out, r] and
+``<name>.scaling`` (a 0-d tensor). :func:`merge_lora` and :func:`apply_lora_factors` run the very
+same code, so replaying saved factors on the untrained model reproduces the merged weights bit for
+bit.
+
+Training is deterministic for a seed: the LoRA initialisation and dropout use the torch RNG seeded
+with ``seed`` (inside ``torch.random.fork_rng``, so the caller's global state is left alone), and
+the batches come from a private ``random.Random(seed)`` that draws one seed per micro-batch for
+:func:`compress.calibration.sources.random_windows`. A run writes a checkpoint every
+``checkpoint_every`` optimizer steps and at the end (LoRA weights, optimizer, scheduler, both RNG
+states, step, losses; to a temporary file renamed into place), and a restarted run with the same
+fingerprint (model weights, token stream, LoRA and training settings) resumes from it and ends on
+the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+DEFAULT_TARGET_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINT_FORMAT = "compress.lora-checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+FINGERPRINT_VERSION = "compress.lora-run/1"
+ADAPTER_NAME = "default"
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class LoRASpec:
+    """Which linears get adapters and how big they are.
+
+    Args:
+        target_modules: module names in the model (exact names such as
+            ``model.layers.0.self_attn.q_proj``, or name suffixes such as ``q_proj``, as peft takes them).
+        rank: default rank ``r``.
+        alpha: LoRA alpha; each adapter's scaling is ``alpha / r`` of its own rank.
+        dropout: dropout on the adapter input during training.
+        rank_pattern: exact module name -> rank, overriding ``rank`` for that module.
+    """
+
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_ROLES
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    def peft_config(self):
+        import re
+
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            # peft matches a pattern key k against a module name n as re.match(rf"(.*\.)?({k})$", n):
+            # escaped exact names therefore select exactly that module.
+            rank_pattern={re.escape(name): int(r) for name, r in self.rank_pattern.items()},
+            bias="none",
+            init_lora_weights=True,
+        )
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The optimisation: AdamW on ``steps`` optimizer steps of ``grad_accum`` micro-batches each of
+    ``batch_size`` random windows of ``seqlen`` tokens, linear warm-up over ``warmup_steps`` then a
+    constant learning rate."""
+
+    steps: int = 200
+    lr: float = 2e-4
+    batch_size: int = 4
+    seqlen: int = 128
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seqlen", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise CompressError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise CompressError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a training run did. ``losses[k]`` is the mean loss of optimizer step ``k + 1``."""
+
+    losses: list[float]
+    steps: int
+    resumed_from: int
+    fingerprint: str
+    checkpoint: Path | None
+    modules: list[str]
+    trainable_params: int
+
+
+# ------------------------------------------------------------------------------------ adapters
+def attach_lora(model: nn.Module, spec: LoRASpec, seed: int | None = None) -> list[str]:
+    """Inject peft LoRA layers into ``model`` in place; return the adapted module names (sorted).
+
+    With ``seed``, the adapter initialisation uses ``torch.manual_seed(seed)`` inside a forked RNG.
+    Only the adapter weights are left trainable (peft's rule); :func:`detach_lora` undoes it.
+    """
+    from peft import inject_adapter_in_model
+
+    if lora_modules(model):
+        raise CompressError("the model already has LoRA adapters attached; merge or detach them first")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model._compress_requires_grad = flags  # restored by detach_lora
+    if seed is None:
+        inject_adapter_in_model(spec.peft_config(), model, adapter_name=ADAPTER_NAME)
+    else:
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            torch.manual_seed(seed)
+            inject_adapter_in_model(spec.peft_config(), model, adapter_name=ADAPTER_NAME)
+    names = sorted(lora_modules(model))
+    if not names:
+        detach_lora(model)
+        raise CompressError(f"no module of the model matches the LoRA targets {list(spec.target_modules)}")
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The peft LoRA layers in ``model`` by their (base) module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable adapter parameters, in a fixed order (sorted by name)."""
+    found = [(n, p) for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
+    return sorted(found, key=lambda item: item[0])
+
+
+def lora_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``<name>.lora_A`` [r, in], ``<name>.lora_B`` [out, r], ``<name>.scaling`` [] per adapter
+    (float32 CPU copies)."""
+    factors: dict[str, torch.Tensor] = {}
+    for name, layer in sorted(lora_modules(model).items()):
+        if getattr(layer, "fan_in_fan_out", False):
+            raise CompressError(f"{name}: fan_in_fan_out LoRA layers are not supported")
+        a = layer.lora_A[ADAPTER_NAME].weight.detach()
+        b = layer.lora_B[ADAPTER_NAME].weight.detach()
+        factors[f"{name}.lora_A"] = a.to(device="cpu", dtype=torch.float32).clone().contiguous()
+        factors[f"{name}.lora_B"] = b.to(device="cpu", dtype=torch.float32).clone().contiguous()
+        factors[f"{name}.scaling"] = torch.tensor(float(layer.scaling[ADAPTER_NAME]), dtype=torch.float32)
+    return factors
+
+
+def detach_lora(model: nn.Module) -> None:
+    """Replace every LoRA layer by its base layer (no merge) and restore ``requires_grad``."""
+    for name, layer in sorted(lora_modules(model).items(), key=lambda item: -item[0].count(".")):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    flags = getattr(model, "_compress_requires_grad", None)
+    if flags is not None:
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+        del model._compress_requires_grad
+
+
+def merge_lora(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Merge the attached adapters into the weights and detach them: the model becomes a plain model
+    again. Returns the factors (see :func:`lora_factors`); ``apply_lora_factors`` on the unmerged
+    model with them gives bit-identical weights."""
+    factors = lora_factors(model)
+    detach_lora(model)
+    apply_lora_factors(model, factors)
+    return factors
+
+
+def factor_modules(factors: dict[str, torch.Tensor]) -> list[str]:
+    """The module names a factor dict adapts, sorted."""
+    return sorted(key[: -len(".lora_A")] for key in factors if key.endswith(".lora_A"))
+
+
+@torch.no_grad()
+def apply_lora_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
+    """Add ``scaling · (B @ A)`` (computed in float32, cast to the weight's dtype) to the weight of each
+    module the factors name, in sorted module order."""
+    for name in factor_modules(factors):
+        try:
+            a, b, scaling = (factors[f"{name}.{part}"] for part in ("lora_A", "lora_B", "scaling"))
+        except KeyError as exc:
+            raise CompressError(f"LoRA factors for {name} are incomplete (missing {exc})") from None
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise CompressError(f"LoRA factors name module {name!r}, which this model does not have") from None
+        weight = linear.weight
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise CompressError(
+                f"LoRA factors for {name} have shapes B {tuple(b.shape)} @ A {tuple(a.shape)}, "
+                f"the weight is {tuple(weight.shape)}"
+            )
+        delta = (b.float() @ a.float()) * scaling.float()
+        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+
+# ------------------------------------------------------------------------------------ batches
+class WindowSampler:
+    """Micro-batches of random windows from one token stream, reproducible from ``seed``.
+
+    A private ``random.Random(seed)`` draws a 63-bit seed per micro-batch for
+    :func:`~compress.calibration.sources.random_windows`; its state is saved in checkpoints.
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seqlen: int, seed: int):
+        self.ids, self.batch_size, self.seqlen = ids, batch_size, seqlen
+        self.rng = random.Random(seed)
+
+    def next(self) -> torch.Tensor:
+        from compress.calibration.sources import random_windows
+
+        return random_windows(self.ids, self.batch_size, self.seqlen, self.rng.getrandbits(63))
+
+    def state_dict(self) -> list:
+        version, internal, gauss = self.rng.getstate()
+        return [version, list(internal), gauss]
+
+    def load_state_dict(self, state: list) -> None:
+        version, internal, gauss = state
+        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+
+
+def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor of optimizer step ``s`` (0-based): ``(s + 1) / warmup`` during warm-up, then 1."""
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------ fingerprint
+def model_state_digest(model: nn.Module) -> str:
+    """blake2b of every tensor of ``model.state_dict()`` (names, dtypes, shapes, bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run_fingerprint(model: nn.Module, ids: torch.Tensor, lora: LoRASpec, train: TrainSpec, extra: dict | None = None) -> str:
+    """What identifies a training run: the model weights (before adapters), the token stream and
+    every setting that changes the result. Checkpoints resume only into a run with the same one."""
+    ids = torch.as_tensor(ids, dtype=torch.long).contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    settings = {
+        "version": FINGERPRINT_VERSION,
+        "lora": dataclasses.asdict(lora),
+        "train": dataclasses.asdict(train),
+        "extra": extra or {},
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(model_state_digest(model).encode())
+    h.update(ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _cuda_devices(model: nn.Module) -> list[int]:
+    devices = {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+    return sorted(devices)
+
+
+def _rng_states(model: nn.Module) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    for index in _cuda_devices(model):
+        states[f"cuda:{index}"] = torch.cuda.get_rng_state(index)
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    for key, state in states.items():
+        if key.startswith("cuda:"):
+            torch.cuda.set_rng_state(state, int(key.split(":")[1]))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to the run ``fingerprint``; else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: start afresh (it will be overwritten)
+        return None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+        return None
+    return state
+
+
+# ------------------------------------------------------------------------------------ training
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def train_lora(
+    model: nn.Module,
+    ids: torch.Tensor,
+    lora: LoRASpec,
+    train: TrainSpec,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    fingerprint: str | None = None,
+    progress: bool = True,
+    description: str = "LoRA training",
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Attach LoRA to ``model`` and train it on random windows of the token stream ``ids`` [N].
+
+    The adapters stay attached when this returns (call :func:`merge_lora` to fold them in, or
+    :func:`detach_lora` to drop them); if training raises, they are detached again. The model is in
+    train mode while training and back in its previous mode afterwards.
+
+    Args:
+        checkpoint_dir: folder for ``checkpoint.pt``; None: no checkpoints, no resume.
+        checkpoint_every: write a checkpoint every this many optimizer steps (and after the last);
+            0 writes only the final one.
+        fingerprint: the run's identity (default :func:`run_fingerprint`); a checkpoint with another
+            fingerprint is ignored and overwritten.
+        callback: ``callback(step, loss)`` after every optimizer step (and after its checkpoint).
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if fingerprint is None:
+        fingerprint = run_fingerprint(model, ids, lora, train)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    device = next(model.parameters()).device
+    was_training = model.training
+
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        torch.manual_seed(train.seed)
+        modules = attach_lora(model, lora)
+        try:
+            result = _train_attached(model, ids, train, modules, fingerprint, checkpoint, checkpoint_every, device,
+                                     progress, description, callback)
+        except BaseException:
+            detach_lora(model)
+            raise
+        finally:
+            model.train(was_training)
+    return result
+
+
+def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoint, checkpoint_every, device,
+                    progress, description, callback) -> TrainResult:
+    named = lora_parameters(model)
+    for _, p in named:  # adapters train in float32 whatever the base dtype
+        p.data = p.data.float()
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(train.warmup_steps))
+    sampler = WindowSampler(ids, train.batch_size, train.seqlen, train.seed)
+    losses: list[float] = []
+    start = 0
+
+    state = load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
+    if state is not None:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(state["lora"][name].to(p.device, p.dtype))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        _restore_rng_states(state["rng"])
+        losses = [float(x) for x in state["losses"]]
+        start = int(state["step"])
+
+    def write_checkpoint(step: int) -> None:
+        save_checkpoint(checkpoint, {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "step": step,
+            "lora": {name: p.detach().cpu().clone() for name, p in named},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": _rng_states(model),
+            "losses": list(losses),
+        })
+
+    model.train()
+    last = f"{losses[-1]:.4f}" if losses else "-"
+    with _progress(progress) as bar:
+        task = bar.add_task(description, total=train.steps, completed=start, loss=last)
+        for step in range(start, train.steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(train.grad_accum):
+                batch = sampler.next().to(device)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                (loss / train.grad_accum).backward()
+                total += float(loss.detach()) / train.grad_accum
+            if train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(total)
+            done = step + 1
+            if checkpoint is not None and (done == train.steps or (checkpoint_every and done % checkpoint_every == 0)):
+                write_checkpoint(done)
+            bar.update(task, advance=1, loss=f"{total:.4f}")
+            if callback is not None:
+                callback(done, total)
+    if checkpoint is not None and start == train.steps and not checkpoint.is_file():
+        write_checkpoint(train.steps)
+    return TrainResult(losses=losses, steps=train.steps, resumed_from=start, fingerprint=fingerprint,
+                       checkpoint=checkpoint, modules=list(modules),
+                       trainable_params=sum(p.numel() for p in params))
+
+
+def causal_lm_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss of ``model`` on ``windows`` [n, seqlen] (no gradients)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            total += float(loss) * batch.shape[0]
+            count += batch.shape[0]
+    return total / max(count, 1)
+
+
+def module_names(model: nn.Module, modules: Iterable[nn.Module]) -> list[str]:
+    """Names of ``modules`` inside ``model`` (in the given order)."""
+    by_id = {id(m): name for name, m in model.named_modules()}
+    names = []
+    for m in modules:
+        if id(m) not in by_id:
+            raise CompressError("a target module is not part of the model")
+        names.append(by_id[id(m)])
+    return names
