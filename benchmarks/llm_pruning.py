@@ -30,8 +30,10 @@ EVAL_SETS = ("persuasion", "northangerabbey")
 CALIBRATION = {"source": "austen", "samples": 256, "seqlen": 128, "seed": 0}
 SEQLEN, WINDOWS = 128, 256
 
-# name -> (pass, options); None = the dense model
-CONFIGS: dict[str, tuple[str, dict] | None] = {
+RECOVERY_STEPS = 200  # lora_recover rows: steps of batch 4 x 128 tokens on the calibration split
+
+# name -> (pass, options), or a list of them run in order; None = the dense model
+CONFIGS: dict[str, tuple[str, dict] | list[tuple[str, dict]] | None] = {
     "dense": None,
     "flap-20": ("flap", {"ratio": 0.2}),
     "flap-50": ("flap", {"ratio": 0.5}),
@@ -41,6 +43,21 @@ CONFIGS: dict[str, tuple[str, dict] | None] = {
     "wanda_sp-50": ("wanda_sp", {"ratio": 0.5}),
     "magnitude_sp-20": ("magnitude_sp", {"ratio": 0.2}),
     "magnitude_sp-50": ("magnitude_sp", {"ratio": 0.5}),
+    # issue 4: CFSP, allocators as parts, least-squares compensation, recovery
+    "cfsp-20": ("cfsp", {"ratio": 0.2}),
+    "cfsp-50": ("cfsp", {"ratio": 0.5}),
+    "cfsp-ref-50": ("cfsp", {"ratio": 0.5, "score": "reference"}),
+    "cfsp-attn-20": ("cfsp", {"ratio": 0.2, "attention": True}),
+    "cfsp-attn-50": ("cfsp", {"ratio": 0.5, "attention": True}),
+    "flap-bb-20": ("flap", {"ratio": 0.2, "allocator": "block_budget"}),
+    "flap-bb-50": ("flap", {"ratio": 0.5, "allocator": "block_budget"}),
+    "flap-ls-20": ("flap", {"ratio": 0.2, "compensation": "least_squares"}),
+    "flap-ls-50": ("flap", {"ratio": 0.5, "compensation": "least_squares"}),
+    "flap-ls-seq-50": ("flap", {"ratio": 0.5, "compensation": "least_squares", "sequential": True}),
+    "cfsp-ls-50": ("cfsp", {"ratio": 0.5, "compensation": "least_squares"}),
+    "cfsp-ls-seq-50": ("cfsp", {"ratio": 0.5, "compensation": "least_squares", "sequential": True}),
+    "flap-50+recover": [("flap", {"ratio": 0.5}), ("lora_recover", {"steps": RECOVERY_STEPS})],
+    "cfsp-50+recover": [("cfsp", {"ratio": 0.5}), ("lora_recover", {"steps": RECOVERY_STEPS})],
 }
 
 # The reference FLAP code on this machine, same protocol (issue #2).
@@ -70,26 +87,30 @@ def run_one(name: str, threads: int) -> dict:
 
     prune_s = 0.0
     config = CONFIGS[name]
-    if config is not None:
-        pass_name, options = config
-        spec = get_pass(pass_name)
-        instance = spec.cls(spec.options(**options))
+    steps = [] if config is None else (config if isinstance(config, list) else [config])
+    step_times = []
+    if steps:
 
         def calibration() -> torch.Tensor:
             ids = tokenize_text(tokenizer, read_text(CALIBRATION["source"]))
             return random_windows(ids, CALIBRATION["samples"], CALIBRATION["seqlen"], CALIBRATION["seed"])
 
         ctx = PassContext(model=model, tokenizer=tokenizer, calibration_loader=calibration, batch_size=16, progress=False)
-        start = time.perf_counter()
-        instance.run(ctx)
-        prune_s = time.perf_counter() - start
+        for pass_name, options in steps:
+            spec = get_pass(pass_name)
+            instance = spec.cls(spec.options(**options))
+            start = time.perf_counter()
+            instance.run(ctx)
+            step_times.append(round(time.perf_counter() - start, 1))
+        prune_s = sum(step_times)
     prune_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     adapter = get_adapter(model)
     row = {
         "config": name,
-        "pass": config[0] if config else None,
-        "options": config[1] if config else {},
+        "pass": " + ".join(p for p, _ in steps) or None,
+        "options": steps[0][1] if len(steps) == 1 else [{p: o} for p, o in steps],
+        "step_s": step_times,
         "decoder_linear": adapter.decoder_linear_params(),
         "total_params": adapter.param_counts()["total"],
         "pruning_ratio": 1 - adapter.decoder_linear_params() / dense_linear,
