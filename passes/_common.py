@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.pruning.structured import PrunerSettings
+
 
 class StructuredOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -47,3 +49,22 @@ ALLOCATOR_HELP = (
     "'uniform': every layer loses the same share; 'global': FLAP's standardised global threshold over all "
     "layers; 'block_budget': CFSP's per-block budget from how much each block changes the hidden state."
 )
+
+
+def pruner_settings(options: StructuredOptions, **method) -> PrunerSettings:
+    """``PrunerSettings`` from the options every structured pass shares; ``method`` gives the rest
+    (scorer-specific choices such as ``aggregation`` and ``allocator``) and may override any field."""
+    shared = dict(
+        ratio=options.ratio,
+        gqa=options.gqa,
+        min_heads=options.min_heads,
+        min_channels=options.min_channels,
+        round_to=options.round_to,
+        skip_layers=tuple(options.skip_layers),
+        compensation=options.compensation,
+        ls_damp=options.ls_damp,
+        block_metric=options.block_metric,
+        block_temperature=options.block_temperature,
+    )
+    shared.update(method)
+    return PrunerSettings(**shared)

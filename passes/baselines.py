@@ -8,7 +8,7 @@ from compress.plan import PlanStep
 from compress.pruning.scores import MagnitudeScorer, WandaSpScorer
 from compress.pruning.structured import PrunerSettings, StructuredPruner
 from compress.registry import register_pass
-from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions
+from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions, pruner_settings
 
 
 class _BaselineOptions(StructuredOptions):
@@ -16,21 +16,8 @@ class _BaselineOptions(StructuredOptions):
 
 
 def _settings(options: _BaselineOptions, *, sequential: bool) -> PrunerSettings:
-    return PrunerSettings(
-        ratio=options.ratio,
-        gqa=options.gqa,
-        aggregation="sum" if options.allocator == "uniform" else "mean_z",
-        allocator=options.allocator,
-        compensation=options.compensation,
-        ls_damp=options.ls_damp,
-        min_heads=options.min_heads,
-        min_channels=options.min_channels,
-        round_to=options.round_to,
-        skip_layers=tuple(options.skip_layers),
-        sequential=sequential,
-        block_metric=options.block_metric,
-        block_temperature=options.block_temperature,
-    )
+    aggregation = "sum" if options.allocator == "uniform" else "mean_z"
+    return pruner_settings(options, aggregation=aggregation, allocator=options.allocator, sequential=sequential)
 
 
 @register_pass("magnitude_sp")

@@ -16,7 +16,7 @@ from compress.plan import PlanStep
 from compress.pruning.scores import CfspScorer
 from compress.pruning.structured import PrunerSettings, StructuredPruner
 from compress.registry import register_pass
-from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions
+from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions, pruner_settings
 
 
 @register_pass("cfsp")
@@ -47,22 +47,9 @@ class CfspPass:
 
     def settings(self) -> PrunerSettings:
         o = self.options
-        return PrunerSettings(
-            ratio=o.ratio,
-            gqa=o.gqa,
-            aggregation="mean_z" if o.allocator == "global" else "sum",
-            allocator=o.allocator,
-            compensation=o.compensation,
-            ls_damp=o.ls_damp,
-            min_heads=o.min_heads,
-            min_channels=o.min_channels,
-            round_to=o.round_to,
-            skip_layers=tuple(o.skip_layers),
-            sequential=o.sequential,
-            prune_attention=o.attention,
-            block_metric=o.block_metric,
-            block_temperature=o.block_temperature,
-        )
+        aggregation = "mean_z" if o.allocator == "global" else "sum"
+        return pruner_settings(o, aggregation=aggregation, allocator=o.allocator, sequential=o.sequential,
+                               prune_attention=o.attention)
 
     def run(self, ctx) -> PlanStep:
         scorer = CfspScorer(self.options.score, b=self.options.b, c=self.options.c)

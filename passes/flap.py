@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
@@ -10,7 +11,7 @@ from compress.plan import PlanStep
 from compress.pruning.scores import FluctuationScorer
 from compress.pruning.structured import PrunerSettings, StructuredPruner
 from compress.registry import register_pass
-from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions
+from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions, pruner_settings
 
 
 @register_pass("flap")
@@ -66,23 +67,16 @@ class FlapPass:
 
     def settings(self) -> PrunerSettings:
         o = self.options
-        return PrunerSettings(
-            ratio=o.ratio,
-            gqa=o.gqa,
+        settings = pruner_settings(
+            o,
             aggregation="mean_z" if o.structure == "al-am" else "sum",
             allocator=o.allocator or ("global" if o.structure == "al-am" else "uniform"),
-            compensation=o.compensation,
-            ls_damp=o.ls_damp,
-            min_heads=0 if o.parity else o.min_heads,
-            min_channels=0 if o.parity else o.min_channels,
-            round_to=o.round_to,
-            skip_layers=() if o.parity else tuple(o.skip_layers),
             sequential=o.sequential,
-            reference_threshold=o.parity,
-            reference_statistics=o.parity,
-            block_metric=o.block_metric,
-            block_temperature=o.block_temperature,
         )
+        if o.parity:  # the reference code: no floors, no skipped layers, its threshold and statistics
+            settings = replace(settings, min_heads=0, min_channels=0, skip_layers=(), reference_threshold=True,
+                               reference_statistics=True)
+        return settings
 
     def run(self, ctx) -> PlanStep:
         scorer = FluctuationScorer(
