@@ -173,7 +173,9 @@ def torch_greedy_generate(model, prompt: list[int], max_new_tokens: int = 32, st
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    eos = decoder_eos(model) if stop_at_eos else None
+    from exporters.onnx import eos_token_ids
+
+    eos = eos_token_ids(model) if stop_at_eos else None
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
@@ -185,8 +187,3 @@ def torch_greedy_generate(model, prompt: list[int], max_new_tokens: int = 32, st
         )
     return Generation(prompt=list(prompt), tokens=[int(t) for t in out[0, len(prompt):]])
 
-
-def decoder_eos(model) -> list[int]:
-    from exporters.onnx import eos_token_ids
-
-    return eos_token_ids(model)

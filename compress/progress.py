@@ -9,6 +9,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 
+def bar_columns(*extra) -> tuple:
+    """The columns of every compress progress bar: description, bar, count, ``extra``, elapsed, remaining."""
+    return (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
 def progress_bar(items: Iterable[T], description: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
     """Iterate ``items`` with a rich progress bar (description, count, elapsed, remaining)."""
     if not enabled:
@@ -19,14 +31,7 @@ def progress_bar(items: Iterable[T], description: str, enabled: bool = True, tot
             total = len(items)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*bar_columns(), transient=True) as progress:
         task = progress.add_task(description, total=total)
         for item in items:
             yield item

@@ -343,18 +343,11 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 # ------------------------------------------------------------------------------------ training
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress, TextColumn
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not enabled,
-    )
+    from compress.progress import bar_columns
+
+    return Progress(*bar_columns(TextColumn("loss {task.fields[loss]}")), transient=True, disable=not enabled)
 
 
 def train_lora(
@@ -470,19 +463,6 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
     return TrainResult(losses=losses, steps=train.steps, resumed_from=start, fingerprint=fingerprint,
                        checkpoint=checkpoint, modules=list(modules),
                        trainable_params=sum(p.numel() for p in params))
-
-
-def causal_lm_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token loss of ``model`` on ``windows`` [n, seqlen] (no gradients)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            total += float(loss) * batch.shape[0]
-            count += batch.shape[0]
-    return total / max(count, 1)
 
 
 def module_names(model: nn.Module, modules: Iterable[nn.Module]) -> list[str]:
