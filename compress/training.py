@@ -5,6 +5,8 @@ needs to train low-rank adapters on a causal LM (LoRAPrune, …). The pieces:
 
     attach_lora(model, spec, seed)            peft LoRA layers injected in place (``inject_adapter_in_model``)
     train_lora(model, ids, spec, train, …)     attach + AdamW on random windows of ``ids``; LoRA stays attached
+    TrainingHooks                               where a pass plugs in (scores before each optimizer step, masks
+                                                after it, state saved in the checkpoint), e.g. ``loraprune``
     merge_lora(model) -> factors               detach the adapters, add ``scaling · B @ A`` to each weight
     apply_lora_factors(model, factors)         the same addition from saved factors (plan replay)
 
@@ -342,12 +344,43 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------ training
+class TrainingHooks:
+    """Points where a pass plugs into :func:`train_lora` (every method is optional to override).
+
+    The order within one optimizer step ``s`` (1-based): the micro-batches' forward and backward,
+    gradient clipping, ``on_pre_optimizer_step(model, s)`` (final gradients, before the update),
+    ``optimizer.step()``, ``on_step_end(model, s, loss)``, then the checkpoint (which stores
+    ``state_dict()``). ``on_train_begin`` runs once after the adapters are attached and any
+    checkpoint was restored (``load_state_dict`` first).
+    """
+
+    def on_train_begin(self, model: nn.Module) -> None:
+        pass
+
+    def on_pre_optimizer_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def on_step_end(self, model: nn.Module, step: int, loss: float) -> None:
+        pass
+
+    def status(self) -> str:
+        """Extra text for the progress bar (e.g. the current sparsity)."""
+        return ""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def _progress(enabled: bool):
     from rich.progress import Progress, TextColumn
 
     from compress.progress import bar_columns
 
-    return Progress(*bar_columns(TextColumn("loss {task.fields[loss]}")), transient=True, disable=not enabled)
+    columns = bar_columns(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[status]}"))
+    return Progress(*columns, transient=True, disable=not enabled)
 
 
 def train_lora(
@@ -362,6 +395,7 @@ def train_lora(
     progress: bool = True,
     description: str = "LoRA training",
     callback: Callable[[int, float], None] | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> TrainResult:
     """Attach LoRA to ``model`` and train it on random windows of the token stream ``ids`` [N].
 
@@ -376,6 +410,7 @@ def train_lora(
         fingerprint: the run's identity (default :func:`run_fingerprint`); a checkpoint with another
             fingerprint is ignored and overwritten.
         callback: ``callback(step, loss)`` after every optimizer step (and after its checkpoint).
+        hooks: a :class:`TrainingHooks` whose state is checkpointed with the adapters.
     """
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if fingerprint is None:
@@ -389,7 +424,7 @@ def train_lora(
         modules = attach_lora(model, lora)
         try:
             result = _train_attached(model, ids, train, modules, fingerprint, checkpoint, checkpoint_every, device,
-                                     progress, description, callback)
+                                     progress, description, callback, hooks or TrainingHooks())
         except BaseException:
             detach_lora(model)
             raise
@@ -399,7 +434,7 @@ def train_lora(
 
 
 def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoint, checkpoint_every, device,
-                    progress, description, callback) -> TrainResult:
+                    progress, description, callback, hooks: TrainingHooks) -> TrainResult:
     named = lora_parameters(model)
     for _, p in named:  # adapters train in float32 whatever the base dtype
         p.data = p.data.float()
@@ -421,6 +456,8 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
         _restore_rng_states(state["rng"])
         losses = [float(x) for x in state["losses"]]
         start = int(state["step"])
+        hooks.load_state_dict(state.get("hooks", {}))
+    hooks.on_train_begin(model)
 
     def write_checkpoint(step: int) -> None:
         save_checkpoint(checkpoint, {
@@ -433,12 +470,13 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
             "sampler": sampler.state_dict(),
             "rng": _rng_states(model),
             "losses": list(losses),
+            "hooks": hooks.state_dict(),
         })
 
     model.train()
     last = f"{losses[-1]:.4f}" if losses else "-"
     with _progress(progress) as bar:
-        task = bar.add_task(description, total=train.steps, completed=start, loss=last)
+        task = bar.add_task(description, total=train.steps, completed=start, loss=last, status=hooks.status())
         for step in range(start, train.steps):
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
@@ -449,13 +487,15 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
                 total += float(loss.detach()) / train.grad_accum
             if train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            done = step + 1
+            hooks.on_pre_optimizer_step(model, done)
             optimizer.step()
             scheduler.step()
             losses.append(total)
-            done = step + 1
+            hooks.on_step_end(model, done, total)
             if checkpoint is not None and (done == train.steps or (checkpoint_every and done % checkpoint_every == 0)):
                 write_checkpoint(done)
-            bar.update(task, advance=1, loss=f"{total:.4f}")
+            bar.update(task, advance=1, loss=f"{total:.4f}", status=hooks.status())
             if callback is not None:
                 callback(done, total)
     if checkpoint is not None and start == train.steps and not checkpoint.is_file():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.pruning.structured import PrunerSettings
+from compress.recipe import TextSource
+from compress.training import DEFAULT_TARGET_ROLES
 
 
 class StructuredOptions(BaseModel):
@@ -68,3 +71,95 @@ def pruner_settings(options: StructuredOptions, **method) -> PrunerSettings:
     )
     shared.update(method)
     return PrunerSettings(**shared)
+
+
+# ------------------------------------------------------------------------------------ LoRA training
+TargetRole = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoRATrainOptions(BaseModel):
+    """Options of every pass that trains LoRA adapters on text (lora_recover, loraprune)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate (after warm-up).")
+    rank: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA alpha; the scaling of an adapter is alpha / its rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input while training.")
+    batch_size: int = Field(4, ge=1, description="Windows per micro-batch.")
+    seqlen: int = Field(128, ge=2, description="Tokens per training window.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (gradient accumulation).")
+    warmup_steps: float = Field(
+        10, ge=0.0, description="Linear learning-rate warm-up: a number of steps, or a fraction of `steps` when below 1."
+    )
+    max_grad_norm: Optional[float] = Field(None, gt=0.0, description="Clip the adapters' gradient norm (null: no clipping).")
+    source: TextSource = Field("austen", description="Training text source (default: the calibration split).")
+    seed: int = Field(0, description="Seeds the adapter initialisation, dropout and the window draws.")
+    target_modules: list[TargetRole] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_ROLES),
+        min_length=1,
+        description="Decoder linears that get adapters (q/k/v/o_proj, gate/up/down_proj).",
+    )
+    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every this many steps (0: only at the end).")
+    checkpoint_dir: Optional[str] = Field(
+        None,
+        description="Checkpoint folder; default <cache>/checkpoints/<hash of model weights, text and options> "
+        "with <cache> = $COMPRESS_CACHE or ~/.cache/compress. A restarted identical run resumes from it.",
+    )
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _whole_or_fraction(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"must be a whole number of steps or a fraction below 1 (got {value})")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a module twice (got {value})")
+        return value
+
+    def warmup(self) -> int:
+        """The learning-rate warm-up in optimizer steps."""
+        if 0 < self.warmup_steps < 1:
+            return int(round(self.warmup_steps * self.steps))
+        return int(self.warmup_steps)
+
+    def train_spec(self):
+        from compress.training import TrainSpec
+
+        return TrainSpec(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seqlen=self.seqlen,
+                         grad_accum=self.grad_accum, warmup_steps=self.warmup(), max_grad_norm=self.max_grad_norm,
+                         seed=self.seed)
+
+    def checkpoint_folder(self, fingerprint: str) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir).expanduser()
+        from compress.models.loading import cache_root
+
+        return cache_root() / "checkpoints" / fingerprint
+
+
+def target_names(ctx, roles: list[str]) -> list[list[str]]:
+    """Per layer, the module names (in ``ctx.model``) of the linears with these roles."""
+    from compress.training import module_names
+
+    adapter = ctx.adapter()
+    per_layer = []
+    for i in range(adapter.num_layers):
+        linears = {**adapter.attention_linears(i), **adapter.mlp_linears(i)}
+        per_layer.append(module_names(ctx.model, [linears[role] for role in roles]))
+    return per_layer
+
+
+def training_ids(ctx, source: str, pass_name: str):
+    """[N] token ids of a text source, read with the model's tokenizer."""
+    from compress.calibration.sources import read_text, tokenize_text
+    from compress.errors import CompressError
+
+    if ctx.tokenizer is None:
+        raise CompressError(f"{pass_name} needs the model's tokenizer to read its text source")
+    return tokenize_text(ctx.tokenizer, read_text(source))

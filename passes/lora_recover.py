@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from compress.plan import PlanStep
-from compress.recipe import TextSource
 from compress.registry import register_pass
-from compress.training import DEFAULT_TARGET_ROLES
+from passes._common import LoRATrainOptions, target_names, training_ids
 
 ARTIFACT = "lora_recover"
-TargetRole = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def block_ranks(importance: list[float], rank: int) -> list[int]:
@@ -63,33 +60,8 @@ class LoraRecoverPass:
 
     needs_calibration = False
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-        steps: int = Field(200, ge=1, description="Optimizer steps.")
-        lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate (after warm-up).")
+    class Options(LoRATrainOptions):
         rank: int = Field(8, ge=1, description="LoRA rank (the mean rank with rank_by: block_importance).")
-        alpha: float = Field(16.0, gt=0.0, description="LoRA alpha; the scaling of an adapter is alpha / its rank.")
-        dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input while training.")
-        batch_size: int = Field(4, ge=1, description="Windows per micro-batch.")
-        seqlen: int = Field(128, ge=2, description="Tokens per training window.")
-        grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (gradient accumulation).")
-        warmup_steps: float = Field(
-            10, ge=0.0, description="Linear warm-up: a number of steps, or a fraction of `steps` when below 1."
-        )
-        source: TextSource = Field("austen", description="Training text source (default: the calibration split).")
-        seed: int = Field(0, description="Seeds the adapter initialisation, dropout and the window draws.")
-        target_modules: list[TargetRole] = Field(
-            default_factory=lambda: list(DEFAULT_TARGET_ROLES),
-            min_length=1,
-            description="Decoder linears that get adapters (q/k/v/o_proj, gate/up/down_proj).",
-        )
-        checkpoint_every: int = Field(50, ge=0, description="Checkpoint every this many steps (0: only at the end).")
-        checkpoint_dir: Optional[str] = Field(
-            None,
-            description="Checkpoint folder; default <cache>/checkpoints/<hash of model weights, text and options> "
-            "with <cache> = $COMPRESS_CACHE or ~/.cache/compress. A restarted identical run resumes from it.",
-        )
         rank_by: Literal["none", "block_importance"] = Field(
             "none",
             description="'block_importance': each block's rank proportional to its angular block importance "
@@ -97,48 +69,16 @@ class LoraRecoverPass:
         )
         importance_samples: int = Field(32, ge=1, description="Windows measured for rank_by: block_importance.")
 
-        @field_validator("warmup_steps")
-        @classmethod
-        def _whole_or_fraction(cls, value: float) -> float:
-            if value >= 1 and value != int(value):
-                raise ValueError(f"must be a whole number of steps or a fraction below 1 (got {value})")
-            return value
-
-        @field_validator("target_modules")
-        @classmethod
-        def _unique(cls, value: list[str]) -> list[str]:
-            if len(set(value)) != len(value):
-                raise ValueError(f"lists a module twice (got {value})")
-            return value
-
-        def warmup(self) -> int:
-            """The warm-up in optimizer steps."""
-            if 0 < self.warmup_steps < 1:
-                return int(round(self.warmup_steps * self.steps))
-            return int(self.warmup_steps)
-
     def __init__(self, options: "LoraRecoverPass.Options"):
         self.options = options
 
     # ------------------------------------------------------------------------------- parts
     def target_names(self, ctx) -> list[list[str]]:
         """Per layer, the module names (in ``ctx.model``) of the target linears, from the adapter."""
-        from compress.training import module_names
-
-        adapter = ctx.adapter()
-        per_layer = []
-        for i in range(adapter.num_layers):
-            linears = {**adapter.attention_linears(i), **adapter.mlp_linears(i)}
-            per_layer.append(module_names(ctx.model, [linears[role] for role in self.options.target_modules]))
-        return per_layer
+        return target_names(ctx, self.options.target_modules)
 
     def token_ids(self, ctx):
-        from compress.calibration.sources import read_text, tokenize_text
-        from compress.errors import CompressError
-
-        if ctx.tokenizer is None:
-            raise CompressError("lora_recover needs the model's tokenizer to read its text source")
-        return tokenize_text(ctx.tokenizer, read_text(self.options.source))
+        return training_ids(ctx, self.options.source, "lora_recover")
 
     def block_importance(self, ctx, ids) -> list[float]:
         from compress.calibration.sources import random_windows
@@ -149,16 +89,9 @@ class LoraRecoverPass:
         return measure_block_importance(ctx.adapter(), windows, batch_size=ctx.batch_size, metric="angular",
                                         progress=ctx.progress)
 
-    def checkpoint_dir(self, fingerprint: str) -> Path:
-        if self.options.checkpoint_dir:
-            return Path(self.options.checkpoint_dir).expanduser()
-        from compress.models.loading import cache_root
-
-        return cache_root() / "checkpoints" / fingerprint
-
     # -------------------------------------------------------------------------------- run
     def run(self, ctx) -> PlanStep:
-        from compress.training import LoRASpec, TrainSpec, merge_lora, run_fingerprint, train_lora
+        from compress.training import LoRASpec, merge_lora, run_fingerprint, train_lora
 
         o = self.options
         names = self.target_names(ctx)
@@ -176,10 +109,9 @@ class LoraRecoverPass:
 
         lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=o.rank, alpha=o.alpha,
                         dropout=o.dropout, rank_pattern=rank_pattern)
-        train = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, seqlen=o.seqlen, grad_accum=o.grad_accum,
-                          warmup_steps=o.warmup(), seed=o.seed)
+        train = o.train_spec()
         fingerprint = run_fingerprint(ctx.model, ids, lora, train)
-        result = train_lora(ctx.model, ids, lora, train, checkpoint_dir=self.checkpoint_dir(fingerprint),
+        result = train_lora(ctx.model, ids, lora, train, checkpoint_dir=o.checkpoint_folder(fingerprint),
                             checkpoint_every=o.checkpoint_every, fingerprint=fingerprint, progress=ctx.progress,
                             description="LoRA recovery")
         factors = merge_lora(ctx.model)

@@ -74,16 +74,14 @@ def _with_weight(linear: nn.Linear, weight: torch.Tensor, layer: int, name: str)
     return linear
 
 
-def apply_layer_plan(adapter, plan: LayerPlan, refit: dict[str, torch.Tensor] | None = None) -> None:
-    """Slice layer ``plan.index`` of the adapter's model in place; ``refit`` (see ``REFIT_ARTIFACT``)
-    replaces the sliced consumers' weights by least-squares refits before the biases are added."""
+def layer_slices(adapter, plan: LayerPlan) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """role -> (kept output rows, kept input columns) of each linear that ``plan`` slices, checked
+    against the layer's current widths. q/k/v and gate/up lose rows; o_proj and down_proj columns."""
     i = plan.index
     if not 0 <= i < adapter.num_layers:
         raise PlanError(f"plan names layer {i}, the model has {adapter.num_layers}")
     widths = adapter.widths(i)
-    attn, mlp = adapter.attention(i), adapter.mlp(i)
-    d = adapter.head_dim
-
+    slices: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     if plan.keep_heads is not None:
         keep_kv = plan.keep_kv_heads if plan.keep_kv_heads is not None else list(range(widths.kv_heads))
         _check_indices("keep_heads", plan.keep_heads, widths.heads, i)
@@ -95,29 +93,58 @@ def apply_layer_plan(adapter, plan: LayerPlan, refit: dict[str, torch.Tensor] | 
                 f"layer {i}: kept query heads must belong to kept KV heads in equal numbers per KV head "
                 f"(got {per_kv} for KV heads {keep_kv})"
             )
-        q_rows, kv_rows = _head_rows(plan.keep_heads, d), _head_rows(keep_kv, d)
-        attn.q_proj = _sliced_linear(attn.q_proj, keep_rows=q_rows)
-        attn.k_proj = _sliced_linear(attn.k_proj, keep_rows=kv_rows)
-        attn.v_proj = _sliced_linear(attn.v_proj, keep_rows=kv_rows)
-        attn.o_proj = _sliced_linear(attn.o_proj, keep_cols=q_rows)
-        attn.num_key_value_groups = len(plan.keep_heads) // len(keep_kv)
+        q_rows, kv_rows = _head_rows(plan.keep_heads, adapter.head_dim), _head_rows(keep_kv, adapter.head_dim)
+        slices.update(q_proj=(q_rows, None), k_proj=(kv_rows, None), v_proj=(kv_rows, None), o_proj=(None, q_rows))
+    if plan.keep_channels is not None:
+        _check_indices("keep_channels", plan.keep_channels, widths.intermediate, i)
+        rows = torch.tensor(plan.keep_channels, dtype=torch.long)
+        slices.update(gate_proj=(rows, None), up_proj=(rows, None), down_proj=(None, rows))
+    return slices
+
+
+def apply_layer_plan(adapter, plan: LayerPlan, refit: dict[str, torch.Tensor] | None = None) -> None:
+    """Slice layer ``plan.index`` of the adapter's model in place; ``refit`` (see ``REFIT_ARTIFACT``)
+    replaces the sliced consumers' weights by least-squares refits before the biases are added."""
+    i = plan.index
+    slices = layer_slices(adapter, plan)
+    attn, mlp = adapter.attention(i), adapter.mlp(i)
+    for role, (rows, cols) in slices.items():
+        parent = attn if role in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp
+        setattr(parent, role, _sliced_linear(getattr(parent, role), keep_rows=rows, keep_cols=cols))
+    if plan.keep_heads is not None:
+        attn.num_key_value_groups = attn.q_proj.out_features // attn.k_proj.out_features
+    if plan.keep_channels is not None:
+        mlp.intermediate_size = len(plan.keep_channels)
     refit = refit or {}
     if f"{i}.o_proj" in refit:
         attn.o_proj = _with_weight(attn.o_proj, refit[f"{i}.o_proj"], i, "o_proj")
     if plan.o_proj_bias is not None:
         attn.o_proj = _with_added_bias(attn.o_proj, plan.o_proj_bias)
-
-    if plan.keep_channels is not None:
-        _check_indices("keep_channels", plan.keep_channels, widths.intermediate, i)
-        rows = torch.tensor(plan.keep_channels, dtype=torch.long)
-        mlp.gate_proj = _sliced_linear(mlp.gate_proj, keep_rows=rows)
-        mlp.up_proj = _sliced_linear(mlp.up_proj, keep_rows=rows)
-        mlp.down_proj = _sliced_linear(mlp.down_proj, keep_cols=rows)
-        mlp.intermediate_size = len(plan.keep_channels)
     if f"{i}.down_proj" in refit:
         mlp.down_proj = _with_weight(mlp.down_proj, refit[f"{i}.down_proj"], i, "down_proj")
     if plan.down_proj_bias is not None:
         mlp.down_proj = _with_added_bias(mlp.down_proj, plan.down_proj_bias)
+
+
+def slice_lora_factors(model, adapter, plans: list[LayerPlan], factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA factors (see ``compress.training.lora_factors``) cut to the kept units of ``plans``:
+    ``lora_B`` rows of the sliced rows, ``lora_A`` columns of the sliced columns, so that adding
+    ``scaling · B @ A`` to the sliced weights gives the sliced merge. Call before slicing."""
+    from compress.training import module_names
+
+    cut = dict(factors)
+    for plan in plans:
+        slices = layer_slices(adapter, plan)
+        linears = {**adapter.attention_linears(plan.index), **adapter.mlp_linears(plan.index)}
+        for role, (rows, cols) in slices.items():
+            name = module_names(model, [linears[role]])[0]
+            if f"{name}.lora_A" not in cut:
+                continue
+            if rows is not None:
+                cut[f"{name}.lora_B"] = cut[f"{name}.lora_B"].index_select(0, rows).contiguous()
+            if cols is not None:
+                cut[f"{name}.lora_A"] = cut[f"{name}.lora_A"].index_select(1, cols).contiguous()
+    return cut
 
 
 def apply_step(adapter, step: PlanStep) -> None:
