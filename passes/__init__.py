@@ -1,3 +1,3 @@
 """Built-in passes. Importing this package registers each of them by name."""
 
-from passes import baselines, cfsp, flap, lora_recover  # noqa: F401
+from passes import baselines, cfsp, flap, lora_recover, loraprune  # noqa: F401
