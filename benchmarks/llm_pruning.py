@@ -31,6 +31,9 @@ CALIBRATION = {"source": "austen", "samples": 256, "seqlen": 128, "seed": 0}
 SEQLEN, WINDOWS = 128, 256
 
 RECOVERY_STEPS = 200  # lora_recover rows: steps of batch 4 x 128 tokens on the calibration split
+# issue 5: LoRAPrune and flap + lora_recover on the same budget. A LoRAPrune step trains the dense
+# (masked) model, about 5 s on 2 CPU cores, so 100 steps of 4 x 128 tokens is what fits here.
+TRAIN_STEPS = 100
 
 # name -> (pass, options), or a list of them run in order; None = the dense model
 CONFIGS: dict[str, tuple[str, dict] | list[tuple[str, dict]] | None] = {
@@ -58,6 +61,14 @@ CONFIGS: dict[str, tuple[str, dict] | list[tuple[str, dict]] | None] = {
     "cfsp-ls-seq-50": ("cfsp", {"ratio": 0.5, "compensation": "least_squares", "sequential": True}),
     "flap-50+recover": [("flap", {"ratio": 0.5}), ("lora_recover", {"steps": RECOVERY_STEPS})],
     "cfsp-50+recover": [("cfsp", {"ratio": 0.5}), ("lora_recover", {"steps": RECOVERY_STEPS})],
+    # issue 5: LoRAPrune (importance from the LoRA gradients, or exact group Taylor) vs flap + recovery
+    "loraprune-20": ("loraprune", {"ratio": 0.2, "steps": TRAIN_STEPS}),
+    "loraprune-50": ("loraprune", {"ratio": 0.5, "steps": TRAIN_STEPS}),
+    "loraprune-exact-20": ("loraprune", {"ratio": 0.2, "steps": TRAIN_STEPS, "importance": "exact"}),
+    "loraprune-exact-50": ("loraprune", {"ratio": 0.5, "steps": TRAIN_STEPS, "importance": "exact"}),
+    "loraprune-global-50": ("loraprune", {"ratio": 0.5, "steps": TRAIN_STEPS, "allocator": "global"}),
+    "flap-20+recover100": [("flap", {"ratio": 0.2}), ("lora_recover", {"steps": TRAIN_STEPS})],
+    "flap-50+recover100": [("flap", {"ratio": 0.5}), ("lora_recover", {"steps": TRAIN_STEPS})],
 }
 
 # The reference FLAP code on this machine, same protocol (issue #2).
@@ -88,7 +99,7 @@ def run_one(name: str, threads: int) -> dict:
     prune_s = 0.0
     config = CONFIGS[name]
     steps = [] if config is None else (config if isinstance(config, list) else [config])
-    step_times = []
+    step_times, step_details = [], []
     if steps:
 
         def calibration() -> torch.Tensor:
@@ -100,8 +111,9 @@ def run_one(name: str, threads: int) -> dict:
             spec = get_pass(pass_name)
             instance = spec.cls(spec.options(**options))
             start = time.perf_counter()
-            instance.run(ctx)
+            step = instance.run(ctx)
             step_times.append(round(time.perf_counter() - start, 1))
+            step_details.append({k: v for k, v in step.details.items() if isinstance(v, (int, float, str))})
         prune_s = sum(step_times)
     prune_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -111,6 +123,7 @@ def run_one(name: str, threads: int) -> dict:
         "pass": " + ".join(p for p, _ in steps) or None,
         "options": steps[0][1] if len(steps) == 1 else [{p: o} for p, o in steps],
         "step_s": step_times,
+        "step_details": step_details,
         "decoder_linear": adapter.decoder_linear_params(),
         "total_params": adapter.param_counts()["total"],
         "pruning_ratio": 1 - adapter.decoder_linear_params() / dense_linear,
