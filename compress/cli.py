@@ -429,21 +429,70 @@ def inspect_command(
     model: Annotated[
         str,
         typer.Argument(
-            help="Model to describe: smollm2-135m, a hub id (offline), a local folder or a .gguf file.",
+            help="Model to describe: smollm2-135m, a hub id (offline), a local folder, a .gguf file, or an "
+            ".onnx file (its coupled-channel groups, as SPA finds them on the graph).",
             show_default=False,
         ),
     ],
     device: DeviceOption = None,
     dtype: DTypeOption = DTypeChoice.float32,
     trust_remote_code: TrustRemoteCodeOption = False,
+    all_groups: Annotated[bool, typer.Option("--all", help="ONNX: list every group (default: a summary of the frozen ones).")] = False,
 ) -> None:
-    """Show a model's architecture, parameter counts by part, prunable groups and per-layer widths."""
+    """Show a model's architecture, parameter counts by part, prunable groups and per-layer widths.
+
+    For an .onnx file: every group of coupled channels found on the graph (what must be removed
+    together), its size and parameters per unit, and why the others are frozen.
+    """
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
+
+    if model.endswith(".onnx"):
+        OnnxGroupsView(model, all_groups).print(_stdout())
+        return
 
     loaded = load_model(model, dtype=dtype.value, device=device or "cpu", trust_remote_code=trust_remote_code)
     summary = get_adapter(loaded.model).summary()
     ModelSummaryView(summary, title=model).print(_stdout())
+
+
+class OnnxGroupsView:
+    """``compress inspect model.onnx``: SPA's coupled-channel groups as a table."""
+
+    def __init__(self, path: str, show_all: bool):
+        from compress.pruning.groups import describe
+        from passes.spa.grouping import find_groups, load_onnx
+
+        model = load_onnx(path)
+        self.path = path
+        groups, graph = find_groups(model)
+        self.rows = describe(groups, graph.initializer_shapes)
+        self.unknown_ops = graph.unknown_ops
+        self.show_all = show_all
+
+    def print(self, console: Console) -> None:
+        prunable = [r for r in self.rows if r["status"] == "prunable"]
+        frozen = [r for r in self.rows if r["status"] != "prunable"]
+        table = Table(title=f"{self.path}: {len(prunable)} prunable groups, {len(frozen)} frozen")
+        for column in ("id", "units", "block", "params/unit", "members", "producers → consumers", "status"):
+            table.add_column(column, justify="right" if column in ("id", "units", "block", "params/unit", "members") else "left")
+        for r in self.rows if self.show_all else prunable:
+            table.add_row(str(r["id"]), str(r["units"]), str(r["block"]), str(r["unit_cost"] or "-"), str(r["members"]),
+                          r["label"], r["status"])
+        console.print(table)
+        if frozen and not self.show_all:
+            reasons: dict[str, int] = {}
+            for r in frozen:
+                reasons[r["status"]] = reasons.get(r["status"], 0) + 1
+            why = Table(title="frozen groups by reason (--all lists them)")
+            why.add_column("groups", justify="right")
+            why.add_column("reason")
+            for reason, n in sorted(reasons.items(), key=lambda item: -item[1]):
+                why.add_row(str(n), reason)
+            console.print(why)
+        if self.unknown_ops:
+            console.print("ops without a grouping rule (their groups are frozen): "
+                          + ", ".join(f"{op} ×{n}" for op, n in sorted(self.unknown_ops.items())))
 
 
 class ModelSummaryView:

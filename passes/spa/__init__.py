@@ -1,0 +1,1 @@
+"""SPA: structured pruning of any ONNX model through coupled-channel groups found on its graph."""
