@@ -173,6 +173,10 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
     out = Path(output) if output else Path(recipe.export.output)
     if dry_run:
         return RunResult(output_dir=out, report={"dry_run": describe_recipe(recipe, out)}, passed=True)
+    from compress.onnx_pipeline import is_onnx_source, run_onnx_recipe
+
+    if is_onnx_source(recipe.model.source):
+        return run_onnx_recipe(recipe, out, progress=progress)
 
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model

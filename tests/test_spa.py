@@ -384,3 +384,79 @@ def test_spa_surgery_on_the_export_equals_the_torch_surgeon(tiny_llama_export):
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     cache = {v.name: v.shape for v in session.get_inputs() if v.name.startswith("past_key_values")}
     assert cache["past_key_values.1.key"][1] == 3 and cache["past_key_values.0.key"][1] == 4
+
+
+# ------------------------------------------------------------------------------------ the pass and the recipe
+def onnx_recipe(tmp_path, model: onnx.ModelProto, **spa):
+    from compress.recipe import parse_recipe
+
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    return parse_recipe({"name": "spa-test", "model": str(path), "passes": [{"spa": {"ratio": 0.5, **spa}}],
+                         "export": {"output": str(tmp_path / "out")}, "evaluate": False}, "test.yaml")
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "global"])
+def test_spa_recipe_prunes_a_cnn_and_writes_a_checked_artifact(tmp_path, allocator):
+    import json
+
+    from compress.pipeline import run_recipe
+
+    result = run_recipe(onnx_recipe(tmp_path, conv_model(), allocator=allocator), progress=False)
+    assert result.passed, result.failures
+    out = tmp_path / "out"
+    assert {"model.onnx", "plan.json", "report.json", "report.md"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    # conv2 loses half its inputs and half its outputs: more than half of the weights go
+    assert 0.5 < report["params"]["ratio"] < 0.8
+    assert [g["name"] for g in report["gates"]] == ["onnx_graph_valid", "onnx_runtime_runs"]
+    pruned = onnx.load(str(out / "model.onnx"))
+    shapes = {i.name: tuple(i.dims) for i in pruned.graph.initializer}
+    if allocator == "uniform":
+        assert shapes["K1"] == (4, 3, 3, 3) and shapes["K2"] == (4, 4, 3, 3) and shapes["W"] == (4, 5)
+    plan = json.loads((out / "plan.json").read_text())
+    groups = plan["steps"][0]["details"]["groups"]
+    assert groups and all(len(g["keep"]) < g["units"] for g in groups)
+    x = RNG.normal(size=(1, 3, 10, 10)).astype(np.float32)
+    assert run(pruned, {"x": x})[0].shape == (1, 5)
+
+
+def test_granularity_coarsest_prunes_heads_not_head_dims():
+    from passes.spa.prune import select_groups
+
+    groups = find_groups(attention_model())[0]
+    coarsest = select_groups(groups, "coarsest")
+    assert [g.units for g in coarsest] == [3]
+    assert sorted(g.units for g in select_groups(groups, "all")) == sorted(g.units for g in groups if g.prunable)
+
+
+def test_onnx_recipes_refuse_hf_passes_and_evaluation(tmp_path):
+    from compress.pipeline import run_recipe
+    from compress.recipe import parse_recipe
+
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp_model(), str(path))
+    with pytest.raises(CompressError, match="'flap' works on Hugging Face models"):
+        run_recipe(parse_recipe({"name": "x", "model": str(path), "passes": [{"flap": {"ratio": 0.5}}],
+                                 "export": {"output": str(tmp_path / "o")}, "evaluate": False}, "t.yaml"), progress=False)
+    with pytest.raises(CompressError, match="evaluate"):
+        run_recipe(parse_recipe({"name": "x", "model": str(path), "passes": [{"spa": {"ratio": 0.5}}],
+                                 "export": {"output": str(tmp_path / "o")}}, "t.yaml"), progress=False)
+    with pytest.raises(CompressError, match="ONNX file not found"):
+        run_recipe(parse_recipe({"name": "x", "model": str(tmp_path / "nope.onnx"), "passes": [{"spa": {"ratio": 0.5}}],
+                                 "export": {"output": str(tmp_path / "o")}, "evaluate": False}, "t.yaml"), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_lists_onnx_groups_and_why_others_are_frozen(tmp_path):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    path = tmp_path / "m.onnx"
+    onnx.save(attention_model("layernorm"), str(path))
+    result = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "prunable" in result.output and "LayerNormalization" in result.output
+    missing = CliRunner().invoke(app, ["inspect", str(tmp_path / "absent.onnx")])
+    assert missing.exit_code == 2 and "ONNX file not found" in missing.output

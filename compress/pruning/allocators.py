@@ -37,40 +37,40 @@ def _keep_target(layers: list[LayerUnits], ratio: float) -> float:
 
 
 def allocate_global(layers: list[LayerUnits], ratio: float) -> list[tuple[int, int]]:
-    """FLAP's adaptive structure (AL-AM) with an exact budget.
+    """FLAP's adaptive structure (AL-AM) with an exact budget: :func:`allocate_pooled` over every
+    layer's attention and MLP units (ties: layer, kind, index)."""
+    counts = allocate_pooled([u for lu in layers for u in (lu.attn, lu.mlp)], _keep_target(layers, ratio))
+    return list(zip(counts[0::2], counts[1::2]))
 
-    Per-layer minimums are kept first. The other units, pooled over layers and both kinds, are
-    taken strongest first (ties: layer, kind, index) until the budget is reached; the unit that
-    crosses the budget is taken only if that lands closer to it.
+
+def allocate_pooled(unit_sets: list, keep_budget: float) -> list[int]:
+    """Keep counts per unit set under one parameter budget.
+
+    Each set's minimum (``min_keep`` strongest units) is kept first. The other units, pooled over
+    all sets, are taken strongest first (ties: set, index) until ``keep_budget`` parameters are
+    kept; the unit that crosses the budget is taken only if that lands closer to it. Scores must be
+    comparable across sets (e.g. standardised per set).
     """
-    budget = _keep_target(layers, ratio)
-    attn_keep = [0] * len(layers)
-    mlp_keep = [0] * len(layers)
-    candidates: list[tuple[float, int, int, int, int]] = []  # (-score, layer, kind, index, cost)
-    for li, lu in enumerate(layers):
-        for kind, units in ((0, lu.attn), (1, lu.mlp)):
-            forced = set(units.kept_units(min(units.min_keep, units.size)))
-            budget -= len(forced) * units.cost
-            if kind == 0:
-                attn_keep[li] = len(forced)
-            else:
-                mlp_keep[li] = len(forced)
-            for k in range(units.size):
-                if k not in forced:
-                    candidates.append((-float(units.scores[k]), li, kind, k, units.cost))
+    budget = keep_budget
+    keep = [0] * len(unit_sets)
+    candidates: list[tuple[float, int, int, int]] = []  # (-score, set, index, cost)
+    for si, units in enumerate(unit_sets):
+        forced = set(units.kept_units(min(units.min_keep, units.size)))
+        budget -= len(forced) * units.cost
+        keep[si] = len(forced)
+        for k in range(units.size):
+            if k not in forced:
+                candidates.append((-float(units.scores[k]), si, k, units.cost))
     candidates.sort()
     spent = 0.0
-    for _neg, li, kind, _k, cost in candidates:
+    for _neg, si, _k, cost in candidates:
         if spent + cost > budget and (spent + cost - budget) >= (budget - spent):
             break
         spent += cost
-        if kind == 0:
-            attn_keep[li] += 1
-        else:
-            mlp_keep[li] += 1
+        keep[si] += 1
         if spent >= budget:
             break
-    return list(zip(attn_keep, mlp_keep))
+    return keep
 
 
 def allocate_global_reference(layers: list[LayerUnits], ratio: float) -> list[tuple[int, int]]:

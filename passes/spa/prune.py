@@ -1,0 +1,143 @@
+"""The ``spa`` pass: prune an ONNX model through the coupled-channel groups of its graph.
+
+Groups come from ``grouping.find_groups``; each selected group becomes a ``UnitSet`` scored by an
+importance, the allocator picks how many units each keeps under the parameter budget, and
+``surgery.prune_onnx`` cuts the graph. The plan step records every pruned group (its member
+slices and kept units), so the cut can be read back without the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.plan import PlanStep
+from compress.registry import register_pass
+
+
+@dataclass
+class OnnxPassContext:
+    """What a pass on an ONNX model sees: the model (weights loaded) and where it came from."""
+
+    model: object  # onnx.ModelProto, replaced by each pass
+    source: Path
+    progress: bool = True
+    shapes_before: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def select_groups(groups, granularity: str) -> list:
+    """The prunable groups to use. 'coarsest': where groups overlap on a tensor axis (KV groups,
+    query-head slots and head dims all cut q_proj's rows), only the one with the widest contiguous
+    block; 'all': every prunable group."""
+    prunable = [g for g in groups if g.prunable]
+    if granularity == "all":
+        return prunable
+    taken: set[tuple[str, int]] = set()
+    chosen = []
+    for group in sorted(prunable, key=lambda g: (-max(s.block for s in g.slices), g.id)):
+        axes = {(s.tensor, s.axis) for s in group.slices if s.role != "channel"}
+        if axes & taken:
+            continue
+        taken |= axes
+        chosen.append(group)
+    return sorted(chosen, key=lambda g: g.id)
+
+
+@register_pass("spa")
+class SpaPass:
+    """SPA: structured pruning of any ONNX model through the coupled-channel groups of its graph.
+
+    Groups are found by propagating channel dependencies through the graph with one rule per op
+    (anything not understood is frozen); each unit of a group is scored by its weights' magnitude;
+    the allocator keeps the strongest units under the budget; initializers are sliced and the
+    Reshape/Expand literals that count the pruned units are patched.
+    """
+
+    needs_calibration = False
+    model_format = "onnx"
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        ratio: float = Field(
+            gt=0.0, lt=1.0, description="'uniform': the share of units every group loses; 'global': the share of "
+            "the selected groups' parameters (counted per group) to remove. A weight read and written by two "
+            "pruned groups loses both shares, so the parameters removed can exceed the ratio (see the report)."
+        )
+        importance: Literal["magnitude"] = Field(
+            "magnitude", description="Unit score: group L2 magnitude of the producer and consumer weights "
+            "(each tensor normalised by its mean, so large tensors do not dominate)."
+        )
+        allocator: Literal["uniform", "global"] = Field(
+            "uniform", description="'uniform': every group loses the same share of units; 'global': one ranking of "
+            "standardised scores over all groups under the parameter budget."
+        )
+        granularity: Literal["coarsest", "all"] = Field(
+            "coarsest", description="'coarsest': where groups overlap (heads and head dims on the same weights), "
+            "prune only the widest; 'all': every prunable group."
+        )
+        min_units: int = Field(1, ge=1, description="Units every group keeps.")
+        resizable_io: list[str] = Field(
+            default_factory=lambda: ["past_key_values.*", "present.*"],
+            description="Graph inputs/outputs (glob patterns) whose channel sizes may change with pruning "
+            "(a KV cache); every other graph input and output is frozen.",
+        )
+
+    def __init__(self, options: "SpaPass.Options"):
+        self.options = options
+
+    def scores(self, group, tensors) -> torch.Tensor:
+        from compress.pruning.groups import magnitude_scores
+
+        return magnitude_scores(group, tensors)
+
+    def keep_counts(self, unit_sets, total_params: float) -> list[int]:
+        from compress.pruning.allocators import allocate_pooled
+        from compress.pruning.units import standardize
+
+        o = self.options
+        if o.allocator == "uniform":
+            return [max(min(u.min_keep, u.size), round((1.0 - o.ratio) * u.size)) for u in unit_sets]
+        for units in unit_sets:
+            units.scores = standardize(units.scores)
+        return allocate_pooled(unit_sets, (1.0 - o.ratio) * total_params)
+
+    def run(self, ctx: OnnxPassContext) -> PlanStep:
+        from onnx import numpy_helper
+
+        from compress.errors import CompressError
+        from compress.pruning.units import UnitSet
+        from passes.spa.grouping import find_groups
+        from passes.spa.surgery import prune_onnx
+
+        o = self.options
+        groups, graph = find_groups(ctx.model, tuple(o.resizable_io))
+        selected = select_groups(groups, o.granularity)
+        if not selected:
+            raise CompressError(f"{ctx.source}: no prunable group (every group is frozen; `compress inspect "
+                                f"{ctx.source}` says why)")
+        tensors = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+                   for i in ctx.model.graph.initializer if i.name in {s.tensor for g in selected for s in g.slices}}
+        shapes = graph.initializer_shapes
+        unit_sets = [UnitSet(layer=g.id, kind="group", scores=self.scores(g, tensors), cost=g.unit_cost(shapes),
+                             min_keep=o.min_units) for g in selected]
+        total = sum(u.size * u.cost for u in unit_sets)
+        counts = self.keep_counts(unit_sets, total)
+        keep = {g.id: u.kept_units(n) for g, u, n in zip(selected, unit_sets, counts)}
+        ctx.model = prune_onnx(ctx.model, groups, graph, keep)
+        removed = sum((u.size - n) * u.cost for u, n in zip(unit_sets, counts))
+        details = {
+            "importance": o.importance,
+            "groups_found": len(groups),
+            "groups_prunable": sum(g.prunable for g in groups),
+            "groups_pruned": sum(n < u.size for u, n in zip(unit_sets, counts)),
+            "selected_params": total,
+            "removed_params": removed,
+            "removed_fraction_of_selected": removed / total if total else 0.0,
+            "groups": [{**g.to_dict(), "keep": keep[g.id]} for g in selected if len(keep[g.id]) < g.units],
+        }
+        return PlanStep(self.name, o.model_dump(), layers=[], details=details)
