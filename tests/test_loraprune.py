@@ -352,3 +352,28 @@ def test_recipe_run_reloads_and_apply_reproduces_the_artifact(tmp_path):
     assert original.keys() == replayed.keys()
     for key in original:
         assert torch.equal(original[key], replayed[key]), key
+
+
+def test_taylor_hooks_do_not_keep_activations_alive():
+    """The row hooks must not form a reference cycle with the output tensor: with the garbage
+    collector off, a step's activations are freed as soon as backward is done."""
+    import gc
+    import weakref
+
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    scorer = TaylorScorer()
+    scorer.attach(get_adapter(model))
+    seen = []
+    handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out)))
+    gc.disable()
+    try:
+        loss = _loss(model)
+        loss.backward()
+        del loss
+        assert seen and seen[0]() is None
+    finally:
+        gc.enable()
+        handle.remove()
+        scorer.detach()

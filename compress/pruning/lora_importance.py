@@ -136,7 +136,11 @@ class TaylorScorer:
 
     def _watch(self, layer: int, role: str, tensor: torch.Tensor) -> None:
         if torch.is_grad_enabled() and tensor.requires_grad:
-            tensor.register_hook(lambda grad: self._add(layer, role, tensor, grad))
+            # The hook keeps a detached view: holding ``tensor`` itself would make a reference cycle
+            # (tensor → its hooks → this closure → tensor) that frees each step's activations only
+            # when the cyclic garbage collector runs.
+            value = tensor.detach()
+            tensor.register_hook(lambda grad: self._add(layer, role, value, grad))
 
     def _row_hook(self, layer: int, role: str):
         def hook(module, args, output):
