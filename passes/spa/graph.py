@@ -139,9 +139,9 @@ class GraphAtoms:
 
     def _apply(self, node) -> None:
         attrs = self._attrs(node)
-        if node.op_type == "Constant" and "value" in attrs:
-            array = numpy_helper.to_array(attrs["value"])
-            if array.dtype.kind in "iu" and array.size <= 64:
+        if node.op_type == "Constant":
+            array = _constant_array(attrs)
+            if array is not None and array.dtype.kind in "iu" and array.size <= 64:
                 self.values[node.output[0]] = literal_values(node.output[0], array)
         elif node.output and node.op_type not in ("Constant",):
             inputs = [self.values.get(name) for name in node.input]
@@ -581,6 +581,17 @@ def _take_back(pool: list[Atom], size: int) -> tuple[list[Atom], list[Atom]]:
     if product != size:
         raise AtomConflict("sizes do not line up")
     return pool[:taken], pool[taken:]
+
+
+def _constant_array(attrs: dict):
+    """The value of a Constant node, whichever attribute holds it (None for sparse or string values)."""
+    if "value" in attrs:
+        return numpy_helper.to_array(attrs["value"])
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    return None
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:

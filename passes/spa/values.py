@@ -51,8 +51,11 @@ def evaluate(node, inputs: list[list[Element] | None], attrs: dict, dims_of) -> 
         start, end = attrs.get("start", 0), attrs.get("end", len(dims))
         return [DimRef(tuple(d)) for d in dims[slice(start, end)]]
     first = inputs[0] if inputs else None
-    if op in ("Identity", "Cast", "Squeeze", "Unsqueeze") or (op == "Reshape" and first is not None and len(first) <= 1):
+    if op in ("Identity", "Cast", "Squeeze", "Unsqueeze"):
         return first
+    if op == "Reshape" and first is not None:  # a 1-D value reshaped to 1-D ([-1] or its own length) keeps its elements
+        target = _ints(inputs[1]) if len(inputs) > 1 else None
+        return first if target in ([-1], [len(first)]) or len(first) <= 1 else None
     if op == "Concat":
         if any(v is None for v in inputs):
             return None
