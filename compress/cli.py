@@ -9,6 +9,7 @@ the error's exit code (2 for bad input, 3 for a failed gate) — never a traceba
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from enum import Enum
@@ -429,56 +430,139 @@ def inspect_command(
     model: Annotated[
         str,
         typer.Argument(
-            help="Model to describe: smollm2-135m, a hub id (offline), a local folder, a .gguf file, or an "
-            ".onnx file (its coupled-channel groups, as SPA finds them on the graph).",
+            help="Model to describe: smollm2-135m, a hub id (offline), a local folder, a .gguf file, an "
+            ".onnx file (its coupled-channel groups, as SPA finds them on the graph), or package.module:factory "
+            "(a callable returning a torch nn.Module; with --input-shape: its torch-pruning groups).",
             show_default=False,
         ),
     ],
     device: DeviceOption = None,
     dtype: DTypeOption = DTypeChoice.float32,
     trust_remote_code: TrustRemoteCodeOption = False,
-    all_groups: Annotated[bool, typer.Option("--all", help="ONNX: list every group (default: a summary of the frozen ones).")] = False,
+    all_groups: Annotated[
+        bool,
+        typer.Option("--all", help="ONNX or torch factory: list every group (default: a summary of the frozen ones)."),
+    ] = False,
+    input_shape: Annotated[
+        Optional[str],
+        typer.Option(
+            "--input-shape",
+            help="For package.module:factory (required there): the example input's shape, e.g. 1,3,32,32 "
+            "(a float32 random tensor, seed 0, traced once in eval mode).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Show a model's architecture, parameter counts by part, prunable groups and per-layer widths.
 
     For an .onnx file: every group of coupled channels found on the graph (what must be removed
-    together), its size and parameters per unit, and why the others are frozen.
+    together), its size and parameters per unit, and why the others are frozen. For
+    [bold]package.module:factory[/bold] (any nn.Module, no adapter needed): the same table for the
+    groups torch-pruning's dependency graph finds on one forward pass of a random --input-shape input.
     """
-    from compress.models.llama import get_adapter
-    from compress.models.loading import load_model
-
+    if is_torch_factory(model):
+        if input_shape is None:
+            raise CompressError(f"{model}: a package.module:factory model needs --input-shape "
+                                "(e.g. --input-shape 1,3,32,32)")
+        shape = parse_input_shape(input_shape)
+        TorchGroupsView(model, load_torch_factory(model), shape, all_groups, device=device or "cpu").print(_stdout())
+        return
+    if input_shape is not None:
+        raise CompressError(f"--input-shape applies only to a MODEL of the form package.module:factory, not {model!r}")
     if model.endswith(".onnx"):
         OnnxGroupsView(model, all_groups).print(_stdout())
         return
+
+    from compress.models.llama import get_adapter
+    from compress.models.loading import load_model
 
     loaded = load_model(model, dtype=dtype.value, device=device or "cpu", trust_remote_code=trust_remote_code)
     summary = get_adapter(loaded.model).summary()
     ModelSummaryView(summary, title=model).print(_stdout())
 
 
-class OnnxGroupsView:
-    """``compress inspect model.onnx``: SPA's coupled-channel groups as a table."""
+_FACTORY_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
-    def __init__(self, path: str, show_all: bool):
-        from compress.pruning.groups import describe
-        from passes.spa.grouping import find_groups, load_onnx
 
-        model = load_onnx(path)
-        self.path = path
-        groups, graph = find_groups(model)
-        self.rows = describe(groups, graph.initializer_shapes)
-        self.unknown_ops = graph.unknown_ops
+def is_torch_factory(model: str) -> bool:
+    """``package.module:factory`` (and not an existing file or folder of that name)."""
+    return bool(_FACTORY_SPEC.match(model)) and not Path(model).exists()
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``1,3,32,32`` -> (1, 3, 32, 32); anything but comma-separated positive integers is a CompressError."""
+    parts = [part.strip() for part in text.split(",")]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise CompressError(f"--input-shape: expected comma-separated positive integers such as 1,3,32,32, "
+                            f"got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
+def load_torch_factory(spec: str) -> Any:
+    """Import ``package.module``, call its ``factory()`` and check it returns an ``nn.Module``.
+
+    The current directory is searched first (as ``python -m`` would), so a module next to the user's
+    working directory is found by the installed ``compress`` command too. Every failure is a CompressError.
+    """
+    import importlib
+    import os
+    import sys
+
+    from torch import nn
+
+    module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CompressError(f"{spec}: cannot import module '{module_name}' ({error})") from None
+    except Exception as error:  # the module's own code failed while importing
+        raise CompressError(f"{spec}: importing module '{module_name}' failed "
+                            f"({type(error).__name__}: {error})") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise CompressError(f"{spec}: module '{module_name}' has no attribute '{attr}'")
+    if not callable(factory):
+        raise CompressError(f"{spec}: '{attr}' is a {type(factory).__name__}, "
+                            "not a callable that returns an nn.Module")
+    try:
+        built = factory()
+    except Exception as error:
+        raise CompressError(f"{spec}: calling {attr}() failed ({type(error).__name__}: {error})") from None
+    if not isinstance(built, nn.Module):
+        raise CompressError(f"{spec}: {attr}() returned a {type(built).__name__}, not a torch nn.Module")
+    return built
+
+
+class GroupsView:
+    """Coupled-channel groups (``compress.pruning.groups.describe`` rows) as a table; the frozen ones
+    are summarised by reason unless ``show_all``. Subclasses fill ``rows`` and ``notes``."""
+
+    LABEL_COLUMN = "group"
+
+    def __init__(self, source: str, rows: list[dict], show_all: bool, notes: Optional[list[str]] = None):
+        self.source = source
+        self.rows = rows
         self.show_all = show_all
+        self.notes = notes or []
 
     def print(self, console: Console) -> None:
         prunable = [r for r in self.rows if r["status"] == "prunable"]
         frozen = [r for r in self.rows if r["status"] != "prunable"]
-        table = Table(title=f"{self.path}: {len(prunable)} prunable groups, {len(frozen)} frozen")
-        for column in ("id", "units", "block", "params/unit", "members", "producers → consumers", "status"):
-            table.add_column(column, justify="right" if column in ("id", "units", "block", "params/unit", "members") else "left")
+        table = Table(title=escape(f"{self.source}: {len(prunable)} prunable groups, {len(frozen)} frozen"))
+        for column in ("id", "units", "block", "params/unit", "members"):
+            table.add_column(column, justify="right")
+        table.add_column(self.LABEL_COLUMN)
+        table.add_column("status")
         for r in self.rows if self.show_all else prunable:
             table.add_row(str(r["id"]), str(r["units"]), str(r["block"]), str(r["unit_cost"] or "-"), str(r["members"]),
-                          r["label"], r["status"])
+                          escape(r["label"]), escape(r["status"]))
         console.print(table)
         if frozen and not self.show_all:
             reasons: dict[str, int] = {}
@@ -488,11 +572,54 @@ class OnnxGroupsView:
             why.add_column("groups", justify="right")
             why.add_column("reason")
             for reason, n in sorted(reasons.items(), key=lambda item: -item[1]):
-                why.add_row(str(n), reason)
+                why.add_row(str(n), escape(reason))
             console.print(why)
-        if self.unknown_ops:
-            console.print("ops without a grouping rule (their groups are frozen): "
-                          + ", ".join(f"{op} ×{n}" for op, n in sorted(self.unknown_ops.items())))
+        for note in self.notes:
+            console.print(escape(note))
+
+
+class OnnxGroupsView(GroupsView):
+    """``compress inspect model.onnx``: SPA's coupled-channel groups as a table."""
+
+    LABEL_COLUMN = "producers → consumers"
+
+    def __init__(self, path: str, show_all: bool):
+        from compress.pruning.groups import describe
+        from passes.spa.grouping import find_groups, load_onnx
+
+        groups, graph = find_groups(load_onnx(path))
+        self.path = path
+        self.unknown_ops = graph.unknown_ops
+        notes = []
+        if graph.unknown_ops:
+            notes.append("ops without a grouping rule (their groups are frozen): "
+                         + ", ".join(f"{op} ×{n}" for op, n in sorted(graph.unknown_ops.items())))
+        super().__init__(path, describe(groups, graph.initializer_shapes), show_all, notes)
+
+
+class TorchGroupsView(GroupsView):
+    """``compress inspect package.module:factory --input-shape ...``: the torch-pruning twin's groups."""
+
+    LABEL_COLUMN = "root.out (+coupled layers)"
+    SEED = 0
+
+    def __init__(self, source: str, module: Any, input_shape: tuple[int, ...], show_all: bool, device: str = "cpu"):
+        import torch
+
+        from compress.pruning.groups import describe
+        from compress.pruning.torch_groups import tensor_shapes, torch_groups
+
+        module = module.to(device).eval()
+        generator = torch.Generator().manual_seed(self.SEED)
+        example = torch.randn(input_shape, generator=generator, dtype=torch.float32).to(device)
+        try:  # a model that cannot run on this input is the user's input, not a grouping bug
+            with torch.no_grad():
+                module(example)
+        except Exception as error:
+            raise CompressError(f"{source}: a forward pass on an input of shape {list(input_shape)} failed "
+                                f"({type(error).__name__}: {error}); check --input-shape") from None
+        groups = torch_groups(module, example)
+        super().__init__(f"{source} on input {list(input_shape)}", describe(groups, tensor_shapes(module)), show_all)
 
 
 class ModelSummaryView:

@@ -334,3 +334,39 @@ def test_write_report_skips_missing_sections_and_keeps_json_strict(tmp_path):
     assert not (tmp_path / PLOT_PNG).exists()
     data = json.loads((tmp_path / REPORT_JSON).read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert data["params"]["pruning_ratio"] == "inf"
+
+
+# ------------------------------------------------------------------------------ inspect a torch factory
+FACTORY = "tests.torch_factories:small_cnn"
+
+
+def test_inspect_torch_factory_lists_the_torch_pruning_groups():
+    result = runner.invoke(app, ["inspect", FACTORY, "--input-shape", "1,3,8,8"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "2 prunable groups, 1 frozen" in result.output and "[1, 3, 8, 8]" in result.output
+    assert "conv1.out (+bn1, conv2.in)" in result.output and "conv2.out (+fc.in)" in result.output
+    assert "reaches the model output" in result.output  # the frozen classifier rows, summarised by reason
+    listed = runner.invoke(app, ["inspect", FACTORY, "--input-shape", "2, 3, 8, 8", "--all"], env=WIDE)
+    assert listed.exit_code == 0, listed.output
+    assert "fc.out" in listed.output and "frozen: reaches the model output" in listed.output
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ([FACTORY], "needs --input-shape"),
+        ([FACTORY, "--input-shape", "1,3,x,8"], "--input-shape: expected comma-separated positive integers"),
+        ([FACTORY, "--input-shape", "1,3,0,8"], "--input-shape: expected comma-separated positive integers"),
+        ([FACTORY, "--input-shape", "1,4,8,8"], "a forward pass on an input of shape [1, 4, 8, 8] failed"),
+        (["tests.no_such_module:small_cnn", "--input-shape", "1,3,8,8"], "cannot import module 'tests.no_such_module'"),
+        (["tests.torch_factories:missing", "--input-shape", "1,3,8,8"], "has no attribute 'missing'"),
+        (["tests.torch_factories:NOT_CALLABLE", "--input-shape", "1,3,8,8"], "not a callable"),
+        (["tests.torch_factories:not_a_module", "--input-shape", "1,3,8,8"], "returned a dict, not a torch nn.Module"),
+        (["tests.torch_factories:broken", "--input-shape", "1,3,8,8"], "calling broken() failed (ValueError: weights"),
+        (["model.onnx", "--input-shape", "1,3,8,8"], "--input-shape applies only to a MODEL of the form"),
+    ],
+)
+def test_inspect_torch_factory_errors_exit_2(arguments, message):
+    result = runner.invoke(app, ["inspect", *arguments], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output and "Traceback" not in result.output
