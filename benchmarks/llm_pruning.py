@@ -62,8 +62,8 @@ CONFIGS: dict[str, tuple[str, dict] | list[tuple[str, dict]] | None] = {
     "flap-50+recover": [("flap", {"ratio": 0.5}), ("lora_recover", {"steps": RECOVERY_STEPS})],
     "cfsp-50+recover": [("cfsp", {"ratio": 0.5}), ("lora_recover", {"steps": RECOVERY_STEPS})],
     # issue 5: LoRAPrune (importance from the LoRA gradients, or exact group Taylor) vs flap + recovery
-    "loraprune-20": ("loraprune", {"ratio": 0.2, "steps": TRAIN_STEPS}),
-    "loraprune-50": ("loraprune", {"ratio": 0.5, "steps": TRAIN_STEPS}),
+    "loraprune-20": ("loraprune", {"ratio": 0.2, "steps": TRAIN_STEPS, "importance": "lora"}),
+    "loraprune-50": ("loraprune", {"ratio": 0.5, "steps": TRAIN_STEPS, "importance": "lora"}),
     "loraprune-exact-20": ("loraprune", {"ratio": 0.2, "steps": TRAIN_STEPS, "importance": "exact"}),
     "loraprune-exact-50": ("loraprune", {"ratio": 0.5, "steps": TRAIN_STEPS, "importance": "exact"}),
     "loraprune-global-50": ("loraprune", {"ratio": 0.5, "steps": TRAIN_STEPS, "allocator": "global"}),

@@ -310,7 +310,7 @@ def test_the_loraprune_recipe_validates():
 
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "llama-loraprune-50.yaml")
     assert [e.name for e in recipe.passes] == ["loraprune"]
-    assert recipe.passes[0].options.ratio == 0.5 and recipe.passes[0].options.importance == "lora"
+    assert recipe.passes[0].options.ratio == 0.5 and recipe.passes[0].options.importance == "exact"
 
 
 @pytest.mark.slow
