@@ -101,26 +101,35 @@ def union(a: Atom, b: Atom) -> None:
     ra.frozen = ra.frozen or rb.frozen
 
 
-def _take(leaf_list: list[Atom], size: int) -> int:
-    """How many leading leaves multiply to ``size`` (refining the last one if it overshoots);
-    raises AtomConflict when the sizes do not line up."""
+def take_leaves(pool: list[Atom], size: int, inner_first: bool = False) -> tuple[list[Atom], list[Atom]]:
+    """Split a leaf list into (the leading leaves whose product is ``size``, the rest).
+
+    A leaf that overshoots is refined so that its matching factor is taken: the outer factor
+    normally, the inner one with ``inner_first`` (for a list given innermost first, i.e. when
+    taking from the back of an axis). Raises AtomConflict when the sizes do not line up.
+    """
+    pool = list(pool)
     product, taken = 1, 0
     while product < size:
-        if taken >= len(leaf_list) or leaf_list[taken].size is None:
+        if taken >= len(pool) or pool[taken].size is None:
             raise AtomConflict("symbolic factor inside a known size")
-        leaf = leaf_list[taken]
+        leaf = pool[taken]
         if product * leaf.size > size:
             need = size // product
             if size % product or leaf.size % need:
                 raise AtomConflict(f"{leaf.size} does not split at {need}")
-            head, tail = refine(leaf, [need, leaf.size // need])
-            leaf_list[taken:taken + 1] = [head, tail]
-            leaf = head
+            if inner_first:
+                outer, piece = refine(leaf, [leaf.size // need, need])
+                pool[taken:taken + 1] = [piece, outer]
+            else:
+                piece, inner = refine(leaf, [need, leaf.size // need])
+                pool[taken:taken + 1] = [piece, inner]
+            leaf = piece
         product *= leaf.size
         taken += 1
     if product != size:
         raise AtomConflict("sizes do not line up")
-    return taken
+    return pool[:taken], pool[taken:]
 
 
 def unify_dims(a: list[Atom], b: list[Atom]) -> None:
@@ -145,21 +154,12 @@ def unify_dims(a: list[Atom], b: list[Atom]) -> None:
             continue
         # different known sizes: refine the larger one so its head matches the smaller
         if x.size > y.size:
-            n = _take(la[i:i + 1], y.size)  # refines la[i]
-            la[i:i + 1] = leaves(la[i])
-            assert n == 1
+            take_leaves([x], y.size)  # refines x into [y.size, rest]
+            la[i:i + 1] = leaves(x)
         else:
-            _take(lb[j:j + 1], x.size)
-            lb[j:j + 1] = leaves(lb[j])
+            take_leaves([y], x.size)
+            lb[j:j + 1] = leaves(y)
         x, y = la[i], lb[j]
         union(x, y)
         i += 1
         j += 1
-
-
-def take_leaves(leaf_list: list[Atom], size: int) -> tuple[list[Atom], list[Atom]]:
-    """Split a leaf list into (the leading leaves whose product is ``size``, the rest); size-1
-    leaves in front are skipped into the first part."""
-    rest = list(leaf_list)
-    n = _take(rest, size)
-    return rest[:n], rest[n:]

@@ -435,10 +435,7 @@ class GraphAtoms:
         if isinstance(element, Lit):
             if element.value == 1:
                 return [Atom(1)], pool
-            if from_back:
-                taken, rest = _take_back(pool, element.value)
-            else:
-                taken, rest = take_leaves(pool, element.value)
+            taken, rest = take_leaves(pool, element.value, inner_first=from_back)
             self.literal_uses.append(LiteralUse(self._node_index, k, element.source, taken))
             return taken, rest
         if isinstance(element, DimRef):
@@ -447,7 +444,7 @@ class GraphAtoms:
                 return [Atom(1)], pool
             size = size_of(ref)
             if size is not None and all(leaf.size is not None for leaf in pool[:len(ref)]):
-                taken, rest = (_take_back(pool, size) if from_back else take_leaves(pool, size))
+                taken, rest = take_leaves(pool, size, inner_first=from_back)
             else:
                 if len(pool) < len(ref):
                     raise AtomConflict("reshape runs out of factors")
@@ -556,31 +553,6 @@ class GraphAtoms:
         for dim in x[-2:]:
             freeze_dim(dim, f"Trilu {node.name!r} masks by position")
         self.dims[node.output[0]] = [list(d) for d in x]
-
-
-def _take_back(pool: list[Atom], size: int) -> tuple[list[Atom], list[Atom]]:
-    """Like ``take_leaves`` on a reversed list: the first leaves of ``pool`` (which is the original
-    list reversed) whose product is ``size``; an overshooting leaf is split so its *inner* part is taken."""
-    from passes.spa.atoms import refine
-
-    product, taken = 1, 0
-    pool = list(pool)
-    while product < size:
-        if taken >= len(pool) or pool[taken].size is None:
-            raise AtomConflict("symbolic factor inside a known size")
-        leaf = pool[taken]
-        if product * leaf.size > size:
-            need = size // product
-            if size % product or leaf.size % need:
-                raise AtomConflict(f"{leaf.size} does not split at {need}")
-            outer, inner = refine(leaf, [leaf.size // need, need])
-            pool[taken:taken + 1] = [inner, outer]
-            leaf = inner
-        product *= leaf.size
-        taken += 1
-    if product != size:
-        raise AtomConflict("sizes do not line up")
-    return pool[:taken], pool[taken:]
 
 
 def _constant_array(attrs: dict):
