@@ -61,3 +61,24 @@ def tiny_llama():
 def tiny_batch():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (6, 16), generator=g)
+
+
+def tiny_smol_folder(folder):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved for recipe runs."""
+    from transformers import AutoTokenizer
+
+    from compress.models.loading import embedded_model_folder
+
+    tiny_model(vocab_size=49152).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_model_folder(progress=False)).save_pretrained(folder)
+    return folder
+
+
+def assert_same_safetensors(a, b):
+    """Two exported model.safetensors files hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

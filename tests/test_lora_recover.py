@@ -22,7 +22,7 @@ from compress.training import (
     merge_lora,
     train_lora,
 )
-from conftest import tiny_model
+from conftest import assert_same_safetensors, tiny_model, tiny_smol_folder
 from passes.lora_recover import block_ranks
 
 TOKENS = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(1))
@@ -255,16 +255,10 @@ def test_the_recover_recipe_validates():
 @pytest.mark.slow
 def test_recipe_run_and_apply_reproduce_the_recovered_weights(tmp_path):
     """End to end: flap + lora_recover through run_recipe, then `compress apply` on the dense model."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    from compress.models.loading import embedded_model_folder
     from compress.pipeline import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
 
-    folder = tmp_path / "tiny-smol"
-    tiny_model(vocab_size=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(embedded_model_folder(progress=False)).save_pretrained(folder)
+    folder = tiny_smol_folder(tmp_path / "tiny-smol")
     recipe = parse_recipe({
         "name": "tiny-recover",
         "model": str(folder),
@@ -287,7 +281,4 @@ def test_recipe_run_and_apply_reproduce_the_recovered_weights(tmp_path):
                              evaluate=False)
     assert replay.passed
     assert (tmp_path / "b" / "1-lora_recover.safetensors").is_file()
-    original, replayed = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert original.keys() == replayed.keys()
-    for key in original:
-        assert torch.equal(original[key], replayed[key]), key
+    assert_same_safetensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")

@@ -23,7 +23,7 @@ from compress.pruning.masks import UnitMasks
 from compress.pruning.schedule import PruningSchedule, cubic_sparsity
 from compress.registry import get_pass
 from compress.training import LoRASpec, attach_lora, detach_lora, lora_modules
-from conftest import tiny_model
+from conftest import assert_same_safetensors, tiny_model, tiny_smol_folder
 from passes.loraprune import default_skip_layers, rank_correlation
 from test_lora_recover import ByteTokenizer, assert_same_weights
 
@@ -316,16 +316,12 @@ def test_the_loraprune_recipe_validates():
 @pytest.mark.slow
 def test_recipe_run_reloads_and_apply_reproduces_the_artifact(tmp_path):
     """End to end: loraprune through run_recipe (reload gate), then `compress apply` on the dense model."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from compress.models.loading import embedded_model_folder
     from compress.pipeline import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
 
-    folder = tmp_path / "tiny-smol"
-    tiny_model(vocab_size=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(embedded_model_folder(progress=False)).save_pretrained(folder)
+    folder = tiny_smol_folder(tmp_path / "tiny-smol")
     recipe = parse_recipe({
         "name": "tiny-loraprune",
         "model": str(folder),
@@ -348,10 +344,7 @@ def test_recipe_run_reloads_and_apply_reproduces_the_artifact(tmp_path):
     replay = apply_plan_file(tmp_path / "a" / "plan.json", str(folder), tmp_path / "b", device="cpu", progress=False,
                              evaluate=False)
     assert replay.passed
-    original, replayed = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert original.keys() == replayed.keys()
-    for key in original:
-        assert torch.equal(original[key], replayed[key]), key
+    assert_same_safetensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
 
 
 def test_taylor_hooks_do_not_keep_activations_alive():

@@ -25,7 +25,7 @@ from passes.spa.atoms import (
     take_leaves,
     unify_dims,
 )
-from passes.spa.values import DimRef, Element, Lit, Opaque, evaluate, literal_values
+from passes.spa.values import DimRef, Element, Lit, evaluate, literal_values
 
 Dims = list[list[Atom]]  # per axis, its atoms (outermost first)
 
