@@ -125,12 +125,13 @@ def run_onnx_recipe(recipe, out: Path, progress: bool = True):
             files = [f for f in ("model.onnx", "model.onnx.data") if (staging.path / f).is_file()]
             files += plan.save(staging.path / "plan.json")
         gates, section = _validate(source, target, recipe.validate, monitor)
+        dense_params, pruned_params = _float_params(dense), _float_params(ctx.model)
         report = {
             "recipe": recipe.name,
             "model": str(source),
             "format": "onnx",
-            "params": {"dense": {"total": _float_params(dense)}, "pruned": {"total": _float_params(ctx.model)},
-                       "ratio": 1.0 - _float_params(ctx.model) / max(1, _float_params(dense))},
+            "params": {"dense": {"total": dense_params}, "pruned": {"total": pruned_params},
+                       "ratio": 1.0 - pruned_params / max(1, dense_params)},
             "passes": pass_reports,
             "onnx": section,
             "gates": [g.to_dict() for g in gates if g is not None],

@@ -73,13 +73,6 @@ class LoraRecoverPass:
         self.options = options
 
     # ------------------------------------------------------------------------------- parts
-    def target_names(self, ctx) -> list[list[str]]:
-        """Per layer, the module names (in ``ctx.model``) of the target linears, from the adapter."""
-        return target_names(ctx, self.options.target_modules)
-
-    def token_ids(self, ctx):
-        return training_ids(ctx, self.options.source, "lora_recover")
-
     def block_importance(self, ctx, ids) -> list[float]:
         from compress.calibration.sources import random_windows
         from compress.pruning.block_importance import measure_block_importance
@@ -94,8 +87,8 @@ class LoraRecoverPass:
         from compress.training import LoRASpec, merge_lora, run_fingerprint, train_lora
 
         o = self.options
-        names = self.target_names(ctx)
-        ids = self.token_ids(ctx)
+        names = target_names(ctx, o.target_modules)
+        ids = training_ids(ctx, o.source, "lora_recover")
         details: dict = {}
         rank_pattern: dict[str, int] = {}
         if o.rank_by == "block_importance":

@@ -471,7 +471,7 @@ def test_activation_scores_are_wanda_sp_on_the_consumers_inputs():
     inputs = consumer_inputs(model, [hidden])
     assert inputs == {"W2": "a"}
     batches = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)} for _ in range(3)]
-    energy, rows = channel_energy(model, ["a"], batches)
+    energy, rows = channel_energy(model, ["a"], lambda session_inputs: batches)
     w = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     acts = np.concatenate([np.maximum(b["x"].astype(np.float64) @ w["W1"] + w["b1"], 0) for b in batches])
     np.testing.assert_allclose(energy["a"], np.square(acts).sum(0), rtol=1e-5)

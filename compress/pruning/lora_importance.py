@@ -179,6 +179,7 @@ class UnitImportance:
         self.decay = decay
         self.kv_of_head = [adapter.kv_head_of_query_heads(i) for i in range(adapter.num_layers)]
         widths = adapter.all_widths()
+        self.heads_per_kv = [w.heads_per_kv for w in widths]
         self.heads = [torch.zeros(w.heads, dtype=torch.float64) for w in widths]
         self.channels = [torch.zeros(w.intermediate, dtype=torch.float64) for w in widths]
         self.updates = 0
@@ -190,7 +191,7 @@ class UnitImportance:
         for i, scores in enumerate(module_scores):
             h = torch.zeros_like(self.heads[i])
             c = torch.zeros_like(self.channels[i])
-            g = len(self.kv_of_head[i]) // max(1, int(self.kv_of_head[i].max()) + 1)
+            g = self.heads_per_kv[i]
             for role, vector in scores.items():
                 vector = _normalised(vector.detach().to("cpu", torch.float64))
                 kind = ROLES[role][1]

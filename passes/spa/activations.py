@@ -29,10 +29,11 @@ def consumer_inputs(model: onnx.ModelProto, groups: list[ChannelGroup]) -> dict[
     return found
 
 
-def channel_energy(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]]
+def channel_energy(model: onnx.ModelProto, tensors: list[str], make_batches
                    ) -> tuple[dict[str, np.ndarray], int]:
     """Σ x² per last-axis channel of each tensor over every calibration batch (float64), and the
-    number of rows (tokens) summed."""
+    number of rows (tokens) summed. ``make_batches(session_inputs)`` builds the feeds from the
+    session's input descriptions (names, shapes)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -49,7 +50,7 @@ def channel_energy(model: onnx.ModelProto, tensors: list[str], batches: list[dic
         raise CompressError(f"ONNX Runtime cannot run the model to collect activations ({exc})") from None
     energy: dict[str, np.ndarray] = {}
     rows = 0
-    for feeds in batches:
+    for feeds in make_batches(session.get_inputs()):
         outputs = session.run(tensors, feeds)
         mask = feeds.get("attention_mask")
         for name, value in zip(tensors, outputs):

@@ -143,15 +143,11 @@ class SpaPass:
 
         if self.options.importance == "magnitude":
             return [magnitude_scores(g, tensors) for g in selected]
-        import onnxruntime as ort
-
         from passes.spa.activations import activation_scores, channel_energy, consumer_inputs
 
         inputs = consumer_inputs(ctx.model, selected)
-        plain = ort.InferenceSession(ctx.model.SerializeToString(), providers=["CPUExecutionProvider"])
-        batches = self.calibration_batches(ctx, plain.get_inputs())
-        del plain
-        energy, rows = channel_energy(ctx.model, sorted(set(inputs.values())), batches)
+        energy, rows = channel_energy(ctx.model, sorted(set(inputs.values())),
+                                      lambda session_inputs: self.calibration_batches(ctx, session_inputs))
         return [activation_scores(g, tensors, energy, inputs, rows) for g in selected]
 
     def keep_counts(self, unit_sets, total_params: float) -> list[int]:
