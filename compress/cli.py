@@ -209,7 +209,8 @@ def apply_command(
         typer.Option(
             "--model",
             "-m",
-            help="The dense model the plan was made for: smollm2-135m, a hub id, a folder or a .gguf file.",
+            help="The dense model the plan was made for: smollm2-135m, a hub id, a folder, a .gguf file, or the "
+            ".onnx file of a plan made on an ONNX model.",
             show_default=False,
         ),
     ],

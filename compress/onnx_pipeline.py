@@ -81,18 +81,10 @@ def _median_ms(session, feeds, runs: int = 5) -> float:
 
 
 def run_onnx_recipe(recipe, out: Path, progress: bool = True):
-    import onnx
-
-    from compress.monitor import StageMonitor
-    from compress.pipeline import RunResult, _save_recipe_copy, _StagingDir
     from compress.plan import Plan
     from compress.registry import get_pass
-    from compress.validation import failures_of, mark_result
-    from passes.spa.prune import OnnxPassContext
 
-    source = Path(recipe.model.source).expanduser()
-    if not source.is_file():
-        raise CompressError(f"model: {source}: ONNX file not found")
+    source = _check_source(recipe.model.source)
     for entry in recipe.passes:
         if getattr(get_pass(entry.name).cls, "model_format", "hf") != "onnx":
             raise CompressError(f"passes: {entry.name!r} works on Hugging Face models, but model is an ONNX file "
@@ -100,6 +92,62 @@ def run_onnx_recipe(recipe, out: Path, progress: bool = True):
     if recipe.evaluate is not None:
         raise CompressError("evaluate: perplexity evaluation needs a Hugging Face model; for an ONNX model set "
                             "`evaluate: false` (the run compares the pruned graph's outputs with the dense graph's)")
+
+    def run_passes(ctx, monitor):
+        plan = Plan(model={"source": str(source), "format": "onnx"})
+        reports = []
+        for entry in recipe.passes:
+            with monitor.stage(f"pass:{entry.name}") as record:
+                step = get_pass(entry.name).cls(entry.options).run(ctx)
+            plan.steps.append(step)
+            reports.append({"name": entry.name, "options": entry.options.model_dump(), "wall_s": record["wall_s"],
+                            "peak_rss_mb": record["peak_rss_mb"],
+                            "details": {k: v for k, v in step.details.items() if k != "groups"}})
+        return plan, reports
+
+    return _prune_onnx_model(source, out, recipe.name, run_passes, recipe.validate, recipe, progress)
+
+
+def apply_onnx_plan(plan, plan_path: Path, model_source: str, out: Path, progress: bool = True):
+    """``compress apply`` for a plan made on an ONNX model: the same cuts, without data or scores."""
+    from compress.plan import Plan
+    from compress.recipe import ValidateSpec
+    from compress.registry import get_pass
+
+    source = _check_source(model_source)
+
+    def replay(ctx, monitor):
+        reports = []
+        for step in plan.steps:
+            cls = get_pass(step.pass_name).cls
+            if not hasattr(cls, "replay"):
+                raise CompressError(f"{plan_path}: the {step.pass_name!r} step cannot be replayed on an ONNX model")
+            with monitor.stage(f"replay:{step.pass_name}"):
+                cls.replay(ctx, step)
+            reports.append({"name": step.pass_name, "options": step.options, "wall_s": 0.0, "peak_rss_mb": 0.0,
+                            "details": {"replayed": True, **{k: v for k, v in step.details.items() if k != "groups"}}})
+        return Plan(model={"source": str(source), "format": "onnx"}, steps=list(plan.steps)), reports
+
+    return _prune_onnx_model(source, out, f"apply {Path(plan_path).name}", replay, ValidateSpec(), None, progress)
+
+
+def _check_source(model_source) -> Path:
+    source = Path(model_source).expanduser()
+    if not source.is_file():
+        raise CompressError(f"model: {source}: ONNX file not found")
+    return source
+
+
+def _prune_onnx_model(source: Path, out: Path, name: str, transform, validate, recipe, progress: bool):
+    """Load ``source``, let ``transform(ctx, monitor) -> (plan, pass reports)`` cut ``ctx.model``,
+    and write, check and report the result in a staging folder renamed to ``out`` at the end."""
+    import onnx
+
+    from compress.monitor import StageMonitor
+    from compress.pipeline import RunResult, _save_recipe_copy, _StagingDir
+    from compress.validation import failures_of, mark_result
+    from passes.spa.prune import OnnxPassContext
+
     monitor = StageMonitor()
     staging = _StagingDir(out)
     try:
@@ -108,26 +156,19 @@ def run_onnx_recipe(recipe, out: Path, progress: bool = True):
                 dense = onnx.load(str(source))
             except Exception as exc:
                 raise CompressError(f"model: {source}: not a readable ONNX model ({exc})") from None
+        dense_params = _float_params(dense)
         ctx = OnnxPassContext(model=dense, source=source, progress=progress)
-        plan = Plan(model={"source": str(source), "format": "onnx"})
-        pass_reports = []
-        for entry in recipe.passes:
-            with monitor.stage(f"pass:{entry.name}") as record:
-                step = get_pass(entry.name).cls(entry.options).run(ctx)
-            plan.steps.append(step)
-            pass_reports.append({"name": entry.name, "options": entry.options.model_dump(), "wall_s": record["wall_s"],
-                                 "peak_rss_mb": record["peak_rss_mb"],
-                                 "details": {k: v for k, v in step.details.items() if k != "groups"}})
+        plan, pass_reports = transform(ctx, monitor)
         with monitor.stage("export"):
             target = staging.path / "model.onnx"
             onnx.save_model(ctx.model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                             location="model.onnx.data", size_threshold=1024)
             files = [f for f in ("model.onnx", "model.onnx.data") if (staging.path / f).is_file()]
             files += plan.save(staging.path / "plan.json")
-        gates, section = _validate(source, target, recipe.validate, monitor)
-        dense_params, pruned_params = _float_params(dense), _float_params(ctx.model)
+        gates, section = _validate(source, target, validate, monitor)
+        pruned_params = _float_params(ctx.model)
         report = {
-            "recipe": recipe.name,
+            "recipe": name,
             "model": str(source),
             "format": "onnx",
             "params": {"dense": {"total": dense_params}, "pruned": {"total": pruned_params},
@@ -138,7 +179,8 @@ def run_onnx_recipe(recipe, out: Path, progress: bool = True):
             "stages": monitor.stages,
             "artifacts": {"files": files},
         }
-        _save_recipe_copy(recipe, staging.path)
+        if recipe is not None:
+            _save_recipe_copy(recipe, staging.path)
         (staging.path / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         (staging.path / "report.md").write_text(_markdown(report), encoding="utf-8")
         failures = failures_of([g for g in gates if g is not None])

@@ -355,8 +355,16 @@ def apply_plan(model, plan: Plan) -> None:
             raise PlanError("the plan was made for a model with other layer widths than this one")
     for step in plan.steps:
         apply_step(adapter, step)  # slices, biases and least-squares refits
-        if set(step.artifacts) - {REFIT_ARTIFACT}:
+        if set(step.artifacts) - {REFIT_ARTIFACT} or _replays_details(step):
             _replay_artifacts(model, step)
+
+
+def _replays_details(step) -> bool:
+    """True for a pass whose step is replayed from its JSON details alone (e.g. moe_experts)."""
+    from compress.registry import get_pass
+
+    spec = get_pass(step.pass_name)
+    return spec is not None and getattr(spec.cls, "replays_details", False)
 
 
 def _replay_artifacts(model, step) -> None:
@@ -379,7 +387,14 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
 
+    from compress.onnx_pipeline import apply_onnx_plan, is_onnx_source
+
     plan = Plan.load(Path(plan_path))
+    if plan.model.get("format") == "onnx" or is_onnx_source(model_source):
+        if plan.model.get("format") != "onnx" or not is_onnx_source(model_source):
+            raise PlanError(f"{plan_path}: a plan made on an ONNX model replays on an .onnx file, and only such a "
+                            f"plan does (plan format: {plan.model.get('format', 'hf')}, model: {model_source})")
+        return apply_onnx_plan(plan, Path(plan_path), model_source, Path(output), progress=progress)
     device = resolve_device(device)
     monitor = StageMonitor()
     staging = _StagingDir(Path(output))

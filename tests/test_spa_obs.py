@@ -157,3 +157,33 @@ def test_obs_on_an_exported_decoder_refits_on_the_synthetic_tokens(tmp_path, tin
         assert np.isfinite(logits).all()
         errors[compensation] = float(np.square(layer_out - reference[1]).mean())
     assert errors["obs"] < 0.8 * errors["none"], errors
+
+
+def test_compress_apply_replays_an_onnx_plan_with_its_refit_consumers(tmp_path):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.pipeline import run_recipe
+
+    recipe = onnx_recipe(tmp_path, conv_model(), importance="obs", samples=8, batch_size=4)
+    assert run_recipe(recipe, progress=False).passed
+    out = tmp_path / "out"
+    assert (out / "0-refit.safetensors").is_file()
+    result = CliRunner().invoke(app, ["apply", str(out / "plan.json"), "--model", str(tmp_path / "model.onnx"),
+                                      "-o", str(tmp_path / "replayed")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
+    replayed = {i.name: numpy_helper.to_array(i)
+                for i in onnx.load(str(tmp_path / "replayed" / "model.onnx")).graph.initializer}
+    assert original.keys() == replayed.keys()
+    for name, value in original.items():
+        np.testing.assert_array_equal(replayed[name], value, err_msg=name)
+    other = tmp_path / "other.onnx"
+    onnx.save(mlp_model(), str(other))
+    wrong = CliRunner().invoke(app, ["apply", str(out / "plan.json"), "--model", str(other),
+                                     "-o", str(tmp_path / "wrong")], env={"COLUMNS": "200"})
+    assert wrong.exit_code != 0 and "made for another graph" in wrong.output
+    assert not (tmp_path / "wrong").exists()
+    hf = CliRunner().invoke(app, ["apply", str(out / "plan.json"), "--model", "smollm2-135m",
+                                  "-o", str(tmp_path / "hf")], env={"COLUMNS": "200"})
+    assert hf.exit_code != 0 and "replays on an .onnx file" in hf.output

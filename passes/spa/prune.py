@@ -233,21 +233,38 @@ class SpaPass:
         scorer = ObsScorer(hessians, inputs)
         return [scorer.scores(g, tensors) for g in selected]
 
-    def compensate(self, ctx, selected, keep, shapes, tensors, inputs, hessians) -> int:
-        """Refit the consumers' kept columns in ``ctx.model``; returns how many tensors changed."""
-        from onnx import numpy_helper
-
+    def compensate(self, selected, keep, shapes, tensors, inputs, hessians) -> dict[str, torch.Tensor]:
+        """The consumers refit to their kept columns (dense shapes): initializer name -> tensor."""
         from passes.spa.obs import compensate
         from passes.spa.surgery import kept_indices
 
         consumer_axes = {(s.tensor, s.axis) for g in selected for s in g.slices if s.role == "consumer"}
         kept = {key: torch.from_numpy(index) for key, index in kept_indices(selected, keep, shapes).items()
                 if key in consumer_axes}
-        refit = compensate(tensors, kept, hessians, inputs)
-        for initializer in ctx.model.graph.initializer:
-            if initializer.name in refit:
-                initializer.CopyFrom(numpy_helper.from_array(refit[initializer.name].numpy(), initializer.name))
-        return len(refit)
+        return compensate(tensors, kept, hessians, inputs)
+
+    @classmethod
+    def replay(cls, ctx: OnnxPassContext, step: PlanStep) -> None:
+        """Re-cut ``ctx.model`` as ``step`` did, without scores or data: the graph's groups must be
+        the recorded ones; the refit consumers come from the step's ``refit`` artifact."""
+        from compress.errors import PlanError
+        from compress.pruning.groups import ChannelGroup
+        from passes.spa.grouping import find_groups
+        from passes.spa.surgery import prune_onnx
+
+        options = cls.Options(**step.options)
+        groups, graph = find_groups(ctx.model, tuple(options.resizable_io))
+        by_id = {g.id: g for g in groups}
+        keep = {}
+        for recorded in step.details.get("groups", []):
+            group = ChannelGroup.from_dict(recorded)
+            found = by_id.get(group.id)
+            if found is None or found.slices != group.slices or found.units != group.units:
+                raise PlanError(f"plan group {group.id} ({group.label}) is not in {ctx.source}: the plan was made "
+                                "for another graph")
+            keep[group.id] = list(recorded["keep"])
+        ctx.model = prune_onnx(ctx.model, groups, graph, keep)
+        _set_initializers(ctx.model, step.artifacts.get("refit", {}))
 
     def keep_counts(self, unit_sets, total_params: float) -> list[int]:
         from compress.pruning.allocators import allocate_pooled
@@ -284,16 +301,20 @@ class SpaPass:
         total = sum(u.size * u.cost for u in unit_sets)
         counts = self.keep_counts(unit_sets, total)
         keep = {g.id: u.kept_units(n) for g, u, n in zip(selected, unit_sets, counts)}
-        compensated = 0
+        refit = {}
         if self.compensation() == "obs":
-            compensated = self.compensate(ctx, selected, keep, shapes, tensors, inputs, hessians)
+            refit = self.compensate(selected, keep, shapes, tensors, inputs, hessians)
+            _set_initializers(ctx.model, refit)
         ctx.model = prune_onnx(ctx.model, groups, graph, keep)
+        if refit:  # the plan keeps the refit consumers as cut (kept columns only), for replay
+            refit = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+                     for i in ctx.model.graph.initializer if i.name in refit}
         removed = sum((u.size - n) * u.cost for u, n in zip(unit_sets, counts))
         details = {
             "importance": o.importance,
             "hessian": o.hessian if self.uses_obs() else None,
             "compensation": self.compensation(),
-            "compensated_tensors": compensated,
+            "compensated_tensors": len(refit),
             "groups_found": len(groups),
             "groups_prunable": sum(g.prunable for g in groups),
             "groups_pruned": sum(n < u.size for u, n in zip(unit_sets, counts)),
@@ -302,4 +323,20 @@ class SpaPass:
             "removed_fraction_of_selected": removed / total if total else 0.0,
             "groups": [{**g.to_dict(), "keep": keep[g.id]} for g in selected if len(keep[g.id]) < g.units],
         }
-        return PlanStep(self.name, o.model_dump(), layers=[], details=details)
+        return PlanStep(self.name, o.model_dump(), layers=[], details=details,
+                        artifacts={"refit": refit} if refit else {})
+
+
+def _set_initializers(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the named initializers of ``model`` in place (same names, same shapes)."""
+    from onnx import numpy_helper
+
+    from compress.errors import PlanError
+
+    for initializer in model.graph.initializer:
+        if initializer.name in tensors:
+            value = tensors[initializer.name].numpy()
+            if tuple(value.shape) != tuple(initializer.dims):
+                raise PlanError(f"initializer {initializer.name}: the plan's tensor has shape {tuple(value.shape)}, "
+                                f"the graph's {tuple(initializer.dims)}")
+            initializer.CopyFrom(numpy_helper.from_array(value, initializer.name))
