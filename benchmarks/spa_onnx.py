@@ -250,7 +250,12 @@ def run_smollm2(rows: list[dict], configs: list[str]) -> None:
         export_onnx(loaded.model, loaded.tokenizer, folder)
     windows = {d: sequential_windows(tokenize_text(loaded.tokenizer, read_text(f"austen:{d}")), 128, 256)
                for d in ("persuasion", "northangerabbey")}
-    dense = {d: ort_perplexity(folder / "model.onnx", w) for d, w in windows.items()}
+    dense_file = folder / "perplexity.json"  # the dense figures are the same in every run
+    if dense_file.is_file():
+        dense = json.loads(dense_file.read_text())
+    else:
+        dense = {d: ort_perplexity(folder / "model.onnx", w) for d, w in windows.items()}
+        dense_file.write_text(json.dumps(dense))
     rows.append({"model": "SmolLM2-135M", "config": "dense", "ratio": 0.0, "params_removed": 0.0,
                  **{f"ppl_{d}": v for d, v in dense.items()}})
     print_row(rows[-1])
