@@ -369,6 +369,10 @@ def export_safetensors(model: PreTrainedModel, tokenizer, out_dir: Path) -> dict
     "config_class": name of the config class written, "stock_config_reason": why a uniform model
     still needed PrunedLlamaConfig (None otherwise)}.
     """
+    from compress.models.moe import export_moe_safetensors, is_moe_model
+
+    if is_moe_model(model):  # Mixtral / Qwen-MoE: stock config with the kept expert count
+        return export_moe_safetensors(model, tokenizer, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = read_layout(model)

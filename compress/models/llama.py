@@ -198,11 +198,15 @@ class LlamaFamilyAdapter:
 
 
 def get_adapter(model: nn.Module) -> LlamaFamilyAdapter:
-    """The adapter for ``model``; a clear error for architectures without one."""
+    """The adapter for ``model`` (the MoE adapter for Mixtral / Qwen-MoE); a clear error for architectures without one."""
+    from compress.models.moe import MOE_MODEL_TYPES, MoeAdapter
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in MOE_MODEL_TYPES:
+        return MoeAdapter(model)
     if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "model"):
         raise CompressError(
             f"no adapter for model type {model_type!r} ({type(model).__name__}); "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES + MOE_MODEL_TYPES)}"
         )
     return LlamaFamilyAdapter(model)

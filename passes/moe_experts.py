@@ -1,0 +1,193 @@
+"""moe_experts: prune whole routed experts of an MoE model (EASY-EP, REAP, frequency)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compress.errors import PlanError
+from compress.plan import PlanStep
+from compress.recipe import TextSource
+from compress.registry import register_pass
+
+
+@register_pass("moe_experts")
+class MoeExpertsPass:
+    """MoE expert pruning: keep the best routed experts per layer and slice the router to match.
+
+    Scores every routed expert from one calibration forward (EASY-EP, REAP, frequency or soft
+    frequency), keeps `keep` experts per sparse layer (uniform, or a global ranking with a floor
+    of top_k + 1 per layer), and cuts the expert tensors and router rows, so the kept experts are
+    routed as the original router would route them with the pruned ones at -inf (exact for
+    renormalising routers). Shared experts are never pruned. The plan records, per layer, the kept
+    ids in the original numbering, the ranking of all experts, their scores and token counts.
+    """
+
+    needs_calibration = True
+    replays_details = True  # `compress apply` replays the step from its JSON details (no tensors)
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        keep: Union[int, float] = Field(
+            description="Experts each sparse layer keeps: a whole number is a count (e.g. 6), a value in (0, 1) a "
+            "fraction of the layer's experts (e.g. 0.5). With allocator: global, the total budget."
+        )
+        score: Literal["easy_ep", "reap", "frequency", "soft_frequency"] = Field(
+            "easy_ep",
+            description="'easy_ep': sum over tokens of gate × expert-output norm × token contribution "
+            "max(1 − cos(h, h + R), 0); 'reap': mean over routed tokens of gate × expert-output norm; "
+            "'frequency': tokens routed; 'soft_frequency': sum of routing weights.",
+        )
+        allocator: Literal["uniform", "global"] = Field(
+            "uniform",
+            description="'uniform': the same count in every layer (the export loads with stock transformers); "
+            "'global': one ranking of per-layer mean-normalised scores over all layers, each layer keeping "
+            "at least top_k + 1 (different counts per layer cannot be exported yet).",
+        )
+        top_k: Optional[int] = Field(
+            None, ge=1, description="New experts per token (may only be lowered; null keeps the model's)."
+        )
+        source: Optional[TextSource] = Field(
+            None, description="Text of the in-domain demonstrations to score on; null: the recipe's calibration windows."
+        )
+        samples: int = Field(32, ge=1, description="With `source`: number of random windows.")
+        seqlen: int = Field(128, ge=2, description="With `source`: tokens per window.")
+        seed: int = Field(0, ge=0, description="With `source`: seed for the window positions.")
+
+        @field_validator("keep")
+        @classmethod
+        def _count_or_fraction(cls, value):
+            if value <= 0:
+                raise ValueError(f"must be a count >= 1 or a fraction in (0, 1) (got {value})")
+            if value >= 1 and value != int(value):
+                raise ValueError(f"a count must be a whole number (got {value})")
+            return int(value) if value >= 1 else value
+
+    def __init__(self, options: "MoeExpertsPass.Options"):
+        self.options = options
+
+    # ------------------------------------------------------------------------------- parts
+    def calibration_windows(self, ctx):
+        """[n, seqlen] windows: the recipe's calibration windows, or `source` when given."""
+        o = self.options
+        if o.source is None:
+            return ctx.calibration_ids(), "recipe calibration"
+        from compress.calibration.sources import random_windows
+        from passes._common import training_ids
+
+        ids = training_ids(ctx, o.source, self.name)
+        return random_windows(ids, o.samples, o.seqlen, o.seed, source=o.source), o.source
+
+    def allocate(self, stats: dict, top_k: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """(ranked ids best first, kept sorted ids) per sparse layer."""
+        from compress.pruning.experts import allocate_global, allocate_uniform, rank_experts
+
+        o = self.options
+        scores = {i: s.score(o.score) for i, s in stats.items()}
+        rankings = {i: rank_experts(scores[i], stats[i].soft_frequency) for i in stats}
+        if o.allocator == "uniform":
+            return rankings, allocate_uniform(rankings, o.keep, top_k)
+        return rankings, allocate_global(scores, rankings, o.keep, top_k)
+
+    # -------------------------------------------------------------------------------- run
+    def run(self, ctx) -> PlanStep:
+        from compress.pruning.experts import ExpertSurgeon, collect_expert_stats
+
+        o = self.options
+        adapter = ctx.adapter()
+        if not hasattr(adapter, "moe_layers"):
+            from compress.errors import CompressError
+
+            raise CompressError(f"moe_experts needs a mixture-of-experts model, got {type(ctx.model).__name__}")
+        windows, described = self.calibration_windows(ctx)
+        stats = collect_expert_stats(adapter, windows, batch_size=ctx.batch_size, progress=ctx.progress)
+        surgeon = ExpertSurgeon(top_k=o.top_k)
+        top_k = min(surgeon.new_top_k(layer) for layer in adapter.moe_layers())
+        rankings, kept = self.allocate(stats, top_k)
+        original = {layer.index: original_ids(layer) for layer in adapter.moe_layers()}
+        results = surgeon.apply(adapter, kept)
+
+        layers = []
+        for result in results:
+            s, ids = stats[result.layer], original[result.layer]
+            layers.append({
+                "layer": result.layer,
+                "num_experts": result.num_experts,
+                "kept": result.kept,
+                "kept_original": [ids[i] for i in result.kept],
+                "ranked": rankings[result.layer],
+                "scores": s.score(o.score).tolist(),
+                "tokens": [int(c) for c in s.counts.tolist()],
+                "statistics": s.to_dict(),
+                "top_k": result.top_k_after,
+                "router_exact": result.exact,
+                "kept_router_mass": s.kept_mass(result.kept),
+            })
+            remember_original_ids(adapter.moe_layer(result.layer), [ids[i] for i in result.kept])
+        inexact = [r.layer for r in results if not r.exact]
+        details = {
+            "score": o.score,
+            "allocator": o.allocator,
+            "calibration": {"source": described, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                            "tokens_per_layer": next(iter(stats.values())).tokens},
+            "router_rule": sorted({r.router_rule for r in results}),
+            "router_exact": not inexact,
+            "router_note": (
+                "exact: kept experts are routed as the original router with the pruned experts' scores at -inf "
+                "before top-k"
+                if not inexact else
+                f"NOT exact in layers {inexact}: the router does not renormalise its top-k weights, so each kept "
+                "weight grows by Z / Z_keep (about 1 / kept_router_mass)"
+            ),
+            "experts_before": sum(r.num_experts for r in results),
+            "experts_after": sum(len(r.kept) for r in results),
+            "never_routed": {str(i): s.never_routed() for i, s in stats.items() if s.never_routed()},
+            "moe_layers": layers,
+        }
+        if inexact:
+            import warnings
+
+            warnings.warn(f"moe_experts: {details['router_note']}", UserWarning, stacklevel=2)
+        return PlanStep(self.name, o.model_dump(), layers=[], details=details)
+
+    @staticmethod
+    def replay(model, step: PlanStep) -> None:
+        """``compress apply``: keep the recorded experts (ids as the step saw the model) and top-k."""
+        from compress.models.llama import get_adapter
+        from compress.pruning.experts import ExpertSurgeon
+
+        adapter = get_adapter(model)
+        if not hasattr(adapter, "moe_layers"):
+            raise PlanError(f"the moe_experts step needs a mixture-of-experts model, got {type(model).__name__}")
+        try:
+            records = step.details["moe_layers"]
+            kept = {int(r["layer"]): [int(i) for i in r["kept"]] for r in records}
+            counts = {int(r["layer"]): int(r["num_experts"]) for r in records}
+            top_ks = {int(r["top_k"]) for r in records}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed moe_experts step: details.moe_layers ({exc})") from None
+        actual = adapter.expert_counts()
+        for layer, count in counts.items():
+            if actual.get(layer) != count:
+                raise PlanError(f"the moe_experts step was made for {count} experts in layer {layer}, "
+                                f"this model has {actual.get(layer)}")
+        top_k = top_ks.pop() if len(top_ks) == 1 else None
+        ExpertSurgeon(top_k=top_k).apply(adapter, kept)
+        for record in records:
+            remember_original_ids(adapter.moe_layer(int(record["layer"])), [int(i) for i in record["kept_original"]])
+
+
+ORIGINAL_IDS_ATTRIBUTE = "compress_original_expert_ids"
+
+
+def original_ids(layer) -> list[int]:
+    """The original expert id of each expert the layer holds now (identity for an unpruned layer)."""
+    ids = getattr(layer.block, ORIGINAL_IDS_ATTRIBUTE, None)
+    return list(ids) if ids is not None and len(ids) == layer.num_experts else list(range(layer.num_experts))
+
+
+def remember_original_ids(layer, ids: list[int]) -> None:
+    """Record on the block which original experts it holds, so a later step can report them."""
+    setattr(layer.block, ORIGINAL_IDS_ATTRIBUTE, list(ids))
