@@ -221,7 +221,10 @@ def flap_prune(out: Path, ratio: float, **options) -> dict:
     recipe = parse_recipe({"name": out.name, "model": "smollm2-135m", "dtype": "float32", "seed": 0,
                            "calibration": {"source": "austen", "samples": 256, "seqlen": 128, "seed": 0},
                            "passes": [{"flap": {"ratio": ratio, **options}}],
-                           "export": {"output": str(out), "formats": ["onnx"]}, "evaluate": False}, "spa_onnx.py")
+                           "export": {"output": str(out), "formats": ["onnx"]}, "evaluate": False,
+                           # FLAP-50 without compensation has logits up to ~100, where fp32 ORT and torch
+                           # differ by ~4e-3 (cosine 1.0); the default 1e-4 gate is for the shipped recipes
+                           "validate": {"onnx_atol": 1e-2}}, "spa_onnx.py")
     start = time.perf_counter()
     result = run_recipe(recipe, progress=False)
     if not result.passed:
