@@ -274,9 +274,14 @@ def run_smollm2(rows: list[dict], configs: list[str]) -> None:
                 report = cached_report(out, onnx_file, lambda: spa_prune(folder / "model.onnx", out, ratio=ratio,
                                                                          **CONFIGS[name]))
                 removed = report["params"]["ratio"]
+            measured = out / "perplexity.json"
+            if measured.is_file():
+                ppl = json.loads(measured.read_text())
+            else:
+                ppl = {d: ort_perplexity(onnx_file, w) for d, w in windows.items()}
+                measured.write_text(json.dumps(ppl))
             rows.append({"model": "SmolLM2-135M", "config": name, "ratio": ratio, "params_removed": removed,
-                         "prune_s": report.get("prune_s"),
-                         **{f"ppl_{d}": ort_perplexity(onnx_file, w) for d, w in windows.items()}})
+                         "prune_s": report.get("prune_s"), **{f"ppl_{d}": v for d, v in ppl.items()}})
             print_row(rows[-1])
 
 
