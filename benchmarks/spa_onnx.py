@@ -45,6 +45,9 @@ CONFIGS = {  # name -> spa options (ratio added per row)
     "magnitude-global": {"allocator": "global"},
     "activation-uniform": {"allocator": "uniform", "importance": "activation"},
     "activation-global": {"allocator": "global", "importance": "activation"},
+    # the first global rows z-scored each group alone (standardize: group, then the only behaviour)
+    "magnitude-global-group": {"allocator": "global", "standardize": "group"},
+    "activation-global-group": {"allocator": "global", "importance": "activation", "standardize": "group"},
     # OBSPA (experimental): OBS saliency and least-squares compensation of the consumers
     "obs-identity-uniform": {"allocator": "uniform", "importance": "obs", "hessian": "identity"},
     "obs-synthetic-uniform": {"allocator": "uniform", "importance": "obs", "hessian": "synthetic"},

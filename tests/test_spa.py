@@ -545,3 +545,19 @@ def test_minilm_from_the_ecosystem_is_pruned_and_activation_beats_magnitude(tmp_
         assert run_recipe(recipe, progress=False).passed
         cosine[importance] = float((embeddings(tmp_path / importance / "model.onnx") * dense).sum(1).mean())
     assert cosine["activation"] > cosine["magnitude"] > 0.5, cosine
+
+
+@pytest.mark.parametrize("standardize", ["kind", "group"])
+def test_global_allocation_pools_groups_of_one_kind(standardize):
+    from compress.pruning.units import UnitSet
+    from passes.spa.prune import SpaPass
+
+    weak = UnitSet(layer=0, kind="group", scores=torch.tensor([1.0, 2.0, 3.0, 4.0]), cost=10, min_keep=1)
+    strong = UnitSet(layer=1, kind="group", scores=torch.tensor([11.0, 12.0, 13.0, 14.0]), cost=10, min_keep=1)
+    other = UnitSet(layer=2, kind="group", scores=torch.tensor([5.0, 6.0]), cost=30, min_keep=1)  # another kind
+    spa = SpaPass(SpaPass.Options(ratio=0.5, allocator="global", standardize=standardize))
+    counts = spa.keep_counts([weak, strong, other], total_params=4 * 10 * 2 + 2 * 30)
+    if standardize == "kind":  # the weak layer competes with the strong one and loses more
+        assert counts[0] < counts[1], counts
+    else:  # each group's z-scores are the same: they lose the same share
+        assert counts[0] == counts[1], counts

@@ -110,6 +110,12 @@ class SpaPass:
             "uniform", description="'uniform': every group loses the same share of units; 'global': one ranking of "
             "standardised scores over all groups under the parameter budget."
         )
+        standardize: Literal["kind", "group"] = Field(
+            "kind", description="allocator global: 'kind' z-scores the units of all groups of one kind together "
+            "(same unit count and unit cost: every layer's KV groups, every layer's MLP channels), so layers compete "
+            "for the budget; 'group' z-scores each group alone, which makes a small group (3 KV groups) lose its "
+            "weakest unit in almost every layer."
+        )
         granularity: Literal["coarsest", "all"] = Field(
             "coarsest", description="'coarsest': where groups overlap (heads and head dims on the same weights), "
             "prune only the widest; 'all': every prunable group."
@@ -273,8 +279,13 @@ class SpaPass:
         o = self.options
         if o.allocator == "uniform":
             return [max(min(u.min_keep, u.size), round((1.0 - o.ratio) * u.size)) for u in unit_sets]
+        kinds: dict[tuple, list] = {}
         for units in unit_sets:
-            units.scores = standardize(units.scores)
+            kinds.setdefault((units.size, units.cost) if o.standardize == "kind" else id(units), []).append(units)
+        for members in kinds.values():
+            pooled = standardize(torch.cat([u.scores.to(torch.float64) for u in members]))
+            for units, z in zip(members, pooled.split([u.size for u in members])):
+                units.scores = z
         return allocate_pooled(unit_sets, (1.0 - o.ratio) * total_params)
 
     def run(self, ctx: OnnxPassContext) -> PlanStep:
