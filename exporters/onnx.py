@@ -1,4 +1,4 @@
-"""ONNX exporter for LLaMA-family decoders (dense or structurally pruned) with a KV cache.
+"""ONNX exporter for LLaMA-family and MoE decoders (dense or structurally pruned) with a KV cache.
 
     export_onnx(model, tokenizer, out_dir, options) -> OnnxExport
 
@@ -15,6 +15,10 @@ past may be empty). Its I/O follows the names ONNX Runtime tooling expects:
 ``kv_heads_i`` is read from layer i's modules (through the model's adapter), never from the
 config: a pruned model's layers differ. ``export.json`` beside the graph records every name, shape,
 dtype and per-layer head count, so a runtime can size the cache without the torch config.
+
+MoE decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, stock or with per-layer expert counts) are traced
+with their sparse blocks in the static all-experts form of ``compress/models/moe_static.py`` (the
+stock expert loop is data-dependent); the model passed in keeps its own blocks.
 
 Files written into ``out_dir`` (the caller owns atomicity): ``model.onnx`` (graph),
 ``model.onnx.data`` (weights as external data), ``export.json``, and the tokenizer files.
@@ -262,6 +266,7 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     spec = decoder_io_spec(model, options)
     dtype = torch.float16 if options.fp16 else torch.float32
     traced = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    _make_static(traced)
     # The SDPA path exports to plain MatMul/Softmax; "eager" would too but keeps an extra repeat_kv copy.
     traced.config._attn_implementation = "sdpa"
     wrapper = DecoderWithCache(traced).eval()
@@ -305,6 +310,17 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     files = [ONNX_FILE, DATA_FILE, SPEC_FILE] + _write_tokenizer(tokenizer, out_dir)
     size = sum((out_dir / f).stat().st_size for f in (ONNX_FILE, DATA_FILE))
     return OnnxExport(folder=out_dir, files=files, spec=spec, nodes=nodes, bytes=size)
+
+
+def _make_static(model: nn.Module) -> None:
+    """MoE decoders: replace the data-dependent expert loops with the static all-experts form
+    (compress/models/moe_static.py) on the copy being traced; other models are left as they are."""
+    from compress.models.moe import is_moe_model
+
+    if is_moe_model(model):
+        from compress.models.moe_static import install_static_moe_blocks
+
+        install_static_moe_blocks(model)
 
 
 def _slim(proto):

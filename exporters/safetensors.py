@@ -336,9 +336,10 @@ def write_config(config: PreTrainedConfig, out_dir: Path) -> list[str]:
     return [CONFIG_FILE]
 
 
-def write_remote_code(out_dir: Path) -> list[str]:
-    """Copy pruned_llama.py (self-contained) beside the config for trust_remote_code loading."""
-    source = Path(pruned_llama.__file__)
+def write_remote_code(out_dir: Path, module=pruned_llama) -> list[str]:
+    """Copy a self-contained modeling file (pruned_llama.py, or pruned_moe.py for MoE models)
+    beside the config for trust_remote_code loading."""
+    source = Path(module.__file__)
     shutil.copyfile(source, out_dir / source.name)
     return [source.name]
 
@@ -371,7 +372,7 @@ def export_safetensors(model: PreTrainedModel, tokenizer, out_dir: Path) -> dict
     """
     from compress.models.moe import export_moe_safetensors, is_moe_model
 
-    if is_moe_model(model):  # Mixtral / Qwen-MoE: stock config with the kept expert count
+    if is_moe_model(model):  # Mixtral / Qwen-MoE: stock config, or pruned_moe for per-layer counts
         return export_moe_safetensors(model, tokenizer, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

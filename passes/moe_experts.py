@@ -44,7 +44,8 @@ class MoeExpertsPass:
             "uniform",
             description="'uniform': the same count in every layer (the export loads with stock transformers); "
             "'global': one ranking of per-layer mean-normalised scores over all layers, each layer keeping "
-            "at least top_k + 1 (different counts per layer cannot be exported yet).",
+            "at least top_k + 1 (different counts per layer export with a pruned_moe config and its modeling file, "
+            "which loads with trust_remote_code=True or once compress is imported).",
         )
         top_k: Optional[int] = Field(
             None, ge=1, description="New experts per token (may only be lowered; null keeps the model's)."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -82,3 +84,44 @@ def assert_same_safetensors(a, b):
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (100× slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+REMOTE_LOAD_SCRIPT = """
+import sys
+sys.modules["compress"] = None  # `import compress` fails: an installed compress would make the check vacuous
+import torch
+from transformers import AutoModelForCausalLM
+out_dir, batch_file, logits_file = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+assert not [name for name in sys.modules if name.startswith(("compress.", "exporters"))]
+with torch.no_grad():
+    torch.save(model(torch.load(batch_file)).logits, logits_file)
+"""
+
+
+def remote_code_logits(out_dir, batch: torch.Tensor, work_dir) -> torch.Tensor:
+    """Logits of ``batch`` from the export in ``out_dir``, loaded with trust_remote_code in a fresh
+    interpreter that cannot import compress (fails with its stderr otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    work_dir = Path(work_dir)
+    torch.save(batch, work_dir / "batch.pt")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(work_dir / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    arguments = [str(out_dir), str(work_dir / "batch.pt"), str(work_dir / "logits.pt")]
+    run = subprocess.run([sys.executable, "-c", REMOTE_LOAD_SCRIPT, *arguments], cwd=work_dir, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(work_dir / "logits.pt")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import remote_code_logits, tiny_model
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3ForCausalLM
@@ -352,39 +352,12 @@ def test_stale_num_key_value_groups_is_reported(tmp_path):
 
 # ------------------------------------------------------------------------------------ remote code
 
-REMOTE_LOAD_SCRIPT = """
-import importlib.util, sys
-if importlib.util.find_spec("compress") is not None:  # an installed compress would make this vacuous
-    sys.modules["compress"] = None
-try:
-    import compress
-except ImportError:
-    pass
-else:
-    raise SystemExit("compress is importable; the remote-code check would prove nothing")
-import torch
-from transformers import AutoModelForCausalLM
-out_dir, batch_file, logits_file = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
-assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-assert not [name for name in sys.modules if name.startswith(("compress.", "exporters"))]
-with torch.no_grad():
-    torch.save(model(torch.load(batch_file)).logits, logits_file)
-"""
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_remote_code_loads_without_the_compress_package(family, batch, tmp_path):
     model = prune(make_model(family), kv_varying_cuts())
     out_dir = tmp_path / "export"
     export_safetensors(model, None, out_dir)
-    torch.save(batch, tmp_path / "batch.pt")
-
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
-    arguments = [str(out_dir), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")]
-    run_python(REMOTE_LOAD_SCRIPT, arguments, cwd=tmp_path, env=env)
-    remote_logits = torch.load(tmp_path / "logits.pt")
+    remote_logits = remote_code_logits(out_dir, batch, tmp_path)
     torch.testing.assert_close(remote_logits, logits_of(model, batch), rtol=0, atol=TOLERANCE)
 
 

@@ -15,6 +15,12 @@ stay layout-free:
   Qwen) and top-k (``num_experts_per_tok``), and the module attributes transformers reads at run time.
 
 Counts are read from the modules, not the config, so the adapter describes pruned models correctly.
+Models whose sparse layers hold different counts (``pruned_mixtral``, ``pruned_qwen2_moe``,
+``pruned_qwen3_moe``, from ``compress/models/pruned_moe.py``) are read as their base family.
+
+For export, each sparse layer also offers its static form (``MoeLayer.routing_matrix``,
+``ExpertBank.all_outputs``, ``MoeLayer.shared_output``; assembled in ``moe_static.py``), and
+``export_moe_safetensors`` writes a stock or a pruned_moe checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import CompressError
+from compress.models.pruned_moe import PRUNED_MOE_MODEL_TYPES, pruned_moe_classes
 
 
 class NotForMoe(CompressError, AttributeError):
@@ -50,13 +57,23 @@ MOE_FAMILIES: dict[str, MoeFamily] = {
     "qwen2_moe": MoeFamily(expert_count_key="num_experts", always_renormalises=False),
     "qwen3_moe": MoeFamily(expert_count_key="num_experts", always_renormalises=False),
 }
-MOE_MODEL_TYPES = tuple(MOE_FAMILIES)
+# The stock families and their per-layer-count forms (compress/models/pruned_moe.py).
+MOE_MODEL_TYPES = tuple(MOE_FAMILIES) + tuple(PRUNED_MOE_MODEL_TYPES)
 TOP_K_KEY = "num_experts_per_tok"
 
 
+def moe_base_type(config) -> str | None:
+    """The stock MoE family ("mixtral", "qwen2_moe", "qwen3_moe") of a stock or pruned_moe config;
+    None for anything else."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in PRUNED_MOE_MODEL_TYPES:
+        return PRUNED_MOE_MODEL_TYPES[model_type]
+    return model_type if model_type in MOE_FAMILIES else None
+
+
 def is_moe_model(model: nn.Module) -> bool:
-    """True for a causal LM of a supported MoE family."""
-    return getattr(getattr(model, "config", None), "model_type", None) in MOE_FAMILIES
+    """True for a causal LM of a supported MoE family (stock, or with per-layer expert counts)."""
+    return moe_base_type(getattr(model, "config", None)) is not None
 
 
 # ------------------------------------------------------------------------------------ routing
@@ -110,6 +127,10 @@ class ExpertBank:
     def expert_output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """f_i(x) [T, h]: expert ``index``'s raw output (before the routing weight) on x [T, h]."""
         raise NotImplementedError
+
+    def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[E, T, h]: every expert's raw output on every token of x [T, h] (a static loop over E)."""
+        return torch.stack([self.expert_output(i, x) for i in range(self.num_experts)])
 
     def expert_width(self) -> int:
         """Intermediate width I of one expert."""
@@ -180,6 +201,30 @@ class FusedExperts(ExpertBank):
     def _chunked_gate(self, hidden: torch.Tensor) -> torch.Tensor:
         gate, up = hidden.chunk(2, dim=-1)
         return self.module.act_fn(gate) * up
+
+    def _project_all(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [T, in] or [E, T, in] through every expert's weight ([E, out, in], or [E, in, out] when
+        transposed) -> [E, T, out], as one batched matmul."""
+        if not getattr(self.module, "is_transposed", False):
+            weight = weight.transpose(1, 2)
+        return torch.matmul(x, weight)
+
+    def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[E, T, h] from x [T, h]: the same arithmetic as ``expert_output`` for all experts at once
+        (two batched matmuls; biases [E, out] broadcast over tokens)."""
+        m = self.module
+        has_gate, has_bias = getattr(m, "has_gate", True), getattr(m, "has_bias", False)
+        hidden = self._project_all(x, self._up_weight())
+        if has_bias:
+            hidden = hidden + getattr(m, "gate_up_proj_bias" if has_gate else "up_proj_bias").unsqueeze(1)
+        if has_gate:
+            hidden = m._apply_gate(hidden) if hasattr(m, "_apply_gate") else self._chunked_gate(hidden)
+        else:
+            hidden = m.act_fn(hidden)
+        out = self._project_all(hidden, m.down_proj)
+        if has_bias:
+            out = out + m.down_proj_bias.unsqueeze(1)
+        return out
 
     def expert_width(self) -> int:
         down = self.module.down_proj
@@ -280,6 +325,40 @@ class MoeLayer:
         weights, indices = self.rule.route(logits, self.top_k)
         return logits, weights, indices
 
+    # ------------------------------------------------------------------ static (export) form
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] from x [T, h]: ``x @ weight.T (+ bias)``, the router's own linear."""
+        router = self.router
+        if isinstance(router, nn.Linear):
+            return router(x)
+        if getattr(router, "e_score_correction_bias", None) is not None:
+            raise CompressError(f"layer {self.index}: routers with a score-correction bias (group-limited sigmoid "
+                                "routing) have no static form yet")
+        return F.linear(x, router.weight, getattr(router, "bias", None))
+
+    def routing_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense routing weights [T, E] float32 from x [T, h]: each token's top-k weights, chosen and
+        (if the rule says so) renormalised exactly as the router does, at their experts' columns;
+        zero for every expert the router did not pick. Static: torch.topk and a scatter, no
+        data-dependent loop."""
+        if self.rule.scoring != "softmax":
+            raise CompressError(f"layer {self.index}: no static form for {self.rule.scoring} routing")
+        logits = self.router_logits(x)
+        weights, indices = self.rule.route(logits, self.top_k)
+        return torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter(1, indices, weights)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' contribution [T, h] on x [T, h] (None without one): Qwen2-MoE's
+        ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``; an ungated ``shared_experts(x)``."""
+        if not self.shared:
+            return None
+        if "shared_experts" in self.shared:
+            return self.block.shared_experts(x)
+        out = self.block.shared_expert(x)
+        if "shared_expert_gate" in self.shared:
+            out = torch.sigmoid(self.block.shared_expert_gate(x)) * out
+        return out
+
     def slice_router(self, keep: torch.Tensor) -> None:
         """Keep router rows ``keep`` (weight, bias, score-correction bias) and update its count."""
         router = self.router
@@ -350,13 +429,14 @@ class MoeAdapter:
     """
 
     def __init__(self, model: nn.Module):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in MOE_FAMILIES or not hasattr(model, "model"):
-            raise CompressError(f"no MoE adapter for model type {model_type!r}; supported: {', '.join(MOE_MODEL_TYPES)}")
+        model_type = moe_base_type(getattr(model, "config", None))
+        if model_type is None or not hasattr(model, "model"):
+            found = getattr(getattr(model, "config", None), "model_type", None)
+            raise CompressError(f"no MoE adapter for model type {found!r}; supported: {', '.join(MOE_MODEL_TYPES)}")
         self.model = model
         self.config = model.config
         self.family = MOE_FAMILIES[model_type]
-        self.model_type = model_type
+        self.model_type = model_type  # the stock family, also for a pruned_* model
         self.decoder = model.model
         self.layers: nn.ModuleList = model.model.layers
         self.head_dim: int = int(self.layers[0].self_attn.head_dim)
@@ -423,6 +503,20 @@ class MoeAdapter:
         """Sparse layer index -> routed experts it holds."""
         return {layer.index: layer.num_experts for layer in self.moe_layers()}
 
+    def num_experts_per_layer(self) -> list[int]:
+        """Routed experts of every decoder layer, 0 for a dense MLP layer (``num_experts_per_layer``
+        of a pruned_moe config)."""
+        counts = self.expert_counts()
+        return [counts.get(i, 0) for i in range(self.num_layers)]
+
+    def top_k(self) -> int:
+        """The experts-per-token shared by all sparse layers (a config holds one)."""
+        top_ks = sorted({layer.top_k for layer in self.moe_layers()})
+        if len(top_ks) != 1:
+            raise CompressError(f"the sparse layers route different numbers of experts per token {top_ks}; "
+                                f"a config holds one `{TOP_K_KEY}`")
+        return top_ks[0]
+
     def attention(self, layer_index: int) -> nn.Module:
         return self.layers[layer_index].self_attn
 
@@ -457,6 +551,8 @@ class MoeAdapter:
         count, top_k = counts.pop(), top_ks.pop()
         setattr(self.config, self.family.expert_count_key, count)
         setattr(self.config, TOP_K_KEY, top_k)
+        if hasattr(self.config, "num_experts_per_layer"):  # a pruned_moe config
+            self.config.num_experts_per_layer = self.num_experts_per_layer()
         if hasattr(self.model, "num_experts"):
             self.model.num_experts = count
         if hasattr(self.model, "num_experts_per_tok"):
@@ -557,24 +653,32 @@ class MoeAdapter:
 
 # ------------------------------------------------------------------------------------ export
 def export_moe_safetensors(model: nn.Module, tokenizer, out_dir: Path) -> dict:
-    """Write an MoE causal LM so that stock ``AutoModelForCausalLM.from_pretrained(out_dir)`` rebuilds it.
+    """Write an MoE causal LM so that ``AutoModelForCausalLM.from_pretrained(out_dir)`` rebuilds it.
 
-    The config gets the modules' expert count and top-k; ``save_pretrained`` writes the weights in
-    the family's checkpoint layout (per-expert tensors, as on the hub, which serving engines read).
-    A stock config holds one expert count, so sparse layers that keep different counts are refused
-    (a loader for per-layer counts is not written yet).
+    * A stock model (Mixtral / Qwen2-MoE / Qwen3-MoE class) whose sparse layers all hold the same
+      expert count: the stock config with the kept count and top-k, written by ``save_pretrained`` in
+      the family's checkpoint layout (per-expert tensors, as on the hub, which serving engines read).
+    * Different counts per layer (``allocator: global``), or a model that already is a pruned_moe
+      model: a pruned_moe config (``base_model_type``, ``num_experts_per_layer``), the weights in
+      the family's per-expert layout too (layer i holds experts 0..E_i-1 and ``gate.weight
+      [E_i, h]``), and the self-contained ``pruned_moe.py`` copied beside them with an
+      ``auto_map``, so the folder loads with ``trust_remote_code=True`` anywhere and without it
+      once ``compress`` is imported.
+
+    Every sparse layer must route the same top-k (a config holds one). Returns {"files": names
+    written, "uniform": all sparse layers hold the same count, "config_class": the config class
+    written, "stock_config_reason": why a uniform model got a pruned_moe config (else None)}.
     """
     from exporters.safetensors import write_tokenizer
 
     adapter = MoeAdapter(model)
-    if not adapter.sync_config():
-        counts = sorted(set(adapter.expert_counts().values()))
-        top_ks = sorted({layer.top_k for layer in adapter.moe_layers()})
-        raise CompressError(
-            f"cannot export: the sparse layers hold different expert counts {counts} (or top-k {top_ks}); a stock "
-            f"{type(model.config).__name__} holds one `{adapter.family.expert_count_key}`, and a loader for per-layer "
-            "counts is not written yet. Use `allocator: uniform` (the same count in every layer)."
-        )
+    adapter.top_k()  # fails closed on per-layer top-k
+    uniform = len(set(adapter.expert_counts().values())) == 1
+    stock = adapter.config.model_type in MOE_FAMILIES
+    if not (uniform and stock):
+        reason = None if not uniform else f"{type(model).__name__} is a per-layer-count (pruned_moe) model"
+        return export_per_layer_counts(model, adapter, tokenizer, Path(out_dir)) | {"stock_config_reason": reason}
+    adapter.sync_config()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in out_dir.iterdir()}
@@ -583,3 +687,60 @@ def export_moe_safetensors(model: nn.Module, tokenizer, out_dir: Path) -> dict:
     files |= set(write_tokenizer(tokenizer, out_dir))
     return {"files": sorted(files), "uniform": True, "config_class": type(model.config).__name__,
             "stock_config_reason": None}
+
+
+def pruned_moe_config(model: nn.Module, adapter: MoeAdapter):
+    """The pruned_moe config of ``model``: its own config's fields, the per-layer expert counts read
+    from the modules (0 for dense layers), the scalar count set to their maximum (the scaffold the
+    loader slices), the shared top-k, ``architectures`` and an ``auto_map`` to the copied file."""
+    from compress.models import pruned_moe
+    from exporters.safetensors import _architecture_dict, model_dtype
+
+    config_class, model_class = pruned_moe_classes(adapter.model_type)
+    counts = adapter.num_experts_per_layer()
+    values = _architecture_dict(model.config)
+    for key in ("num_local_experts", "num_experts", "base_model_type", "num_experts_per_layer"):
+        values.pop(key, None)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    values.update({adapter.family.expert_count_key: max(counts), TOP_K_KEY: adapter.top_k(),
+                   "base_model_type": adapter.model_type, "num_experts_per_layer": counts,
+                   "tie_word_embeddings": tied})
+    config = config_class(**values)
+    module = Path(pruned_moe.__file__).stem
+    config.architectures = [model_class.__name__]
+    config.auto_map = {"AutoConfig": f"{module}.{config_class.__name__}",
+                       "AutoModelForCausalLM": f"{module}.{model_class.__name__}"}
+    config.dtype = model_dtype(model)
+    return config
+
+
+def export_per_layer_counts(model: nn.Module, adapter: MoeAdapter, tokenizer, out_dir: Path) -> dict:
+    """config.json (pruned_moe), model.safetensors (the state dict in the family's per-expert
+    checkpoint layout, without ``lm_head.weight`` when tied), pruned_moe.py,
+    generation_config.json and the tokenizer."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from compress.models import pruned_moe
+    from exporters.safetensors import (
+        _without_shared_storage,
+        write_config,
+        write_generation_config,
+        write_remote_code,
+        write_tokenizer,
+        write_weights,
+    )
+
+    config = pruned_moe_config(model, adapter)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    # The base family's hub layout (per-expert tensors), as save_pretrained writes it.
+    state = {name: tensor.contiguous() for name, tensor in revert_weight_conversion(model, state).items()}
+    files = write_remote_code(out_dir, pruned_moe)
+    files += write_weights(_without_shared_storage(state), out_dir)
+    files += write_config(config, out_dir)
+    files += write_generation_config(model, out_dir)
+    files += write_tokenizer(tokenizer, out_dir)
+    return {"files": sorted(set(files)), "uniform": len(set(adapter.expert_counts().values())) == 1,
+            "config_class": type(config).__name__}
