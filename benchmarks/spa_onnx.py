@@ -45,9 +45,10 @@ CONFIGS = {  # name -> spa options (ratio added per row)
     "magnitude-global": {"allocator": "global"},
     "activation-uniform": {"allocator": "uniform", "importance": "activation"},
     "activation-global": {"allocator": "global", "importance": "activation"},
-    # the first global rows z-scored each group alone (standardize: group, then the only behaviour)
-    "magnitude-global-group": {"allocator": "global", "standardize": "group"},
-    "activation-global-group": {"allocator": "global", "importance": "activation", "standardize": "group"},
+    # scores z-scored over all groups of one kind (every layer's KV groups, every layer's MLP channels)
+    "activation-global-kind": {"allocator": "global", "importance": "activation", "standardize": "kind"},
+    "obs-calibration-global-kind": {"allocator": "global", "importance": "obs", "hessian": "calibration",
+                                    "standardize": "kind"},
     # OBSPA (experimental): OBS saliency and least-squares compensation of the consumers
     "obs-identity-uniform": {"allocator": "uniform", "importance": "obs", "hessian": "identity"},
     "obs-synthetic-uniform": {"allocator": "uniform", "importance": "obs", "hessian": "synthetic"},

@@ -556,6 +556,7 @@ def test_global_allocation_pools_groups_of_one_kind(standardize):
     strong = UnitSet(layer=1, kind="group", scores=torch.tensor([11.0, 12.0, 13.0, 14.0]), cost=10, min_keep=1)
     other = UnitSet(layer=2, kind="group", scores=torch.tensor([5.0, 6.0]), cost=30, min_keep=1)  # another kind
     spa = SpaPass(SpaPass.Options(ratio=0.5, allocator="global", standardize=standardize))
+    assert SpaPass.Options(ratio=0.5).standardize == "group"
     counts = spa.keep_counts([weak, strong, other], total_params=4 * 10 * 2 + 2 * 30)
     if standardize == "kind":  # the weak layer competes with the strong one and loses more
         assert counts[0] < counts[1], counts

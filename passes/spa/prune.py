@@ -110,11 +110,12 @@ class SpaPass:
             "uniform", description="'uniform': every group loses the same share of units; 'global': one ranking of "
             "standardised scores over all groups under the parameter budget."
         )
-        standardize: Literal["kind", "group"] = Field(
-            "kind", description="allocator global: 'kind' z-scores the units of all groups of one kind together "
-            "(same unit count and unit cost: every layer's KV groups, every layer's MLP channels), so layers compete "
-            "for the budget; 'group' z-scores each group alone, which makes a small group (3 KV groups) lose its "
-            "weakest unit in almost every layer."
+        standardize: Literal["group", "kind"] = Field(
+            "group", description="allocator global: 'group' z-scores each group's units alone (per layer, as FLAP "
+            "does), so every group keeps its own scale; 'kind' z-scores all groups of one kind together (same unit "
+            "count and cost: every layer's KV groups, every layer's MLP channels), so layers compete on raw scores. "
+            "On SmolLM2 'kind' is much worse: its scores span orders of magnitude between layers (20%: PPL 13,070 "
+            "against 146.7 for activation importance)."
         )
         granularity: Literal["coarsest", "all"] = Field(
             "coarsest", description="'coarsest': where groups overlap (heads and head dims on the same weights), "
