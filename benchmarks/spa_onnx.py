@@ -89,20 +89,24 @@ def session(path: Path, threads: int = 2):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def spa_prune(source: Path, out: Path, **options) -> dict:
-    """Run the spa pass through a recipe; returns the run's report."""
+def run_timed(data: dict) -> dict:
+    """Run a recipe given as a dict; returns its report with ``prune_s`` (wall seconds)."""
     from compress.pipeline import run_recipe
     from compress.recipe import parse_recipe
 
-    recipe = parse_recipe({"name": out.name, "model": str(source), "passes": [{"spa": options}],
-                           "export": {"output": str(out)}, "evaluate": False}, "spa_onnx.py")
     start = time.perf_counter()
-    result = run_recipe(recipe, progress=False)
+    result = run_recipe(parse_recipe(data, "spa_onnx.py"), progress=False)
     if not result.passed:
-        raise SystemExit(f"{out.name}: {result.failures}")
+        raise SystemExit(f"{data['name']}: {result.failures}")
     report = result.report
     report["prune_s"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def spa_prune(source: Path, out: Path, **options) -> dict:
+    """Run the spa pass through a recipe; returns the run's report."""
+    return run_timed({"name": out.name, "model": str(source), "passes": [{"spa": options}],
+                      "export": {"output": str(out)}, "evaluate": False})
 
 
 # ------------------------------------------------------------------------------------ MiniLM
@@ -219,23 +223,13 @@ def ort_perplexity(path: Path, windows) -> float:
 
 def flap_prune(out: Path, ratio: float, **options) -> dict:
     """The torch path: FLAP on SmolLM2 (standard calibration), exported to ONNX; returns the report."""
-    from compress.pipeline import run_recipe
-    from compress.recipe import parse_recipe
-
-    recipe = parse_recipe({"name": out.name, "model": "smollm2-135m", "dtype": "float32", "seed": 0,
-                           "calibration": {"source": "austen", "samples": 256, "seqlen": 128, "seed": 0},
-                           "passes": [{"flap": {"ratio": ratio, **options}}],
-                           "export": {"output": str(out), "formats": ["onnx"]}, "evaluate": False,
-                           # FLAP-50 without compensation has logits up to ~100, where fp32 ORT and torch
-                           # differ by ~4e-3 (cosine 1.0); the default 1e-4 gate is for the shipped recipes
-                           "validate": {"onnx_atol": 1e-2}}, "spa_onnx.py")
-    start = time.perf_counter()
-    result = run_recipe(recipe, progress=False)
-    if not result.passed:
-        raise SystemExit(f"{out.name}: {result.failures}")
-    report = result.report
-    report["prune_s"] = round(time.perf_counter() - start, 1)
-    return report
+    return run_timed({"name": out.name, "model": "smollm2-135m", "dtype": "float32", "seed": 0,
+                      "calibration": {"source": "austen", "samples": 256, "seqlen": 128, "seed": 0},
+                      "passes": [{"flap": {"ratio": ratio, **options}}],
+                      "export": {"output": str(out), "formats": ["onnx"]}, "evaluate": False,
+                      # FLAP-50 without compensation has logits up to ~100, where fp32 ORT and torch
+                      # differ by ~4e-3 (cosine 1.0); the default 1e-4 gate is for the shipped recipes
+                      "validate": {"onnx_atol": 1e-2}})
 
 
 def cached_report(out: Path, onnx_file: Path, prune) -> dict:

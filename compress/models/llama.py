@@ -130,33 +130,7 @@ class LlamaFamilyAdapter:
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part; tied embeddings are counted once."""
-        seen: set[int] = set()
-
-        def count(module: nn.Module) -> int:
-            n = 0
-            for p in module.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    n += p.numel()
-            return n
-
-        embedding = count(self.decoder.embed_tokens)
-        attention = sum(count(self.attention(i)) for i in range(self.num_layers))
-        mlp = sum(count(self.mlp(i)) for i in range(self.num_layers))
-        norms = count(self.decoder.norm) + sum(
-            count(m) for layer in self.layers for name, m in layer.named_children() if name not in ("self_attn", "mlp")
-        )
-        lm_head = count(self.model.lm_head) if hasattr(self.model, "lm_head") else 0
-        total = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
-        return {
-            "total": total,
-            "embedding": embedding,
-            "decoder_linear": self.decoder_linear_params(),
-            "attention": attention,
-            "mlp": mlp,
-            "norms": norms,
-            "lm_head": lm_head,
-        }
+        return part_counts(self)
 
     def summary(self) -> dict:
         """What `compress inspect` prints: architecture, parameters by part, prunable groups."""
@@ -195,6 +169,38 @@ class LlamaFamilyAdapter:
                 for i, w in enumerate(widths)
             ],
         }
+
+
+def part_counts(adapter) -> dict[str, int]:
+    """Parameters of a decoder by part (total, embedding, decoder_linear, attention, mlp, norms,
+    lm_head); a parameter shared by two parts (tied embeddings) is counted in the first only.
+    ``adapter`` names the parts: ``decoder``, ``layers``, ``attention(i)``, ``mlp(i)``."""
+    seen: set[int] = set()
+
+    def count(module: nn.Module) -> int:
+        n = 0
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    embedding = count(adapter.decoder.embed_tokens)
+    attention = sum(count(adapter.attention(i)) for i in range(adapter.num_layers))
+    mlp = sum(count(adapter.mlp(i)) for i in range(adapter.num_layers))
+    norms = count(adapter.decoder.norm) + sum(
+        count(m) for layer in adapter.layers for name, m in layer.named_children() if name not in ("self_attn", "mlp")
+    )
+    lm_head = count(adapter.model.lm_head) if hasattr(adapter.model, "lm_head") else 0
+    return {
+        "total": sum(p.numel() for p in {id(p): p for p in adapter.model.parameters()}.values()),
+        "embedding": embedding,
+        "decoder_linear": adapter.decoder_linear_params(),
+        "attention": attention,
+        "mlp": mlp,
+        "norms": norms,
+        "lm_head": lm_head,
+    }
 
 
 def get_adapter(model: nn.Module) -> LlamaFamilyAdapter:

@@ -592,41 +592,18 @@ class MoeAdapter:
     def param_counts(self) -> dict[str, int]:
         """Parameters by part (tied embeddings counted once), with the routed experts, routers and
         shared experts of the sparse layers broken out, and the parameters active per token."""
-        seen: set[int] = set()
+        from compress.models.llama import part_counts
 
-        def count(module: nn.Module) -> int:
-            n = 0
-            for p in module.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    n += p.numel()
-            return n
-
-        routed = sum(sum(p.numel() for p in layer.experts.module.parameters()) for layer in self.moe_layers())
-        routers = sum(sum(p.numel() for p in layer.router.parameters()) for layer in self.moe_layers())
-        shared = sum(sum(p.numel() for p in getattr(layer.block, name).parameters())
-                     for layer in self.moe_layers() for name in layer.shared)
-        inactive = sum((layer.num_experts - layer.top_k) * layer.experts.params_per_expert() for layer in self.moe_layers())
-        embedding = count(self.decoder.embed_tokens)
-        attention = sum(count(self.attention(i)) for i in range(self.num_layers))
-        mlp = sum(count(self.mlp(i)) for i in range(self.num_layers))
-        norms = count(self.decoder.norm) + sum(
-            count(m) for layer in self.layers for name, m in layer.named_children() if name not in ("self_attn", "mlp")
-        )
-        lm_head = count(self.model.lm_head) if hasattr(self.model, "lm_head") else 0
-        total = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        counts = part_counts(self)
+        layers = self.moe_layers()
+        inactive = sum((layer.num_experts - layer.top_k) * layer.experts.params_per_expert() for layer in layers)
         return {
-            "total": total,
-            "embedding": embedding,
-            "decoder_linear": self.decoder_linear_params(),
-            "attention": attention,
-            "mlp": mlp,
-            "routed_experts": routed,
-            "routers": routers,
-            "shared_experts": shared,
-            "norms": norms,
-            "lm_head": lm_head,
-            "active_per_token": total - inactive,
+            **counts,
+            "routed_experts": sum(sum(p.numel() for p in layer.experts.module.parameters()) for layer in layers),
+            "routers": sum(sum(p.numel() for p in layer.router.parameters()) for layer in layers),
+            "shared_experts": sum(sum(p.numel() for p in getattr(layer.block, name).parameters())
+                                  for layer in layers for name in layer.shared),
+            "active_per_token": counts["total"] - inactive,
         }
 
     def summary(self) -> dict:
