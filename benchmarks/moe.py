@@ -163,7 +163,7 @@ def fine_tune(moe, ids: torch.Tensor, steps: int, lr: float, batch_size: int, se
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 10 == 0:
             print(f"  step {step + 1}/{steps}: loss {sum(losses[-10:]) / 10:.4f}", flush=True)
     moe.eval()
