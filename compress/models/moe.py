@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import CompressError
+from compress.models.llama import LayerWidths
 from compress.models.pruned_moe import PRUNED_MOE_MODEL_TYPES, pruned_moe_classes
 
 
@@ -401,7 +402,7 @@ class MoeLayer:
 
 
 @dataclass(frozen=True)
-class MoeLayerWidths:
+class MoeLayerWidths(LayerWidths):
     """Widths of one decoder layer of an MoE model.
 
     heads / kv_heads: attention heads.  intermediate: routed MLP channels (experts × expert width) in
@@ -409,15 +410,8 @@ class MoeLayerWidths:
     top_k: experts per token (0 in a dense layer).
     """
 
-    heads: int
-    kv_heads: int
-    intermediate: int
     experts: int
     top_k: int
-
-    @property
-    def heads_per_kv(self) -> int:
-        return self.heads // self.kv_heads if self.kv_heads else 0
 
 
 # ------------------------------------------------------------------------------------ the adapter
