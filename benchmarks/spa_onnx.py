@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -73,11 +72,9 @@ DEFAULT_CONFIGS = {
 
 def austen_sentences(count: int) -> list[str]:
     """The first ``count`` sentences of Persuasion with at least 6 words (whitespace normalised)."""
-    from compress.calibration.sources import read_text
+    from compress.calibration.sources import first_sentences
 
-    text = re.sub(r"\s+", " ", read_text("austen:persuasion"))
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
-    return [s for s in sentences if len(s.split()) >= 6][:count]
+    return first_sentences("austen:persuasion", count)
 
 
 def session(path: Path, threads: int = 2):

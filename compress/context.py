@@ -16,6 +16,8 @@ class PassContext:
         model: the HF causal LM being compressed (modified in place by pruning passes).
         tokenizer: its tokenizer.
         calibration_loader: returns the calibration windows [n, seqlen] (called at most once).
+        batches_loader: encoders: returns the calibration batches, a list of model-input dicts
+            (text: input_ids / attention_mask / token_type_ids; images: pixel_values).
         batch_size: calibration windows per block forward.
         progress: show progress bars.
     """
@@ -25,7 +27,9 @@ class PassContext:
     calibration_loader: Callable[[], torch.Tensor] | None = None
     batch_size: int = 16
     progress: bool = True
+    batches_loader: Callable[[], list[dict]] | None = None
     _calibration: torch.Tensor | None = field(default=None, repr=False)
+    _batches: list[dict] | None = field(default=None, repr=False)
 
     def adapter(self):
         from compress.models.llama import get_adapter
@@ -41,3 +45,13 @@ class PassContext:
                 raise CompressError("this pass needs calibration data; add a `calibration:` section to the recipe")
             self._calibration = self.calibration_loader()
         return self._calibration
+
+    def calibration_batches(self) -> list[dict]:
+        """Encoders: the calibration batches (model-input dicts), drawn once, then reused."""
+        if self._batches is None:
+            if self.batches_loader is None:
+                from compress.errors import CompressError
+
+                raise CompressError("this pass needs calibration data; add a `calibration:` section to the recipe")
+            self._batches = self.batches_loader()
+        return self._batches

@@ -11,7 +11,7 @@ import copy
 import datetime as _dt
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,18 +42,13 @@ def resolve_device(device: str | None) -> str:
 
 
 def _widths_table(adapter, dense_widths) -> list[dict]:
-    return [
-        {
-            "index": i,
-            "heads": w.heads,
-            "kv_heads": w.kv_heads,
-            "intermediate": w.intermediate,
-            "dense_heads": d.heads,
-            "dense_kv_heads": d.kv_heads,
-            "dense_intermediate": d.intermediate,
-        }
-        for i, (w, d) in enumerate(zip(adapter.all_widths(), dense_widths))
-    ]
+    """Per layer, every width of the adapter's widths record (heads, kv_heads, intermediate, …) now
+    and dense (``dense_<name>``)."""
+    rows = []
+    for i, (w, d) in enumerate(zip(adapter.all_widths(), dense_widths)):
+        now, dense = asdict(w), asdict(d)
+        rows.append({"index": i, **now, **{f"dense_{k}": v for k, v in dense.items()}})
+    return rows
 
 
 def _param_section(dense_counts: dict, pruned_counts: dict, target: float | None) -> dict:
@@ -191,6 +186,12 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
             loaded = load_model(recipe.model.source, dtype=recipe.model.dtype, device=device,
                                 trust_remote_code=recipe.model.trust_remote_code, progress=progress)
         model, tokenizer = loaded.model, loaded.tokenizer
+        from compress.models.encoder import is_encoder
+
+        if is_encoder(model):
+            from compress.encoder_pipeline import run_encoder_recipe
+
+            return run_encoder_recipe(recipe, loaded, staging, monitor, device, progress)
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
         eval_windows = evaluation_windows(recipe.evaluate, tokenizer) if recipe.evaluate is not None else {}
@@ -205,15 +206,7 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
         plan = Plan(model={"source": recipe.model.source, "architecture": type(model).__name__,
                            "num_layers": adapter.num_layers,
                            "dense_widths": [w.__dict__ for w in dense_widths]})
-        pass_reports = []
-        for entry in recipe.passes:
-            spec = get_pass(entry.name)
-            with monitor.stage(f"pass:{entry.name}") as record:
-                step = spec.cls(entry.options).run(ctx)
-            plan.steps.append(step)
-            pass_reports.append({"name": entry.name, "options": entry.options.model_dump(),
-                                 "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"],
-                                 "details": _step_details(step)})
+        pass_reports = run_passes(recipe, ctx, plan, monitor)
         adapter = get_adapter(model)
         target = next((e.options.ratio for e in reversed(recipe.passes) if hasattr(e.options, "ratio")), None)
         report = _base_report(recipe.name, recipe.model.source, device, recipe.model.dtype, recipe.seed,
@@ -225,6 +218,22 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
     except BaseException:
         staging.discard()
         raise
+
+
+def run_passes(recipe, ctx, plan: Plan, monitor) -> list[dict]:
+    """Run the recipe's passes in order, appending each step to ``plan``; one report entry each."""
+    from compress.registry import get_pass
+
+    pass_reports = []
+    for entry in recipe.passes:
+        spec = get_pass(entry.name)
+        with monitor.stage(f"pass:{entry.name}") as record:
+            step = spec.cls(entry.options).run(ctx)
+        plan.steps.append(step)
+        pass_reports.append({"name": entry.name, "options": entry.options.model_dump(),
+                             "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"],
+                             "details": _step_details(step)})
+    return pass_reports
 
 
 def _save_recipe_copy(recipe, folder: Path) -> None:
@@ -353,7 +362,14 @@ def apply_plan(model, plan: Plan) -> None:
         actual = [w.__dict__ for w in adapter.all_widths()]
         if actual != dense_widths:
             raise PlanError("the plan was made for a model with other layer widths than this one")
+    from compress.models.encoder import EncoderAdapter
+
     for step in plan.steps:
+        if isinstance(adapter, EncoderAdapter):
+            from compress.pruning.encoder_surgeon import apply_encoder_step
+
+            apply_encoder_step(adapter, step)
+            continue
         apply_step(adapter, step)  # slices, biases and least-squares refits
         if set(step.artifacts) - {REFIT_ARTIFACT} or _replays_details(step):
             _replay_artifacts(model, step)
@@ -407,6 +423,17 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
         with monitor.stage("apply plan"):
             apply_plan(model, plan)
         adapter = get_adapter(model)
+        from compress.models.encoder import EncoderAdapter
+
+        if isinstance(adapter, EncoderAdapter):
+            from compress.encoder_pipeline import finish_encoder
+
+            report = _base_report(f"apply {Path(plan_path).name}", model_source, device, dtype, None,
+                                  dense_counts, adapter, dense_widths, None)
+            report["passes"] = [{"name": s.pass_name, "options": s.options, "wall_s": 0.0, "peak_rss_mb": 0.0,
+                                 "details": {"replayed": True, **_step_details(s)}} for s in plan.steps]
+            return finish_encoder(report, model, loaded.tokenizer, plan, staging, monitor, [], None, None,
+                                  ValidateSpec(), device, None)
         ratio = next((s.options.get("ratio") for s in reversed(plan.steps) if "ratio" in s.options), None)
         report = _base_report(f"apply {Path(plan_path).name}", model_source, device, dtype, None,
                               dense_counts, adapter, dense_widths, ratio)

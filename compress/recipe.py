@@ -54,6 +54,7 @@ DEFAULT_GENERATION_PROMPTS = (
 )
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AUSTEN_PREFIX = "austen"
+IMAGE_SOURCES = ("textile",)  # labelled images for vision encoders (compress.calibration.images)
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -82,8 +83,9 @@ def resolve_device(device: str) -> str:
 
 
 def check_text_source(value: str) -> str:
-    """A text source is ``austen``, ``austen:<name>`` or an existing .txt/.jsonl file or folder."""
-    if value == AUSTEN_PREFIX:
+    """A text source is ``austen``, ``austen:<name>`` or an existing .txt/.jsonl file or folder;
+    vision encoders read the image source ``textile`` instead."""
+    if value == AUSTEN_PREFIX or value in IMAGE_SOURCES:
         return value
     if value.startswith(AUSTEN_PREFIX + ":"):
         name = value.split(":", 1)[1]
@@ -95,7 +97,8 @@ def check_text_source(value: str) -> str:
     if not Path(value).exists():
         raise ValueError(
             f"no such file or folder {show_value(value)} (relative paths resolve against the current "
-            "working directory); use austen, austen:<novel>, or a .txt/.jsonl file or folder of them"
+            "working directory); use austen, austen:<novel>, or a .txt/.jsonl file or folder of them "
+            "(vision encoders: textile)"
         )
     return value
 
@@ -135,9 +138,10 @@ class ModelSpec(_Strict):
 class CalibrationSpec(_Strict):
     """The text fed through the model to score what to prune."""
 
-    source: TextSource = Field("austen", description="austen, austen:<novel>, or a .txt/.jsonl file or folder.")
-    samples: int = Field(256, gt=0, description="Number of random windows.")
-    seqlen: int = Field(128, gt=1, description="Tokens per window.")
+    source: TextSource = Field("austen", description="austen, austen:<novel>, or a .txt/.jsonl file or folder; "
+                               "vision encoders: textile.")
+    samples: int = Field(256, gt=0, description="Number of random windows (encoders: sentences or images).")
+    seqlen: int = Field(128, gt=1, description="Tokens per window (text encoders: most tokens per sentence).")
     seed: int = Field(0, ge=0, description="Seed for the window positions.")
     batch_size: int = Field(16, gt=0, description="Windows per forward pass.")
 
@@ -178,6 +182,10 @@ class EvaluateSpec(_Strict):
     batch_size: int = Field(8, gt=0, description="Windows per forward pass.")
     dense: bool = Field(True, description="Also evaluate the dense model (needed for PPL ratios).")
     agreement: bool = Field(True, description="Compare dense and pruned logits (top-1 agreement, mean KL).")
+    items: Optional[int] = Field(
+        None, gt=1, description="Encoders: held-out sentences per text (default 1000, the first ones) or images "
+        "(default: the whole textile test split).")
+    pairs: int = Field(200, gt=0, description="Encoders: seeded input pairs for the Spearman rank agreement of similarities.")
 
 
 class ValidateSpec(_Strict):
@@ -191,6 +199,8 @@ class ValidateSpec(_Strict):
         None, ge=0, le=1, description="Min fraction of tokens where dense and pruned agree on the top-1 token."
     )
     max_mean_kl: Optional[float] = Field(None, ge=0, description="Max mean KL(dense || pruned) per token.")
+    min_embedding_cosine: Optional[float] = Field(
+        None, ge=-1, le=1, description="Encoders: min mean cosine between dense and pruned embeddings (worst dataset).")
     onnx_atol: float = Field(1.0e-4, ge=0, description="ONNX vs PyTorch logits: absolute tolerance (fp32, CPU).")
     onnx_rtol: float = Field(1.0e-3, ge=0, description="ONNX vs PyTorch logits: relative tolerance (fp32, CPU).")
     onnx_cuda_factor: float = Field(

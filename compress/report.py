@@ -167,9 +167,28 @@ def _params_section(params: dict | None) -> list[str]:
     return lines
 
 
+def _embedding_section(evaluation: dict) -> list[str]:
+    """Encoders: agreement of pruned and dense embeddings (and probe accuracy for images)."""
+    lines = ["## Evaluation", "",
+             f"Pruned vs dense embeddings of the same held-out inputs; Spearman over {evaluation.get('pairs')} "
+             "seeded pairs' similarities.", ""]
+    table = MarkdownTable(["Dataset", "Inputs", "Mean cosine", "Min cosine", "Spearman", "Probe acc. dense / pruned / retrained"],
+                          right_aligned=(1, 2, 3, 4))
+    for name, result in (evaluation.get("datasets") or {}).items():
+        probe = "—"
+        if result.get("probe_accuracy") is not None:
+            probe = " / ".join(fmt_number(result.get(k)) for k in ("probe_dense_accuracy", "probe_accuracy",
+                                                                 "probe_retrained_accuracy"))
+        table.add_row(name, result.get("items"), fmt_number(result.get("mean_cosine")), fmt_number(result.get("min_cosine")),
+                      fmt_number(result.get("spearman")), probe)
+    return lines + table.render()
+
+
 def _evaluation_section(evaluation: dict | None) -> list[str]:
     if not evaluation:
         return []
+    if evaluation.get("kind") == "embeddings":
+        return _embedding_section(evaluation)
     lines = ["## Evaluation", ""]
     setup = [f"{key} {evaluation[key]}" for key in ("seqlen", "max_windows") if evaluation.get(key) is not None]
     if setup:

