@@ -184,7 +184,7 @@ class EvaluateSpec(_Strict):
     agreement: bool = Field(True, description="Compare dense and pruned logits (top-1 agreement, mean KL).")
     items: Optional[int] = Field(
         None, gt=1, description="Encoders: held-out sentences per text (default 1000, the first ones) or images "
-        "(default: the whole textile test split).")
+        "(default: the whole textile test split; with items, the first items of the test and of the probe's train split).")
     pairs: int = Field(200, gt=0, description="Encoders: seeded input pairs for the Spearman rank agreement of similarities.")
 
 

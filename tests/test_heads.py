@@ -280,3 +280,32 @@ def test_real_minilm_keeps_its_embeddings_when_a_quarter_of_heads_go(tmp_path):
 
     assert cosine([]) > 0.999999  # the dense model through the same pipeline
     assert cosine([{"heads": {"score": "output_norm", "ratio": 0.25}}]) > 0.9
+
+
+def test_vision_recipe_on_textile_images_reports_probe_accuracy(tmp_path, one_thread):
+    """A tiny random ViT (224², 32-pixel patches) through the image path: textile calibration,
+    head removal, feature cosine and the three probe accuracies."""
+    pytest.importorskip("conformal_clip_data")
+    from transformers import ViTConfig, ViTModel
+
+    from compress.pipeline import run_recipe
+    from compress.recipe import parse_recipe
+
+    torch.manual_seed(0)
+    folder = tmp_path / "vit"
+    ViTModel(ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64)).save_pretrained(folder)
+    recipe = parse_recipe({
+        "name": "vit", "model": str(folder),
+        "calibration": {"source": "textile", "samples": 8, "batch_size": 4},
+        "passes": [{"heads": {"score": "taylor_gate", "ratio": 0.25}}],
+        "export": {"output": str(tmp_path / "out"), "formats": ["safetensors", "onnx"]},
+        "evaluate": {"datasets": ["textile"], "items": 60, "batch_size": 30},
+    })
+    result = run_recipe(recipe, progress=False)
+    assert result.passed, result.failures
+    figures = result.report["evaluation"]["datasets"]["textile"]
+    assert figures["items"] == 60
+    for key in ("probe_dense_accuracy", "probe_accuracy", "probe_retrained_accuracy"):
+        assert 0.0 <= figures[key] <= 1.0
+    assert sum(w["heads"] for w in result.report["layers"]) == 6

@@ -4,7 +4,7 @@ Text encoders read sentences (``compress.calibration.sources``): calibration dra
 random sentences of the source (``random.Random(seed)``), evaluation takes the first ``items``
 sentences of each held-out text; each batch is tokenised with padding to its longest sentence and
 truncation at ``seqlen`` tokens. Vision encoders read the labelled textile images
-(``compress.calibration.images``), split once into a seeded 70 / 30 train / test split: calibration
+(``compress.calibration.images``), split once into a seeded, stratified 70 / 30 train / test split: calibration
 draws from the train part, evaluation uses the test part (and the train part to fit a linear probe).
 """
 
@@ -59,7 +59,7 @@ class ImageBatches:
 
 @dataclass
 class ImageSplit:
-    """The textile images split once: paths and labels of each part."""
+    """The textile images split once: (path, label) of each part, each part in a seeded shuffled order."""
 
     train: list[tuple]
     test: list[tuple]
@@ -69,7 +69,11 @@ def textile_split() -> ImageSplit:
     from compress.calibration.images import split_indices, textile_images
 
     items = textile_images()
-    train, test = split_indices(len(items), test_fraction=TEST_FRACTION, seed=SPLIT_SEED)
+    train, test = split_indices(len(items), test_fraction=TEST_FRACTION, seed=SPLIT_SEED,
+                                labels=[label for _, label in items])
+    train, test = train.tolist(), test.tolist()
+    random.Random(SPLIT_SEED).shuffle(train)  # so that the first k of a part mix the classes
+    random.Random(SPLIT_SEED).shuffle(test)
     return ImageSplit(train=[items[i] for i in train], test=[items[i] for i in test])
 
 
@@ -117,15 +121,16 @@ class EvaluationSet:
 
 def evaluation_sets(adapter, tokenizer, datasets: list[str], items: int | None, seqlen: int, batch_size: int) -> list[EvaluationSet]:
     """Per dataset the held-out batches (text: the first ``items`` sentences, default 1000;
-    images: the textile test split, or its first ``items``)."""
+    images: the textile test split and, for the probe, the train split; with ``items``, the first
+    ``items`` images of each)."""
     if adapter.modality == "image":
         split = textile_split()
-        test = split.test[:items] if items else split.test
+        test, train = (split.test[:items], split.train[:items]) if items else (split.test, split.train)
         size = image_size(adapter)
         return [EvaluationSet(name=TEXTILE, batches=ImageBatches(test, size, batch_size),
                               labels=torch.tensor([label for _, label in test]),
-                              train_batches=ImageBatches(split.train, size, batch_size),
-                              train_labels=torch.tensor([label for _, label in split.train]))]
+                              train_batches=ImageBatches(train, size, batch_size),
+                              train_labels=torch.tensor([label for _, label in train]))]
     from compress.calibration.sources import first_sentences
 
     sets = []

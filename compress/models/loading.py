@@ -32,7 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -109,7 +109,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     kind, path = resolve_source(source, progress=progress)
-    with _transformers_progress(progress):
+    with transformers_progress(progress):
         if kind == "gguf":
             model, tokenizer = _load_gguf(path, torch_dtype)
         else:
@@ -259,10 +259,10 @@ def embedded_model_folder(*, progress: bool = True) -> Path:
     gguf = embedded_gguf_path()
     folder = embedded_cache_folder()
     marker = _cache_marker(gguf)
-    if _read_marker(folder) != marker:
+    if read_cache_marker(folder) != marker:
         if progress:
             print(f"De-quantising {EMBEDDED_NAME} once into {folder} (about 20 s)...", file=sys.stderr)
-        with _transformers_progress(progress):
+        with transformers_progress(progress):
             _write_cache(gguf, folder, marker)
     return folder
 
@@ -272,34 +272,44 @@ def _cache_marker(gguf: Path) -> dict:
     return {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
 
 
-def _read_marker(folder: Path) -> dict | None:
+def read_cache_marker(folder: Path) -> dict | None:
+    """The marker of a cache folder (None: missing, unreadable, or the folder is incomplete)."""
     try:
         return json.loads((folder / CACHE_MARKER).read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_cache(gguf: Path, folder: Path, marker: dict) -> None:
-    """Write the de-quantised model + tokenizer to a temporary sibling folder, then rename it into
-    place, so a crash or a concurrent load never sees a half-written cache."""
+def write_cache_folder(folder: Path, marker: dict, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder with ``write(staging)``, add ``marker`` last, then rename it
+    into place, so a crash or a concurrent load never sees a half-written cache."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
-        model, tokenizer = _load_gguf(gguf, torch.float32)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        write(staging)
         (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=2))
         _swap_into_place(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _write_cache(gguf: Path, folder: Path, marker: dict) -> None:
+    """The de-quantised model + tokenizer, as a cache folder."""
+
+    def write(staging: Path) -> None:
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    write_cache_folder(folder, marker, write)
+
+
 def _swap_into_place(staging: Path, folder: Path) -> None:
     """Rename ``staging`` to ``folder``, replacing a stale cache; if another process has just
     written a valid one, keep theirs."""
     if folder.exists():
-        if _read_marker(folder) == _read_marker(staging):
+        if read_cache_marker(folder) == read_cache_marker(staging):
             return
         stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
         os.rename(folder, stale)
@@ -307,7 +317,7 @@ def _swap_into_place(staging: Path, folder: Path) -> None:
     try:
         os.rename(staging, folder)
     except OSError:
-        if _read_marker(folder) != _read_marker(staging):
+        if read_cache_marker(folder) != read_cache_marker(staging):
             raise
 
 
@@ -407,7 +417,7 @@ def _dequantize_option() -> dict:
 
 
 @contextlib.contextmanager
-def _transformers_progress(enabled: bool) -> Iterator[None]:
+def transformers_progress(enabled: bool) -> Iterator[None]:
     """Show or hide transformers' own loading bars for the block, then restore the setting."""
     from transformers.utils import logging as hf_logging
 

@@ -8,7 +8,6 @@ by the o bias (exact). Indices refer to the layer as it is when the plan is appl
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from compress.errors import PlanError
 from compress.models.encoder import EncoderAdapter
