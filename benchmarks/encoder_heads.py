@@ -36,14 +36,20 @@ CACHE = ROOT / "bench-results" / "encoder_heads"
 RATIOS = (0.25, 0.5)
 # config name -> pass entry (ratio filled in per row)
 CONFIGS = {
-    "weight_norm": {"heads": {"score": "weight_norm"}},
-    "output_norm": {"heads": {"score": "output_norm"}},
-    "usage_top1": {"heads": {"score": "usage_top1"}},
-    "ablation": {"heads": {"score": "ablation"}},
-    "taylor_gate": {"heads": {"score": "taylor_gate"}},
-    "taylor_gate-iterative": {"heads": {"score": "taylor_gate", "schedule": "iterative"}},
-    "output_norm-uniform": {"heads": {"score": "output_norm", "allocator": "uniform"}},
+    "weight_norm": {"heads": {"score": "weight_norm", "compensation": "none"}},
+    "output_norm": {"heads": {"score": "output_norm", "compensation": "none"}},
+    "usage_top1": {"heads": {"score": "usage_top1", "compensation": "none"}},
+    "ablation": {"heads": {"score": "ablation", "compensation": "none"}},
+    "taylor_gate": {"heads": {"score": "taylor_gate", "compensation": "none"}},
+    "taylor_gate-iterative": {"heads": {"score": "taylor_gate", "schedule": "iterative", "compensation": "none"}},
+    "output_norm-uniform": {"heads": {"score": "output_norm", "allocator": "uniform", "compensation": "none"}},
     "head_routing": {"head_routing": {}},
+    # with FLAP-style bias compensation (the pass's default)
+    "weight_norm+bias": {"heads": {"score": "weight_norm"}},
+    "output_norm+bias": {"heads": {"score": "output_norm"}},
+    "ablation+bias": {"heads": {"score": "ablation"}},
+    "taylor_gate+bias": {"heads": {"score": "taylor_gate"}},
+    "taylor_gate-iterative+bias": {"heads": {"score": "taylor_gate", "schedule": "iterative"}},
 }
 MODELS = {
     "minilm": {"source": "all-minilm-l6-v2", "calibration": {"source": "austen", "samples": 256, "seqlen": 128},
@@ -149,18 +155,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["minilm", "dinov2", "all"], default="all")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--skip-dense", action="store_true", help="reuse the dense run's folder from an earlier run")
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "encoder_heads.json")
     args = parser.parse_args()
     models = ["minilm", "dinov2"] if args.part == "all" else [args.part]
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     for model in models:
-        dense = run_row(model, "dense", None)
-        dense_onnx = Path(dense["artifacts"]["dir"]) / "onnx" / "model.onnx"
+        dense_onnx = CACHE / model / "dense" / "onnx" / "model.onnx"
+        if not (args.skip_dense and dense_onnx.is_file()):
+            dense = run_row(model, "dense", None)
+            (_, figures), = dense["evaluation"]["datasets"].items()
+            print(f"{model}: dense through the pipeline: cosine {figures['mean_cosine']:.6f}, "
+                  f"probe {figures.get('probe_dense_accuracy')}", flush=True)
         feeds = latency_feeds(model)
-        (_, figures), = dense["evaluation"]["datasets"].items()
-        print(f"{model}: dense through the pipeline: cosine {figures['mean_cosine']:.6f}, "
-              f"probe {figures.get('probe_dense_accuracy')}", flush=True)
         for ratio in args.ratios:
             for config in args.configs:
                 row = row_of(model, config, ratio, run_row(model, config, ratio), dense_onnx, feeds)

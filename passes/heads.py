@@ -65,6 +65,54 @@ def select_heads(scores: list[torch.Tensor], remove: int, allocator: str, floor:
     return masked
 
 
+@torch.no_grad()
+def removed_head_means(adapter, batches, removed: list[set[int]]) -> list[torch.Tensor | None]:
+    """Per layer, [hidden] float64: the mean over calibration tokens of what the removed heads add
+    to the output projection, ``Σ_{h removed} W_O,h · mean_t E_h[t]`` (None where nothing is removed).
+
+    The hook runs before any head gate, so it sees each head's own output in the model as it
+    currently runs (with the other removed heads gated off); text tokens outside the attention mask
+    do not count."""
+    from compress.pruning.head_scores import token_mask
+
+    d = adapter.head_dim
+    sums: dict[int, torch.Tensor] = {}
+    tokens: dict[int, int] = {}
+    state: dict = {}
+
+    def hook(index):
+        def record(module, args):
+            x = args[0].detach().double()  # [B, T, H·D]
+            mask = state["mask"]
+            if mask is not None:
+                x = x * mask.to(x.device, x.dtype).unsqueeze(-1)
+            sums[index] = sums.get(index, 0) + x.reshape(-1, x.shape[-1]).sum(0).cpu()
+            tokens[index] = tokens.get(index, 0) + (int(mask.sum()) if mask is not None else x.shape[0] * x.shape[1])
+        return record
+
+    handles = [adapter.attention_consumer(i).register_forward_pre_hook(hook(i), prepend=True)
+               for i, gone in enumerate(removed) if gone and adapter.has_attention(i)]
+    device = next(adapter.model.parameters()).device
+    try:
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            state["mask"] = token_mask(inputs)
+            adapter.model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    means: list[torch.Tensor | None] = []
+    for i, gone in enumerate(removed):
+        if i not in sums:
+            means.append(None)
+            continue
+        mean = sums[i] / max(tokens[i], 1)  # [H·D]
+        cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in sorted(gone)])
+        weight = adapter.attention_consumer(i).weight.detach().double().cpu()  # [hidden, H·D]
+        means.append(weight[:, cols] @ mean[cols])
+    return means
+
+
 def select_channels(scores: list[torch.Tensor], ratio: float) -> list[list[int]]:
     """Per layer, the FFN channels kept (sorted): the ``1 - ratio`` best of each layer, at least one."""
     kept = []
@@ -113,6 +161,9 @@ class HeadsPass:
         allow_empty_layers: bool = Field(
             False, description="Let a layer lose every head: its attention is then replaced by the output "
             "projection's bias (exact). Overrides min_heads_per_layer.")
+        compensation: Literal["bias", "none"] = Field(
+            "bias", description="'bias': add the removed heads' mean contribution on the calibration data to the "
+            "output projection's bias (FLAP's bias compensation; exact on average); 'none': just remove them.")
         ffn_ratio: float = Field(0.0, ge=0, lt=1, description="Share of each layer's FFN channels to remove too.")
         ffn_score: Literal["output_norm", "weight_norm"] = Field(
             "output_norm", description="FFN channel importance: mean |activation| × ‖down column‖, or weight norms.")
@@ -140,8 +191,9 @@ class HeadsPass:
         return CHANNEL_SCORES[self.options.ffn_score]().score(adapter, batches)
 
     # ---------------------------------------------------------------------------- removal
-    def remove_heads(self, ctx, adapter, batches) -> tuple[list[set[int]], list[torch.Tensor], list[dict]]:
-        """(removed heads per layer, the last scores, one record per round)."""
+    def remove_heads(self, ctx, adapter, batches):
+        """(removed heads per layer, the last scores, one record per round, the compensation bias
+        [hidden] per layer or None)."""
         from compress.evaluation.embeddings import embedding_agreement, encoder_embeddings
         from compress.pruning.head_gates import HeadGates
 
@@ -174,7 +226,10 @@ class HeadsPass:
                 record["kept"] = True
                 rounds.append(record)
                 removed = proposal
-        return removed, scores, rounds
+            for layer, heads in enumerate(removed):  # the final mask (a refused round is undone)
+                gates.set_mask(layer, [h for h in range(sizes[layer]) if h not in heads])
+            biases = removed_head_means(adapter, batches, removed) if o.compensation == "bias" and batches else None
+        return removed, scores, rounds, biases
 
     def run(self, ctx) -> PlanStep:
         from compress.models.encoder import EncoderAdapter
@@ -185,17 +240,19 @@ class HeadsPass:
         if not isinstance(adapter, EncoderAdapter):
             raise CompressError(f"heads prunes encoders (BERT, ViT, DeiT, DINOv2, CLIP towers); got {type(ctx.model).__name__}. "
                                 "For decoders use flap, cfsp or loraprune.")
-        data_free = o.score == "weight_norm" and o.quality_floor is None and (o.ffn_ratio == 0 or o.ffn_score == "weight_norm")
+        data_free = (o.score == "weight_norm" and o.quality_floor is None and o.compensation == "none"
+                     and (o.ffn_ratio == 0 or o.ffn_score == "weight_norm"))
         batches = [] if data_free else ctx.calibration_batches()
         sizes = [w.heads for w in adapter.all_widths()]
-        removed, scores, rounds = self.remove_heads(ctx, adapter, batches)
+        removed, scores, rounds, biases = self.remove_heads(ctx, adapter, batches)
         kept_channels = select_channels(self.channel_scores(adapter, batches), o.ffn_ratio) if o.ffn_ratio > 0 else None
         layers = []
         for i, n in enumerate(sizes):
             keep_heads = [h for h in range(n) if h not in removed[i]] if removed[i] else None
             keep_channels = kept_channels[i] if kept_channels is not None else None
+            bias = LayerPlan.bias_values(biases[i]) if biases is not None and biases[i] is not None else None
             if keep_heads is not None or keep_channels is not None:
-                layers.append(LayerPlan(index=i, keep_heads=keep_heads, keep_channels=keep_channels))
+                layers.append(LayerPlan(index=i, keep_heads=keep_heads, keep_channels=keep_channels, o_proj_bias=bias))
         step = PlanStep(pass_name=self.name, options=o.model_dump(), layers=layers)
         step.details = {
             "heads_total": sum(sizes),

@@ -90,7 +90,7 @@ def test_heads_pass_removes_the_budget_and_slicing_equals_masking(score, one_thr
     model = tiny_bert()
     reference = tiny_bert()  # same seed, same weights
     batches = text_batches()
-    step = run_pass(model, {"score": score, "ratio": 0.5}, batches)
+    step = run_pass(model, {"score": score, "ratio": 0.5, "compensation": "none"}, batches)
     adapter = EncoderAdapter(model)
     assert sum(w.heads for w in adapter.all_widths()) == 6  # 12 heads, half removed
     assert all(w.heads >= 1 for w in adapter.all_widths())
@@ -108,8 +108,35 @@ def test_heads_pass_removes_the_budget_and_slicing_equals_masking(score, one_thr
 def test_weight_norm_needs_no_calibration_data():
     model = tiny_bert()
     ctx = PassContext(model=model)  # no batches at all
-    HeadsPass(HeadsPass.Options(score="weight_norm", ratio=0.25)).run(ctx)
+    HeadsPass(HeadsPass.Options(score="weight_norm", ratio=0.25, compensation="none")).run(ctx)
     assert sum(w.heads for w in EncoderAdapter(model).all_widths()) == 9
+
+
+def test_bias_compensation_keeps_the_mean_attention_output(one_thread):
+    """One layer: the removed heads' mean contribution moves into the o bias, so the mean over the
+    calibration tokens of the attention output equals the dense one; without it, it does not."""
+    def mean_attention_output(model, batches):
+        adapter = EncoderAdapter(model)
+        total, count = 0, 0
+        outputs = []
+        handle = adapter.linear(0, "o").register_forward_hook(lambda m, a, out: outputs.append(out.detach().double()))
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+                mask = batch["attention_mask"].bool()
+                total = total + outputs[-1][mask].sum(0)
+                count += int(mask.sum())
+        handle.remove()
+        return total / count
+
+    batches = text_batches()
+    dense = mean_attention_output(tiny_bert(layers=1), batches)
+    for compensation, close in (("bias", True), ("none", False)):
+        model = tiny_bert(layers=1)
+        step = run_pass(model, {"score": "output_norm", "ratio": 0.5, "compensation": compensation}, batches)
+        assert (step.layers[0].o_proj_bias is not None) == (compensation == "bias")
+        error = (mean_attention_output(model, batches) - dense).abs().max()
+        assert (error < 1e-5) == close, (compensation, float(error))
 
 
 def test_uniform_allocator_gives_every_layer_the_same_count():

@@ -41,10 +41,22 @@ def slice_channels(adapter: EncoderAdapter, layer_index: int, keep_channels: lis
     set_submodule(layer, layout.down, _sliced_linear(adapter.linear(layer_index, "down"), keep_cols=keep))
 
 
+def add_o_bias(adapter: EncoderAdapter, layer_index: int, delta: list[float]) -> None:
+    """Add ``delta`` [hidden] (float32 values) to the output projection's bias (compensation)."""
+    o = adapter.linear(layer_index, "o")
+    if o.bias is None or len(delta) != o.bias.shape[0]:
+        raise PlanError(f"layer {layer_index}: o_proj_bias needs an output projection with a bias of {len(delta)} values")
+    with torch.no_grad():
+        o.bias.add_(torch.tensor(delta, dtype=torch.float32, device=o.bias.device).to(o.bias.dtype))
+
+
 def apply_encoder_layer_plan(adapter: EncoderAdapter, plan: LayerPlan) -> None:
-    """Slice one layer as ``plan`` says (None = unchanged) and record its widths in the config."""
-    if plan.keep_kv_heads is not None or plan.o_proj_bias is not None or plan.down_proj_bias is not None:
-        raise PlanError(f"layer {plan.index}: encoder plans carry keep_heads / keep_channels only")
+    """Slice one layer as ``plan`` says (None = unchanged): add the compensation bias first, then
+    cut heads and channels."""
+    if plan.keep_kv_heads is not None or plan.down_proj_bias is not None:
+        raise PlanError(f"layer {plan.index}: encoder plans carry keep_heads, keep_channels and o_proj_bias only")
+    if plan.o_proj_bias is not None:
+        add_o_bias(adapter, plan.index, plan.o_proj_bias)
     if plan.keep_heads is not None:
         slice_heads(adapter, plan.index, list(plan.keep_heads))
     if plan.keep_channels is not None:
