@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from compress.pruning.structured import PrunerSettings
 from compress.recipe import TextSource
@@ -163,3 +163,16 @@ def training_ids(ctx, source: str, pass_name: str):
     if ctx.tokenizer is None:
         raise CompressError(f"{pass_name} needs the model's tokenizer to read its text source")
     return tokenize_text(ctx.tokenizer, read_text(source))
+
+
+def count_or_fraction(value):
+    """Validator of a ``keep`` option: a whole count >= 1 (returned as int) or a fraction in (0, 1)."""
+    if value <= 0:
+        raise ValueError(f"must be a count >= 1 or a fraction in (0, 1) (got {value})")
+    if value >= 1 and value != int(value):
+        raise ValueError(f"a count must be a whole number (got {value})")
+    return int(value) if value >= 1 else value
+
+
+# A ``keep`` option: how many units each layer keeps, as a count or a fraction.
+KeepCount = Annotated[Union[int, float], AfterValidator(count_or_fraction)]

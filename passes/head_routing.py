@@ -11,14 +11,13 @@ the heads that win the most examples (ties: larger total contribution, then lowe
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import CompressError
 from compress.plan import LayerPlan, PlanStep
 from compress.registry import register_pass
+from passes._common import KeepCount
 
 
 def kept_by_usage(wins: torch.Tensor, tie_break: torch.Tensor, keep: int) -> list[int]:
@@ -42,18 +41,10 @@ class HeadRoutingPass:
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        keep: Union[int, float] = Field(
+        keep: KeepCount = Field(
             description="Heads each layer keeps: a whole number is a count, a value in (0, 1) a fraction of "
             "the layer's heads (rounded, at least 1).")
 
-        @field_validator("keep")
-        @classmethod
-        def _count_or_fraction(cls, value):
-            if value <= 0:
-                raise ValueError(f"must be a count >= 1 or a fraction in (0, 1) (got {value})")
-            if value >= 1 and value != int(value):
-                raise ValueError(f"a count must be a whole number (got {value})")
-            return int(value) if value >= 1 else value
 
     def __init__(self, options: "HeadRoutingPass.Options"):
         self.options = options

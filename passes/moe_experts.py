@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import PlanError
 from compress.plan import PlanStep
 from compress.recipe import TextSource
 from compress.registry import register_pass
+from passes._common import KeepCount
 
 
 @register_pass("moe_experts")
@@ -30,7 +31,7 @@ class MoeExpertsPass:
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        keep: Union[int, float] = Field(
+        keep: KeepCount = Field(
             description="Experts each sparse layer keeps: a whole number is a count (e.g. 6), a value in (0, 1) a "
             "fraction of the layer's experts (e.g. 0.5). With allocator: global, the total budget."
         )
@@ -57,14 +58,6 @@ class MoeExpertsPass:
         seqlen: int = Field(128, ge=2, description="With `source`: tokens per window.")
         seed: int = Field(0, ge=0, description="With `source`: seed for the window positions.")
 
-        @field_validator("keep")
-        @classmethod
-        def _count_or_fraction(cls, value):
-            if value <= 0:
-                raise ValueError(f"must be a count >= 1 or a fraction in (0, 1) (got {value})")
-            if value >= 1 and value != int(value):
-                raise ValueError(f"a count must be a whole number (got {value})")
-            return int(value) if value >= 1 else value
 
     def __init__(self, options: "MoeExpertsPass.Options"):
         self.options = options

