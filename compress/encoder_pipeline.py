@@ -137,9 +137,8 @@ def finish_encoder(report, model, preprocessor, plan, staging, monitor, sets, re
                    device, export, ctx=None):
     """Export, reload check, ONNX parity, evaluation, gates, report, rename into place."""
     from compress.models.encoder import EncoderAdapter
-    from compress.pipeline import ONNX_SUBDIR, RunResult
-    from compress.report import write_report
-    from compress.validation import Gate, failures_of, mark_result
+    from compress.pipeline import ONNX_SUBDIR, conclude
+    from compress.validation import Gate
     from exporters.encoder import encoder_onnx_parity, export_encoder_onnx, export_encoder_safetensors
 
     with monitor.stage("export"):
@@ -166,12 +165,4 @@ def finish_encoder(report, model, preprocessor, plan, staging, monitor, sets, re
         with monitor.stage("evaluate"):
             report["evaluation"] = reference.compare(model, EncoderAdapter(model), evaluate, device)
         gates += embedding_gates(report["evaluation"], validate)
-    gates = [g for g in gates if g is not None]
-    failures = failures_of(gates)
-    report["validation"] = {"passed": not failures, "gates": [g.to_dict() for g in gates], "device": device}
-    report["stages"] = monitor.stages
-    report["artifacts"] = {"dir": str(staging.final), "files": files + ["report.json", "report.md", "kept_widths.png"]}
-    write_report(staging.path, report)
-    mark_result(staging.path, failures)
-    staging.commit()
-    return RunResult(output_dir=staging.final, report=report, passed=not failures, failures=failures)
+    return conclude(report, gates, files, staging, monitor, device)

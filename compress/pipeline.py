@@ -298,8 +298,7 @@ def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dens
             device, progress, export=None) -> RunResult:
     """Export, check the reload (and the ONNX graph), evaluate, apply the gates, write the report,
     rename into place. A failed gate still writes everything, with a ``FAILED`` marker."""
-    from compress.report import write_report
-    from compress.validation import Gate, failures_of, mark_result, quality_gates, validate_onnx
+    from compress.validation import Gate, quality_gates, validate_onnx
     from exporters.safetensors import export_safetensors
 
     with monitor.stage("export"):
@@ -334,6 +333,15 @@ def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dens
         with monitor.stage("evaluate"):
             report["evaluation"] = evaluate_pair(dense_model, model, eval_windows, evaluate, progress)
         gates += quality_gates(report["evaluation"], validate)
+
+    return conclude(report, gates, files, staging, monitor, device)
+
+
+def conclude(report: dict, gates: list, files: list[str], staging: _StagingDir, monitor, device: str) -> RunResult:
+    """Judge the gates, write report.json / report.md / the plot and the PASSED or FAILED marker
+    into the staging folder, and rename it into place."""
+    from compress.report import write_report
+    from compress.validation import failures_of, mark_result
 
     gates = [g for g in gates if g is not None]
     failures = failures_of(gates)
