@@ -11,9 +11,10 @@ Every row runs a recipe through `compress run`'s pipeline (calibration, the `hea
   pruned vs dense sentence embeddings (mean pooling, L2), Spearman rank agreement of the cosine
   similarities of 200 seeded sentence pairs, and ONNX Runtime latency of dense vs pruned on the
   same batches (runs alternate; medians of 7 and their ratio).
-- DINOv2-S/14: calibration = 64 images of the textile train split (70 / 30, seed 0), 224²; figures
-  on the 600 test images: feature cosine ([CLS ; mean patch]), accuracy of the logistic probe fitted
-  on dense train features (applied to pruned features), and of a probe refitted on pruned features.
+- DINOv2-S/14: calibration = 64 images of the textile train split (stratified 70 / 30, seed 0),
+  224²; figures on the 600 test images: feature cosine ([CLS ; mean patch]), accuracy of the
+  logistic probe fitted on dense features of 600 train images (applied to pruned features), and of a
+  probe refitted on pruned features of the same 600 train images.
 
 Prints a table and writes JSON (default bench-results/encoder_heads.json).
 """
@@ -55,7 +56,7 @@ MODELS = {
     "minilm": {"source": "all-minilm-l6-v2", "calibration": {"source": "austen", "samples": 256, "seqlen": 128},
                "evaluate": {"datasets": ["austen:persuasion"], "items": 1000, "seqlen": 128, "batch_size": 32}},
     "dinov2": {"source": "dinov2-s14", "calibration": {"source": "textile", "samples": 64, "batch_size": 16},
-               "evaluate": {"datasets": ["textile"], "batch_size": 32}},
+               "evaluate": {"datasets": ["textile"], "items": 600, "batch_size": 32}},
 }
 
 

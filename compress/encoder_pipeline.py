@@ -19,40 +19,36 @@ RELOAD_BATCHES = 1
 
 # ------------------------------------------------------------------------------------ evaluation
 class DenseReference:
-    """What the dense model produced on the evaluation sets, measured before pruning: normalised
-    embeddings per set and, for images, the raw probe features and a probe fitted on them."""
+    """What the dense model produced on the evaluation sets, measured before pruning: pooled
+    embeddings per set and, for images, a probe fitted on the dense train features."""
 
     def __init__(self, model, adapter, sets, device):
         from compress.evaluation.embeddings import encoder_embeddings
+        from compress.evaluation.probe import fit_logistic_probe
 
         self.sets = sets
-        self.embeddings = {s.name: encoder_embeddings(adapter, s.batches, device=device) for s in sets}
+        self.embeddings = {s.name: encoder_embeddings(adapter, s.batches, normalize=False, device=device) for s in sets}
         self.probes = {}
         for s in sets:
             if s.labels is not None:
-                from compress.evaluation.probe import fit_logistic_probe
-
                 train = encoder_embeddings(adapter, s.train_batches, normalize=False, device=device)
-                test = encoder_embeddings(adapter, s.batches, normalize=False, device=device)
                 probe = fit_logistic_probe(train, s.train_labels)
-                self.probes[s.name] = (probe, probe.accuracy(test, s.labels))
+                self.probes[s.name] = (probe, probe.accuracy(self.embeddings[s.name], s.labels))
 
     def compare(self, model, adapter, evaluate, device) -> dict:
         """The report's ``evaluation`` section for the pruned ``model``."""
         from compress.evaluation.embeddings import embedding_agreement, encoder_embeddings
+        from compress.evaluation.probe import fit_logistic_probe
 
         section = {"kind": "embeddings", "pairs": evaluate.pairs, "datasets": {}}
         for s in self.sets:
-            pruned = encoder_embeddings(adapter, s.batches, device=device)
+            pruned = encoder_embeddings(adapter, s.batches, normalize=False, device=device)
             result = embedding_agreement(self.embeddings[s.name], pruned, pairs=evaluate.pairs).to_dict()
             if s.name in self.probes:
-                from compress.evaluation.probe import fit_logistic_probe
-
                 probe, dense_accuracy = self.probes[s.name]
-                test = encoder_embeddings(adapter, s.batches, normalize=False, device=device)
                 train = encoder_embeddings(adapter, s.train_batches, normalize=False, device=device)
-                result.update(probe_dense_accuracy=dense_accuracy, probe_accuracy=probe.accuracy(test, s.labels),
-                              probe_retrained_accuracy=fit_logistic_probe(train, s.train_labels).accuracy(test, s.labels))
+                result.update(probe_dense_accuracy=dense_accuracy, probe_accuracy=probe.accuracy(pruned, s.labels),
+                              probe_retrained_accuracy=fit_logistic_probe(train, s.train_labels).accuracy(pruned, s.labels))
             section["datasets"][s.name] = result
         cosines = [d["mean_cosine"] for d in section["datasets"].values()]
         section["mean_cosine"] = min(cosines) if cosines else None

@@ -102,7 +102,7 @@ class EmbeddingAgreement:
 
 
 def embedding_agreement(dense: torch.Tensor, pruned: torch.Tensor, pairs: int = 200, seed: int = 0) -> EmbeddingAgreement:
-    """Compare normalised embeddings [n, d] of the same inputs (see the module docstring)."""
+    """Compare embeddings [n, d] of the same inputs (L2-normalised here; see the module docstring)."""
     dense = torch.nn.functional.normalize(dense.double(), dim=-1)
     pruned = torch.nn.functional.normalize(pruned.double(), dim=-1)
     cosine = (dense * pruned).sum(-1)
