@@ -1,4 +1,4 @@
-"""Importance scores for encoder attention heads and FFN channels (the `head_prune` pass).
+"""Importance scores for encoder attention heads and FFN channels (the `heads` and `head_routing` passes).
 
 Every scorer has one interface::
 
