@@ -12,9 +12,9 @@ Every row runs a recipe through `compress run`'s pipeline (calibration, the `hea
   similarities of 200 seeded sentence pairs, and ONNX Runtime latency of dense vs pruned on the
   same batches (runs alternate; medians of 7 and their ratio).
 - DINOv2-S/14: calibration = 64 images of the textile train split (stratified 70 / 30, seed 0),
-  224²; figures on the 600 test images: feature cosine ([CLS ; mean patch]), accuracy of the
-  logistic probe fitted on dense features of 600 train images (applied to pruned features), and of a
-  probe refitted on pruned features of the same 600 train images.
+  224²; figures on 300 test images (the split's first 300, in its seeded order): feature cosine
+  ([CLS ; mean patch]), accuracy of the logistic probe fitted on dense features of 300 train images
+  (applied to pruned features), and of a probe refitted on pruned features of the same train images.
 
 Prints a table and writes JSON (default bench-results/encoder_heads.json).
 """
@@ -56,7 +56,7 @@ MODELS = {
     "minilm": {"source": "all-minilm-l6-v2", "calibration": {"source": "austen", "samples": 256, "seqlen": 128},
                "evaluate": {"datasets": ["austen:persuasion"], "items": 1000, "seqlen": 128, "batch_size": 32}},
     "dinov2": {"source": "dinov2-s14", "calibration": {"source": "textile", "samples": 64, "batch_size": 16},
-               "evaluate": {"datasets": ["textile"], "items": 600, "batch_size": 32}},
+               "evaluate": {"datasets": ["textile"], "items": 300, "batch_size": 32}},
 }
 
 
