@@ -83,12 +83,15 @@ def reload_max_abs_diff(model, folder: Path, inputs: dict, device) -> float:
 def check_inputs(model, sets, ctx) -> dict:
     """A small fixed batch for the reload and ONNX checks: the first evaluation or calibration
     batch (cut to 4 inputs), else synthetic inputs."""
+    from compress.calibration.encoder_data import image_size
+    from compress.models.encoder import EncoderAdapter
     from exporters.encoder import sample_encoder_inputs
 
     for batches in ([s.batches for s in sets][:1] + ([ctx._batches] if ctx is not None and ctx._batches else [])):
         if len(batches):
             return {k: v[:4] for k, v in batches[0].items()}
-    return sample_encoder_inputs(model)
+    adapter = EncoderAdapter(model)
+    return sample_encoder_inputs(model, image_size=image_size(adapter) if adapter.modality == "image" else None)
 
 
 # ------------------------------------------------------------------------------------ run
@@ -132,6 +135,7 @@ def run_encoder_recipe(recipe, loaded, staging, monitor, device: str, progress: 
 def finish_encoder(report, model, preprocessor, plan, staging, monitor, sets, reference, evaluate, validate,
                    device, export, ctx=None):
     """Export, reload check, ONNX parity, evaluation, gates, report, rename into place."""
+    from compress.calibration.encoder_data import image_size
     from compress.models.encoder import EncoderAdapter
     from compress.pipeline import ONNX_SUBDIR, conclude
     from compress.validation import Gate
@@ -148,7 +152,8 @@ def finish_encoder(report, model, preprocessor, plan, staging, monitor, sets, re
                             "in-memory encoder vs the safetensors export reloaded with AutoModel (last_hidden_state)"))
     if export is not None and "onnx" in export.formats:
         with monitor.stage("export onnx"):
-            onnx_export = export_encoder_onnx(model, staging.path / ONNX_SUBDIR, opset=export.onnx.opset)
+            size = image_size(EncoderAdapter(model)) if EncoderAdapter(model).modality == "image" else None
+            onnx_export = export_encoder_onnx(model, staging.path / ONNX_SUBDIR, opset=export.onnx.opset, image_size=size)
         with monitor.stage("validate onnx"):
             parity = encoder_onnx_parity(model, staging.path / ONNX_SUBDIR / "model.onnx", inputs)
         report["onnx"] = {"dir": ONNX_SUBDIR, "opset": export.onnx.opset, "bytes": onnx_export.get("bytes"),

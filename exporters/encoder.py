@@ -218,14 +218,15 @@ def _dynamic_shapes(input_names: list[str], model: nn.Module) -> dict:
     return {name: {0: batch, 1: seq} for name in input_names}
 
 
-def export_encoder_onnx(model: nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict:
+def export_encoder_onnx(model: nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET, image_size: int | None = None) -> dict:
     """Trace ``model`` (a CPU float32 copy in eval mode; the model is not changed) with the dynamo
     exporter into ``out_dir``/model.onnx, simplified with onnxslim.
 
     Text encoders take int64 ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and, for BERT,
     ``token_type_ids``, all [batch, seq] with dynamic batch and seq (seq up to
     max_position_embeddings); vision encoders take float32 ``pixel_values`` [batch, channels, H, W]
-    with dynamic batch and the config's image size. The output is ``last_hidden_state`` [batch, tokens, hidden].
+    with dynamic batch and the config's image size (or ``image_size`` when given: DINOv2 is trained at
+    518² but usually fed 224², its position embeddings interpolated to the input). The output is ``last_hidden_state`` [batch, tokens, hidden].
     Weights go to model.onnx.data only when the graph would exceed the 2 GiB protobuf limit.
 
     Returns {"files", "inputs", "outputs", "bytes" (graph + weights), "nodes"}.
@@ -239,7 +240,7 @@ def export_encoder_onnx(model: nn.Module, out_dir: Path, opset: int = DEFAULT_OP
     traced = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     traced.config._attn_implementation = "sdpa"
     wrapper = _wrapper(traced, input_names).eval()
-    sample = sample_encoder_inputs(traced, batch=2, seq=8)
+    sample = sample_encoder_inputs(traced, batch=2, seq=8, image_size=image_size)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch:
         raw = Path(scratch) / ONNX_FILE
@@ -330,20 +331,22 @@ def encoder_onnx_parity(model: nn.Module, onnx_path: Path, inputs: dict[str, tor
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def sample_encoder_inputs(model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+def sample_encoder_inputs(model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 0,
+                          image_size: int | None = None) -> dict[str, torch.Tensor]:
     """Random inputs for ``model``, on its device.
 
     Text: ``input_ids`` [batch, seq] uniform over the vocabulary (the pad id, else 0, where padded),
     ``attention_mask`` with right padding (row 0 full, the last row about half padding, those
     between in steps) and, for BERT,
-    ``token_type_ids`` (zeros). Images: ``pixel_values`` [batch, channels, H, W], standard normal.
+    ``token_type_ids`` (zeros). Images: ``pixel_values`` [batch, channels, H, W], standard normal, at
+    the config's image size or ``image_size``.
     """
     adapter = EncoderAdapter(model)
     config = model.config
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     if adapter.modality == "image":
-        size = config.image_size
+        size = image_size or config.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = getattr(config, "num_channels", 3)
         return {"pixel_values": torch.randn(batch, channels, height, width, generator=generator).to(device)}

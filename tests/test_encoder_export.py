@@ -352,3 +352,16 @@ def test_sample_inputs_are_seeded_and_padded():
     assert (sample_encoder_inputs(clip)["input_ids"][1, 8:] == 1).all()  # the pad id where padded
     pixels = sample_encoder_inputs(tiny_encoder("dinov2"), batch=3)["pixel_values"]
     assert pixels.shape == (3, 3, 32, 32) and pixels.dtype == torch.float32
+
+
+def test_vision_export_at_another_image_size(tmp_path):
+    """DINOv2 is trained at 518² and fed 224²: the graph is traced at the size asked for."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, mlp_ratio=2,
+                                     patch_size=14, image_size=56)).eval()
+    export_encoder_onnx(model, tmp_path, image_size=28)
+    inputs = sample_encoder_inputs(model, batch=3, image_size=28)
+    assert inputs["pixel_values"].shape == (3, 3, 28, 28)
+    assert encoder_onnx_parity(model, tmp_path / "model.onnx", inputs)["max_abs_diff"] < 1e-4
