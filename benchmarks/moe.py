@@ -1,16 +1,16 @@
 """MoE expert pruning on a real (upcycled) MoE: SmolLM2-135M turned into a Mixtral-style MoE.
 
     python benchmarks/moe.py                     # upcycle + fine-tune (cached), then prune and measure
-    python benchmarks/moe.py --steps 300         # a longer fine-tuning budget (new cache entry)
+    python benchmarks/moe.py --steps 600         # another fine-tuning budget (a new cache entry)
 
 No pretrained MoE ships offline, so one is built honestly from the embedded dense model:
 
-1. **Upcycle.** Every MLP (1536 SwiGLU channels) becomes 8 experts, top-2. The 384 channels
-   with the largest mean contribution on calibration tokens are copied into every expert with
-   their down_proj columns unscaled: renormalised routing weights sum to 1, so these add up exactly
-   as in the dense MLP, whatever the routing. Without them SmolLM2 collapses: even an oracle
-   that routes each token to the 2 of 8 channel clusters with the largest output gives
-   perplexity ~8,400. The other 1152 channels are split into 8 routed groups of 144 by balanced
+1. **Upcycle.** Every MLP (1536 SwiGLU channels) becomes 8 experts, top-2. The 768 channels
+   (`--shared`) with the largest mean contribution on calibration tokens are copied into every
+   expert with their down_proj columns unscaled: renormalised routing weights sum to 1, so these add
+   up exactly as in the dense MLP, whatever the routing. Without them SmolLM2 collapses: even an
+   oracle that routes each token to the 2 of 8 channel clusters with the largest output gives
+   perplexity ~8,400. The other 768 channels are split into 8 routed groups of 96 by balanced
    k-means on their gate_proj rows (unit-normalised, seeded); their down_proj columns are
    multiplied by top-k, so that with equal weights (1/k) the chosen groups add up as in the dense
    MLP. The router row of an expert is the centroid of its routed rows, scaled so that router
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CACHE = ROOT / "bench-results" / "moe"
-EXPERTS, TOP_K, SHARED = 8, 2, 384
+EXPERTS, TOP_K, SHARED = 8, 2, 768
 
 
 # ------------------------------------------------------------------------------------ upcycling
@@ -295,8 +295,8 @@ def print_row(row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps of the upcycled MoE")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps of the upcycled MoE")
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--shared", type=int, default=SHARED, help="channels copied into every expert")
     parser.add_argument("--scores", nargs="+", choices=SCORES, default=list(SCORES))
     parser.add_argument("--ratios", nargs="+", type=float, choices=list(KEEPS), default=list(KEEPS),
