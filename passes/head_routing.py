@@ -56,14 +56,15 @@ class HeadRoutingPass:
     def run(self, ctx) -> PlanStep:
         from compress.models.encoder import EncoderAdapter
         from compress.pruning.encoder_surgeon import apply_encoder_step
-        from compress.pruning.head_scores import OutputNormScore, example_usage_top1
+        from compress.pruning.head_scores import count_wins, head_contribution_stats
 
         adapter = ctx.adapter()
         if not isinstance(adapter, EncoderAdapter):
             raise CompressError(f"head_routing works on encoders (BERT, ViT, DeiT, DINOv2, CLIP towers); got {type(ctx.model).__name__}")
         batches = ctx.calibration_batches()
-        wins = example_usage_top1(adapter, batches)
-        contribution = OutputNormScore().score(adapter, batches)
+        stats = head_contribution_stats(adapter, batches)  # one pass: per-example top heads and contributions
+        contribution = stats["output_norm"]
+        wins = count_wins(stats["example_top1"], [len(c) for c in contribution])
         layers, kept_all = [], []
         for i, (w, c) in enumerate(zip(wins, contribution)):
             heads = len(w)

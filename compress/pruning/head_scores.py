@@ -267,9 +267,13 @@ def example_top1_heads(adapter, batches: list[dict]) -> list[torch.Tensor]:
 def example_usage_top1(adapter, batches: list[dict]) -> list[torch.Tensor]:
     """Per layer, int64 [heads_l]: how many calibration examples have head h as their top head (see
     `example_top1_heads`): "which heads carry each example". Sums to the number of examples."""
-    widths = adapter.all_widths()
-    return [torch.bincount(top, minlength=w.heads) if w.heads else torch.zeros(0, dtype=torch.long)
-            for top, w in zip(example_top1_heads(adapter, batches), widths)]
+    return count_wins(example_top1_heads(adapter, batches), [w.heads for w in adapter.all_widths()])
+
+
+def count_wins(example_top1: list[torch.Tensor], heads: list[int]) -> list[torch.Tensor]:
+    """Per layer, int64 [heads_l]: how often each head is an example's top head."""
+    return [torch.bincount(top, minlength=n) if n else torch.zeros(0, dtype=torch.long)
+            for top, n in zip(example_top1, heads)]
 
 
 # ------------------------------------------------------------------------------------ Michel Taylor
