@@ -212,7 +212,9 @@ def test_channel_output_norm_matches_brute_force(family):
 
 
 def test_padding_does_not_change_scores():
-    adapter = EncoderAdapter(tiny_encoder("bert"))
+    # float64: in float32 the padded attention sums in another order, and the smallest Taylor
+    # scores (gradients ~1e-5) then move by a few 1e-4 relative, which says nothing about padding.
+    adapter = EncoderAdapter(tiny_encoder("bert").double())
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 100, (3, 8), generator=g)
     plain = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
@@ -221,7 +223,7 @@ def test_padding_does_not_change_scores():
     for scorer in (OutputNormScore(), AblationScore(), TaylorGateScore(), ChannelOutputNormScore()):
         a, b = scorer.score(adapter, plain), scorer.score(adapter, padded)
         for x, y in zip(a, b):
-            assert torch.allclose(x, y, rtol=1e-4, atol=0), type(scorer).__name__
+            assert torch.allclose(x, y, rtol=1e-9, atol=0), type(scorer).__name__
     assert all(torch.equal(x, y) for x, y in zip(UsageTop1Score().score(adapter, plain),
                                                   UsageTop1Score().score(adapter, padded)))
     assert all(torch.equal(x, y) for x, y in zip(example_usage_top1(adapter, plain), example_usage_top1(adapter, padded)))
