@@ -162,6 +162,11 @@ def finish_encoder(report, model, preprocessor, plan, staging, monitor, sets, re
         files += [f"{ONNX_SUBDIR}/{name}" for name in onnx_export.get("files", [])]
         gates.append(Gate.check("onnx_max_abs_diff", parity["max_abs_diff"], validate.onnx_atol, "<=",
                                 "ONNX Runtime vs PyTorch last_hidden_state"))
+        if "kept_index_mismatches" in parity:
+            report["onnx"]["validation"]["kept_index_sets"] = {
+                "inputs": parity["kept_index_rows"], "mismatches": parity["kept_index_mismatches"]}
+            gates.append(Gate.check("onnx_kept_index_mismatches", parity["kept_index_mismatches"], 0, "<=",
+                                    "inputs whose kept token indices differ between ONNX Runtime and PyTorch"))
     if reference is not None:
         with monitor.stage("evaluate"):
             report["evaluation"] = reference.compare(model, EncoderAdapter(model), evaluate, device)

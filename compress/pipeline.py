@@ -377,6 +377,11 @@ def apply_plan(model, plan: Plan) -> None:
             from compress.pruning.encoder_surgeon import apply_encoder_step
 
             apply_encoder_step(adapter, step)
+            if "token_stages" in step.details:  # token_prune / token_merge: the stages they added
+                from compress.pruning.token_schedule import install_token_pruning
+
+                install_token_pruning(model, step.details["token_stages"],
+                                      step.details["token_pruning"].get("proportional_attention", True))
             continue
         apply_step(adapter, step)  # slices, biases and least-squares refits
         if set(step.artifacts) - {REFIT_ARTIFACT} or _replays_details(step):

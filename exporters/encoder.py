@@ -31,9 +31,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from compress.errors import CompressError
-from compress.models import pruned_encoder
+from compress.models import pruned_encoder, token_pruning
 from compress.models.encoder import EncoderAdapter
-from compress.models.pruned_encoder import _PER_LAYER_FIELDS, PRUNED_CLASSES, PRUNED_MODEL_TYPES, dense_intermediate
+from compress.models.pruned_encoder import _PER_LAYER_FIELDS, _TOKEN_FIELDS, PRUNED_CLASSES, PRUNED_MODEL_TYPES, dense_intermediate
 from exporters.onnx import _slim
 from exporters.safetensors import (
     _architecture_dict,
@@ -58,10 +58,12 @@ ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 DEFAULT_OPSET = 18
 OUTPUT_NAME = "last_hidden_state"
+# Extra outputs of a token-pruned encoder: [batch, tokens] float sizes (0 = padding) and int64 original indices.
+TOKEN_OUTPUTS = ("token_sizes", "kept_positions")
 _PROTOBUF_LIMIT = 2**31 - 2**20  # a single-file graph must stay below 2 GiB (with some room for the graph)
 
 # The attributes `record_widths` writes on a stock config, and the fields only a Pruned*Config has.
-PER_LAYER_ATTRIBUTES = tuple(_PER_LAYER_FIELDS)
+PER_LAYER_ATTRIBUTES = tuple(_PER_LAYER_FIELDS) + tuple(_TOKEN_FIELDS)
 # stock model_type -> stock base model class (BertModel, …): the parent of each pruned model class.
 BASE_MODEL_CLASSES = {family: model_class.__bases__[0] for family, (_, model_class) in PRUNED_CLASSES.items()}
 
@@ -113,7 +115,8 @@ def encoder_config(model: nn.Module) -> PreTrainedConfig:
     """
     adapter = _adapter(model)
     family, config = adapter.family, model.config
-    if _is_dense(adapter):
+    rewrite = getattr(config, "token_pruning", None)
+    if _is_dense(adapter) and rewrite is None:
         if type(config) is CONFIG_MAPPING[family]:
             result = copy.deepcopy(config)
             for name in PER_LAYER_ATTRIBUTES:
@@ -132,6 +135,7 @@ def encoder_config(model: nn.Module) -> PreTrainedConfig:
         attention_head_dim=adapter.head_dim,
         num_attention_heads_per_layer=[w.heads for w in widths],
         intermediate_size_per_layer=[w.intermediate for w in widths],
+        token_pruning=copy.deepcopy(rewrite),
     )
     config_class, model_class = PRUNED_CLASSES[family]
     result = config_class(**values)
@@ -158,7 +162,7 @@ def export_encoder_safetensors(model: nn.Module, preprocessor, out_dir: Path) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
     if _uses_pruned_config(config):
-        files += write_remote_code(out_dir, pruned_encoder)
+        files += write_remote_code(out_dir, pruned_encoder) + write_remote_code(out_dir, token_pruning)
     config.dtype = model_dtype(model)
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     files += write_weights(_without_shared_storage(state), out_dir)
@@ -171,36 +175,48 @@ def export_encoder_safetensors(model: nn.Module, preprocessor, out_dir: Path) ->
 def encoder_onnx_io(model: nn.Module) -> tuple[list[str], list[str]]:
     """(input names, output names) of the graph `export_encoder_onnx` writes for ``model``."""
     adapter = EncoderAdapter(model)
+    outputs = [OUTPUT_NAME] + (list(TOKEN_OUTPUTS) if _has_token_pruning(model) else [])
     if adapter.modality == "image":
-        return ["pixel_values"], [OUTPUT_NAME]
+        return ["pixel_values"], outputs
     names = ["input_ids", "attention_mask"]
     if adapter.family == "bert":
         names.append("token_type_ids")
-    return names, [OUTPUT_NAME]
+    return names, outputs
+
+
+def _has_token_pruning(model: nn.Module) -> bool:
+    return getattr(model.config, "token_pruning", None) is not None
 
 
 class _Encoder(nn.Module):
-    """Base encoder -> last_hidden_state, with the graph's inputs as named positional arguments."""
+    """Base encoder -> last_hidden_state (and, with token pruning, token_sizes and kept_positions),
+    with the graph's inputs as named positional arguments."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.token_outputs = _has_token_pruning(model)
+
+    def outputs(self, result):
+        if self.token_outputs:
+            return result.last_hidden_state, result.token_sizes, result.kept_positions
+        return result.last_hidden_state
 
 
 class _VisionEncoder(_Encoder):
     def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).last_hidden_state
+        return self.outputs(self.model(pixel_values=pixel_values))
 
 
 class _TextEncoder(_Encoder):
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.outputs(self.model(input_ids=input_ids, attention_mask=attention_mask))
 
 
 class _BertEncoder(_Encoder):
     def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids).last_hidden_state
+        return self.outputs(self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                       token_type_ids=token_type_ids))
 
 
 def _wrapper(model: nn.Module, input_names: list[str]) -> _Encoder:
@@ -214,7 +230,10 @@ def _dynamic_shapes(input_names: list[str], model: nn.Module) -> dict:
     if input_names == ["pixel_values"]:
         return {"pixel_values": {0: batch}}
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    seq = torch.export.Dim("seq", max=max_positions) if max_positions else torch.export.Dim("seq")
+    # Token counts of a token-pruned text encoder are integer expressions of seq; torch.export cannot
+    # solve the rational lower bounds they imply for tiny seq, and they hold for any seq >= 8.
+    low = 8 if _has_token_pruning(model) else 0
+    seq = torch.export.Dim("seq", min=low, max=max_positions) if max_positions else torch.export.Dim("seq", min=low)
     return {name: {0: batch, 1: seq} for name in input_names}
 
 
@@ -300,7 +319,10 @@ def encoder_onnx_parity(model: nn.Module, onnx_path: Path, inputs: dict[str, tor
 
     ``device``: ORT device (cpu, cuda, cuda:N); None = cuda when torch sees a GPU, else cpu. CUDA
     runs with TF32 off and falls back to the CPU when this ONNX Runtime has no CUDA provider.
-    Returns {"max_abs_diff", "mean_abs_diff", "provider"}.
+    A token-pruned encoder is compared first on its kept index sets (`kept_index_agreement`), then on
+    the values of the inputs whose sets agree.
+
+    Returns {"max_abs_diff", "mean_abs_diff", "provider"} (+ the `kept_index_agreement` keys).
     """
     import numpy as np
 
@@ -318,16 +340,45 @@ def encoder_onnx_parity(model: nn.Module, onnx_path: Path, inputs: dict[str, tor
     if missing:
         raise CompressError(f"{onnx_path} needs inputs {missing}; got {sorted(inputs)}")
     feeds = {name: inputs[name].detach().cpu().numpy() for name in names}
-    (onnx_out,) = session.run([OUTPUT_NAME], feeds)
+    token_outputs = _has_token_pruning(model)
+    onnx_outputs = session.run([OUTPUT_NAME, *TOKEN_OUTPUTS] if token_outputs else [OUTPUT_NAME], feeds)
     model_device = next(model.parameters()).device
     with torch.no_grad():
-        expected = model(**{name: inputs[name].to(model_device) for name in names}).last_hidden_state
-    expected = expected.float().cpu().numpy()
+        result = model(**{name: inputs[name].to(model_device) for name in names})
+    expected = result.last_hidden_state.float().cpu().numpy()
+    onnx_out = onnx_outputs[0].astype(np.float32)
     if onnx_out.shape != expected.shape:
         raise RuntimeError(f"ONNX output shape {onnx_out.shape} != PyTorch {expected.shape}")
-    diff = np.abs(onnx_out.astype(np.float32) - expected)
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "provider": session.get_providers()[0]}
+    report = {"provider": session.get_providers()[0]}
+    if token_outputs:
+        agreement = kept_index_agreement(result.token_sizes.cpu().numpy(), result.kept_positions.cpu().numpy(),
+                                         onnx_outputs[1], onnx_outputs[2])
+        report.update(agreement)
+        # Values of the real tokens (size > 0) of the inputs whose kept sets agree: which padding
+        # slots fill an unused budget is a tie and may differ.
+        real = (result.token_sizes.cpu().numpy() > 0)[agreement["agreeing_rows"]]
+        rows = agreement["agreeing_rows"]
+        onnx_out, expected = onnx_out[rows][real], expected[rows][real]
+    diff = np.abs(onnx_out - expected)
+    report.update(max_abs_diff=float(diff.max()) if diff.size else 0.0,
+                  mean_abs_diff=float(diff.mean()) if diff.size else 0.0)
+    return report
+
+
+def kept_index_agreement(torch_sizes, torch_positions, onnx_sizes, onnx_positions) -> dict:
+    """Compare, per input, the set of original token indices a token-pruned encoder kept (tokens with
+    size > 0) in PyTorch and in ONNX Runtime. All arguments are [batch, tokens] numpy arrays.
+
+    Returns {"kept_index_rows": inputs compared, "kept_index_mismatches": inputs whose sets differ,
+    "agreeing_rows": indices of the inputs whose sets agree (their values are then comparable)}."""
+    agreeing = []
+    for row in range(torch_sizes.shape[0]):
+        kept_torch = set(torch_positions[row][torch_sizes[row] > 0].tolist())
+        kept_onnx = set(onnx_positions[row][onnx_sizes[row] > 0].tolist())
+        if kept_torch == kept_onnx:
+            agreeing.append(row)
+    return {"kept_index_rows": int(torch_sizes.shape[0]),
+            "kept_index_mismatches": int(torch_sizes.shape[0] - len(agreeing)), "agreeing_rows": agreeing}
 
 
 # ------------------------------------------------------------------------------------------ inputs

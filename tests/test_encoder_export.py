@@ -160,7 +160,7 @@ def test_pruned_export_reloads_with_the_pruned_class(family, exports):
     model, folder, result = exports.model(family), exports.folder(family), exports.result(family)
     config_class, model_class = PRUNED_CLASSES[family]
     assert result == {"config_class": config_class.__name__,
-                      "files": ["config.json", "model.safetensors", "pruned_encoder.py"]}
+                      "files": ["config.json", "model.safetensors", "pruned_encoder.py", "token_pruning.py"]}
 
     config = read_config(folder)
     assert config["model_type"] == config_class.model_type and config["base_model_type"] == family

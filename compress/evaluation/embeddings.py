@@ -26,16 +26,27 @@ def prefix_tokens(adapter) -> int:
     return 1 + int(getattr(adapter.config, "num_register_tokens", 0) or 0)
 
 
-def pooled_embedding(last_hidden_state: torch.Tensor, batch: dict, modality: str, prefix: int = 1) -> torch.Tensor:
+def pooled_embedding(last_hidden_state: torch.Tensor, batch: dict, modality: str, prefix: int = 1,
+                     token_sizes: torch.Tensor | None = None, kept_positions: torch.Tensor | None = None) -> torch.Tensor:
     """[n, hidden] (text: mean over the attention mask) or [n, 2·hidden] (image: CLS ; mean of the
     patch tokens, from ``prefix`` on); not normalised.
 
     ``last_hidden_state`` [n, T, hidden]; ``batch`` the model inputs (its ``attention_mask`` [n, T]
-    selects the text tokens that count; every token without one)."""
+    selects the text tokens that count; every token without one). A token-pruned encoder also gives
+    ``token_sizes`` [n, T] (0 = padding, k = k merged tokens) and ``kept_positions`` [n, T] (original
+    indices): the means are then weighted by size, so a merged token counts as the tokens it holds,
+    and the image prefix is found by original position (ToMe moves DeiT's distillation token)."""
+    if modality not in ("text", "image"):
+        raise ValueError(f"unknown modality {modality!r} (text or image)")
+    if token_sizes is not None:
+        weights = token_sizes.to(last_hidden_state.dtype)
+        if modality == "image":
+            weights = weights * (kept_positions >= prefix).to(weights.dtype)
+        weights = weights.unsqueeze(-1)
+        mean = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+        return torch.cat([last_hidden_state[:, 0], mean], dim=-1) if modality == "image" else mean
     if modality == "image":
         return torch.cat([last_hidden_state[:, 0], last_hidden_state[:, prefix:].mean(1)], dim=-1)
-    if modality != "text":
-        raise ValueError(f"unknown modality {modality!r} (text or image)")
     mask = batch.get("attention_mask")
     if mask is None:
         return last_hidden_state.mean(1)
@@ -53,7 +64,10 @@ def encoder_embeddings(adapter, batches, *, normalize: bool = True, device: str 
     out = []
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items()}
-        pooled = pooled_embedding(model(**inputs).last_hidden_state, inputs, adapter.modality, prefix).double().cpu()
+        output = model(**inputs)
+        pooled = pooled_embedding(output.last_hidden_state, inputs, adapter.modality, prefix,
+                                  getattr(output, "token_sizes", None), getattr(output, "kept_positions", None))
+        pooled = pooled.double().cpu()
         out.append(torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled)
     return torch.cat(out)
 

@@ -20,6 +20,9 @@ F = intermediate_size_per_layer[i], D = attention_head_dim and E = hidden_size:
 
 A layer with H = 0 has no attention: the block that mixed tokens is replaced by its output bias
 (exact: with no heads the attention output is the o bias alone), stored as `<o>.bias` [E].
+
+A config with ``token_pruning`` (see token_pruning.py, copied beside this file) runs the forward of
+`token_pruning.token_pruned_forward`: the same layers, with tokens dropped or merged between them.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from transformers import (
     ViTModel,
 )
 from transformers.utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
+
+from .token_pruning import check_token_pruning, token_pruned_forward
 
 
 # ------------------------------------------------------------------------------------ layouts
@@ -169,6 +174,8 @@ _PER_LAYER_FIELDS = {
     "num_attention_heads_per_layer": list[int] | None,
     "intermediate_size_per_layer": list[int] | None,
 }
+# Not a width: kept when a config is rebuilt from its stock values.
+_TOKEN_FIELDS = {"token_pruning": dict | None}
 
 
 def dense_intermediate(config) -> int:
@@ -190,6 +197,8 @@ def _fill_per_layer(config) -> None:
             raise ValueError(f"{type(config).__name__}.{name} must list {layers} non-negative widths, got {values!r}")
     if any(v < 1 for v in config.intermediate_size_per_layer):
         raise ValueError(f"{type(config).__name__}.intermediate_size_per_layer: every layer needs an FFN channel")
+    if config.token_pruning is not None:
+        check_token_pruning(config.token_pruning, layers)
 
 
 def _pruned_config_class(base: type, model_type: str, base_model_type: str) -> type:
@@ -203,12 +212,13 @@ def _pruned_config_class(base: type, model_type: str, base_model_type: str) -> t
         "__module__": __name__,
         "__qualname__": f"Pruned{base.__name__}",
         "__doc__": f"`{base.__name__}` with per-layer attention heads and FFN widths (see the module docstring).",
-        "__annotations__": dict(_PER_LAYER_FIELDS),
+        "__annotations__": {**_PER_LAYER_FIELDS, **_TOKEN_FIELDS},
         "model_type": model_type,
         "base_model_type": base_model_type,
         "attention_head_dim": None,
         "num_attention_heads_per_layer": None,
         "intermediate_size_per_layer": None,
+        "token_pruning": None,
         "__post_init__": __post_init__,
     }
     return strict(type(f"Pruned{base.__name__}", (base,), namespace))
@@ -251,11 +261,25 @@ def _pruned_model_class(base: type, config_class: type) -> type:
         resize_encoder(self, config)
         self.post_init()
 
+    input_names = _INPUT_NAMES[config_class.base_model_type]
+
+    def forward(self, *args, **kwargs):
+        if getattr(self.config, "token_pruning", None) is None:
+            return base.forward(self, *args, **kwargs)
+        kwargs.update(zip(input_names, args))
+        family = self.config.base_model_type
+        return token_pruned_forward(self, LAYOUTS[family], family, **kwargs)
+
     namespace = {"__module__": __name__, "__qualname__": f"Pruned{base.__name__}", "config_class": config_class,
-                 "__init__": __init__,
+                 "__init__": __init__, "forward": forward,
                  "__doc__": f"`{base.__name__}` with per-layer attention heads and FFN widths."}
     return type(f"Pruned{base.__name__}", (base,), namespace)
 
+
+# stock model_type -> the forward's leading argument names (the token-pruned forward takes them by keyword)
+_INPUT_NAMES = {"bert": ("input_ids", "attention_mask", "token_type_ids"), "vit": ("pixel_values",),
+                "deit": ("pixel_values",), "dinov2": ("pixel_values",), "clip_text_model": ("input_ids", "attention_mask"),
+                "clip_vision_model": ("pixel_values",)}
 
 # stock model_type -> (pruned model_type, stock config, stock model)
 _BASES = {
