@@ -351,18 +351,32 @@ def encoder_onnx_parity(model: nn.Module, onnx_path: Path, inputs: dict[str, tor
         raise RuntimeError(f"ONNX output shape {onnx_out.shape} != PyTorch {expected.shape}")
     report = {"provider": session.get_providers()[0]}
     if token_outputs:
-        agreement = kept_index_agreement(result.token_sizes.cpu().numpy(), result.kept_positions.cpu().numpy(),
-                                         onnx_outputs[1], onnx_outputs[2])
+        torch_sizes, torch_positions = result.token_sizes.cpu().numpy(), result.kept_positions.cpu().numpy()
+        agreement = kept_index_agreement(torch_sizes, torch_positions, onnx_outputs[1], onnx_outputs[2])
         report.update(agreement)
-        # Values of the real tokens (size > 0) of the inputs whose kept sets agree: which padding
-        # slots fill an unused budget is a tie and may differ.
-        real = (result.token_sizes.cpu().numpy() > 0)[agreement["agreeing_rows"]]
         rows = agreement["agreeing_rows"]
-        onnx_out, expected = onnx_out[rows][real], expected[rows][real]
+        onnx_out = _real_tokens_by_position(onnx_out, onnx_outputs[1], onnx_outputs[2], rows)
+        expected = _real_tokens_by_position(expected, torch_sizes, torch_positions, rows)
     diff = np.abs(onnx_out - expected)
     report.update(max_abs_diff=float(diff.max()) if diff.size else 0.0,
                   mean_abs_diff=float(diff.mean()) if diff.size else 0.0)
     return report
+
+
+def _real_tokens_by_position(hidden, sizes, positions, rows: list[int]):
+    """The real tokens (size > 0) of ``rows`` in the order of their original positions, [tokens, E].
+
+    ``hidden`` [batch, T, E], ``sizes`` and ``positions`` [batch, T] numpy arrays. Which padding
+    slot fills an unused budget is a tie (PyTorch and ONNX Runtime may break it differently), and
+    after a ToMe merge the slots that padding took move the real tokens, so values are compared by
+    original position, not by slot."""
+    import numpy as np
+
+    picked = []
+    for row in rows:
+        real = sizes[row] > 0
+        picked.append(hidden[row][real][np.argsort(positions[row][real], kind="stable")])
+    return np.concatenate(picked) if picked else hidden[:0, 0]
 
 
 def kept_index_agreement(torch_sizes, torch_positions, onnx_sizes, onnx_positions) -> dict:

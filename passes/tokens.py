@@ -111,7 +111,7 @@ class TokenMergePass:
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        keep_ratio: float = Field(gt=0, le=1, description="Share of the patch / word tokens left after the last merge.")
+        keep_ratio: float = Field(gt=0, lt=1, description="Share of the patch / word tokens left after the last merge.")
         start_layer: int = Field(0, ge=0, description="First layer after which tokens merge; every later layer but "
                                  "the last merges the same number r.")
         layers: Optional[list[int]] = Field(None, description="Merge after exactly these layers instead.")

@@ -69,9 +69,13 @@ def merge_stages(keep_ratio: float, layers: list[int], free_tokens: int | None) 
                                 f"{per_layer:.2f} of the tokens per layer; at most 0.5 is possible (start earlier)")
         return [{"method": "tome", "after_layer": layer, "merge_ratio": _fraction(per_layer)} for layer in layers]
     total = free_tokens - max(1, round(free_tokens * keep_ratio))
+    if total == 0:
+        raise CompressError(f"token_merge: keep_ratio {keep_ratio} of {free_tokens} tokens merges none")
     stages, remaining = [], free_tokens
     for number, layer in enumerate(layers):
         merge = total // len(layers) + (1 if number < total % len(layers) else 0)
+        if merge == 0:  # fewer merges than layers: the first layers take one each
+            break
         if merge > remaining // 2:
             raise CompressError(f"token_merge: merging {merge} of {remaining} tokens after layer {layer} is more than "
                                 f"half; keep more tokens or merge over more layers")
