@@ -144,6 +144,51 @@ QuietOption = Annotated[
 ]
 
 
+def _size_option(value: Optional[str]) -> Optional[int]:
+    """``--max-memory``: bytes from ``8GiB``, ``512MiB``, ``2GB`` or a number of bytes."""
+    if value is None:
+        return None
+    from compress.memory import parse_size
+
+    try:
+        return parse_size(value, "--max-memory")
+    except CompressError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+MaxMemoryOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-memory",
+        help="Prune out of core under this much resident memory (e.g. 8GiB): blocks are read from the "
+        "checkpoint one at a time, pruned, written and freed; replaces the recipe's max_memory (docs/scale.md).",
+        show_default=False,
+    ),
+]
+OffloadDirOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--offload-dir",
+        help="Out of core: keep the calibration activations in this folder on disk (one file per batch); "
+        "replaces the recipe's offload_dir.",
+        show_default=False,
+    ),
+]
+
+
+def _memory_overrides(recipe: Any, max_memory: Optional[str], offload_dir: Optional[Path]) -> Any:
+    """The recipe with ``--max-memory`` / ``--offload-dir`` applied and checked."""
+    size = _size_option(max_memory)
+    if offload_dir is not None and size is None and recipe.max_memory is None:
+        raise CompressError("--offload-dir is only used out of core: add --max-memory (or max_memory in the recipe)")
+    recipe = recipe.with_overrides(max_memory=size, offload_dir=offload_dir)
+    if recipe.max_memory is not None:
+        from compress.outofcore_pipeline import check_out_of_core
+
+        check_out_of_core(recipe)
+    return recipe
+
+
 @app.callback()
 def main(
     version: Annotated[
@@ -168,17 +213,20 @@ def run_command(
         bool, typer.Option("--dry-run", help="Validate the recipe and print what would run, without loading a model.")
     ] = False,
     device: DeviceOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_dir: OffloadDirOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Run a recipe: load the model, run its passes in order, export, evaluate and check the gates.
 
     The output folder gets the model files, [bold]plan.json[/bold], [bold]report.json[/bold],
     [bold]report.md[/bold] and [bold]kept_widths.png[/bold]. Exits with 2 on a bad recipe and 3 when a
-    validation gate fails.
+    validation gate fails. With [bold]--max-memory[/bold] the model is pruned out of core (one block
+    in memory; no evaluation), for models larger than memory.
     """
     from compress.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = _memory_overrides(load_recipe(recipe), max_memory, offload_dir)
     if dry_run:
         from compress.pipeline import describe_recipe
 
@@ -193,6 +241,58 @@ def run_command(
 
     result = run_recipe(parsed, output=output, dry_run=False, device=device, progress=not quiet)
     _finish(result, quiet)
+
+
+# ------------------------------------------------------------------------------------ plan
+@app.command("plan")
+def plan_command(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file whose passes make the plan.", show_default=False)],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="The plan file (x.json) or a folder to write plan.json into.",
+                     show_default=False),
+    ],
+    device: DeviceOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_dir: OffloadDirOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Score and allocate: run the recipe's passes and write the plan, without exporting or evaluating.
+
+    Data-free passes (magnitude_sp; spa with magnitude importance) read no calibration text.
+    Replay the plan with [bold]compress apply PLAN --model M -o DIR[/bold].
+    """
+    from compress.planning import make_plan
+    from compress.recipe import load_recipe
+
+    parsed = _memory_overrides(load_recipe(recipe), max_memory, offload_dir)
+    if not quiet:
+        where = escape(parsed.source_name)
+        _stdout().print(f"planning [bold]{escape(parsed.name)}[/bold] ({where}): {_recipe_outline(parsed)}")
+    result = make_plan(parsed, output, device=device, progress=not quiet)
+    if not quiet:
+        _stdout().print(plan_summary_table(result.summary))
+    _stdout().print(f"plan: [bold]{escape(str(result.path))}[/bold]")
+
+
+def plan_summary_table(summary: dict) -> Table:
+    """What a plan changes: per step the layers (or ONNX groups) cut, and the decoder-linear ratio."""
+    from compress.report import fmt_count, fmt_percent
+
+    table = Table(title="plan", title_justify="left")
+    table.add_column("step")
+    table.add_column("changes", justify="right")
+    for index, step in enumerate(summary.get("steps") or []):
+        if "layers_changed" in step:
+            change = f"{step['layers_changed']} layers"
+        else:
+            change = f"{step.get('groups_pruned')} groups"
+        table.add_row(escape(f"{index}: {step['pass']}"), change)
+    linear = summary.get("decoder_linear")
+    if linear:
+        table.add_row("decoder-linear params", f"{fmt_count(linear['dense'])} → {fmt_count(linear['pruned'])} "
+                      f"({fmt_percent(summary['pruning_ratio'])} removed)")
+    return table
 
 
 def _recipe_outline(recipe: Any) -> str:
@@ -423,6 +523,12 @@ def summary_table(report: dict) -> Table:
         table.add_row("pruning ratio", "", fmt_percent(params["pruning_ratio"]) + note, "")
     if "total_ratio" in params:
         table.add_row("total-parameter ratio", "", fmt_percent(params["total_ratio"]), "")
+    streamed = report.get("out_of_core")
+    if streamed:
+        table.add_row("peak RSS (out of core)", "", f"{streamed['peak_rss_mb']:.0f} MiB",
+                      f"cap {streamed['max_memory_mb']:.0f} MiB")
+        for sweep, seconds in (streamed.get("seconds_per_block") or {}).items():
+            table.add_row(escape(f"seconds per block ({sweep})"), "", f"{seconds:.2f}", "")
     validation = report.get("validation")
     if validation:
         verdict = "[green]passed[/green]" if validation.get("passed") else "[red]FAILED[/red]"

@@ -115,6 +115,10 @@ def describe_recipe(recipe, output: Path | None = None) -> list[str]:
     for i, entry in enumerate(recipe.passes):
         opts = ", ".join(f"{k}={v}" for k, v in entry.options.model_dump().items())
         lines.append(f"pass {i + 1}    {entry.name}: {opts}")
+    if recipe.max_memory is not None:
+        from compress.outofcore_pipeline import describe_out_of_core
+
+        lines.append(describe_out_of_core(recipe))
     lines.append(f"export    {', '.join(recipe.export.formats)} → {out}")
     if "onnx" in recipe.export.formats:
         o = recipe.export.onnx
@@ -168,6 +172,10 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
     out = Path(output) if output else Path(recipe.export.output)
     if dry_run:
         return RunResult(output_dir=out, report={"dry_run": describe_recipe(recipe, out)}, passed=True)
+    if recipe.max_memory is not None:  # out of core: one block in memory at a time (docs/scale.md)
+        from compress.outofcore_pipeline import run_out_of_core
+
+        return run_out_of_core(recipe.with_overrides(device=device), out, progress=progress)
     from compress.onnx_pipeline import is_onnx_source, run_onnx_recipe
 
     if is_onnx_source(recipe.model.source):
@@ -203,9 +211,7 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
         if recipe.calibration is not None and any(getattr(get_pass(e.name).cls, "needs_calibration", False) for e in recipe.passes):
             with monitor.stage("calibration data"):
                 ctx.calibration_ids()
-        plan = Plan(model={"source": recipe.model.source, "architecture": type(model).__name__,
-                           "num_layers": adapter.num_layers,
-                           "dense_widths": [w.__dict__ for w in dense_widths]})
+        plan = new_plan(recipe.model.source, model, adapter, dense_widths)
         pass_reports = run_passes(recipe, ctx, plan, monitor)
         adapter = get_adapter(model)
         target = next((e.options.ratio for e in reversed(recipe.passes) if hasattr(e.options, "ratio")), None)
@@ -218,6 +224,12 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
     except BaseException:
         staging.discard()
         raise
+
+
+def new_plan(source: str, model, adapter, dense_widths) -> Plan:
+    """An empty plan for ``model`` (what ``apply`` checks: architecture, layer count, dense widths)."""
+    return Plan(model={"source": source, "architecture": type(model).__name__, "num_layers": adapter.num_layers,
+                       "dense_widths": [w.__dict__ for w in dense_widths]})
 
 
 def run_passes(recipe, ctx, plan: Plan, monitor) -> list[dict]:

@@ -32,6 +32,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -250,7 +251,10 @@ with warnings.catch_warnings():
         device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
         dtype: DType = Field("float32", description="Weights dtype unless model.dtype says otherwise.")
         seed: int = Field(0, ge=0, description="Global seed.")
-        calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Calibration text.")
+        calibration: Optional[CalibrationSpec] = Field(
+            default_factory=CalibrationSpec,
+            description="Calibration text; null or false for a calibration-free recipe (data-free passes only).",
+        )
         passes: list[PassEntry] = Field(default_factory=list, description="Ordered passes.")
         export: ExportSpec = Field(default_factory=ExportSpec, description="Output folder and formats.")
         evaluate: Optional[EvaluateSpec] = Field(
@@ -259,6 +263,13 @@ with warnings.catch_warnings():
         # Shadows pydantic's deprecated ``BaseModel.validate`` classmethod on purpose: the recipe key is
         # ``validate`` and callers read ``recipe.validate``.
         validate: ValidateSpec = Field(default_factory=ValidateSpec, description="Gates on the evaluation results.")
+        max_memory: Optional[ByteSize] = Field(
+            None, gt=0, description="Prune out of core, one block at a time, under this much resident memory "
+            "(bytes or e.g. 8GiB); see docs/scale.md.",
+        )
+        offload_dir: Optional[str] = Field(
+            None, min_length=1, description="Out of core: keep the calibration activations in this folder on disk.",
+        )
 
         _source_name: str = PrivateAttr(default="<recipe>")
 
@@ -279,9 +290,9 @@ with warnings.catch_warnings():
         def _known_device(cls, value: str) -> str:
             return normalize_device(value)
 
-        @field_validator("evaluate", mode="before")
+        @field_validator("evaluate", "calibration", mode="before")
         @classmethod
-        def _evaluate_off(cls, value: Any) -> Any:
+        def _section_off(cls, value: Any) -> Any:
             return None if value is False else value
 
         # ------------------------------------------------------------------ conveniences
@@ -308,13 +319,19 @@ with warnings.catch_warnings():
             """The device to run on, with ``auto`` resolved."""
             return resolve_device(self.device)
 
-        def with_overrides(self, *, output: str | Path | None = None, device: str | None = None) -> "Recipe":
-            """A copy with the output folder and/or device replaced (the CLI's ``--output``/``--device``)."""
+        def with_overrides(self, *, output: str | Path | None = None, device: str | None = None,
+                           max_memory: int | None = None, offload_dir: str | Path | None = None) -> "Recipe":
+            """A copy with the output folder, device, memory cap and/or offload folder replaced (the
+            CLI's ``--output``/``--device``/``--max-memory``/``--offload-dir``)."""
             recipe = self
             if output is not None:
                 recipe = recipe.model_copy(update={"export": self.export.model_copy(update={"output": str(output)})})
             if device is not None:
                 recipe = recipe.model_copy(update={"device": normalize_device(device)})
+            if max_memory is not None:
+                recipe = recipe.model_copy(update={"max_memory": ByteSize(max_memory)})
+            if offload_dir is not None:
+                recipe = recipe.model_copy(update={"offload_dir": str(offload_dir)})
             recipe._source_name = self._source_name
             return recipe
 
@@ -628,6 +645,26 @@ def _cross_field_problems(recipe: Recipe) -> list[RecipeProblem]:
     return problems
 
 
+def pass_problems(recipe: Recipe, entries: list[PassEntry]) -> list[RecipeProblem]:
+    """Passes that need what the recipe turns off: calibration data (``calibration: null``), or
+    the whole model in memory (``max_memory``: see :func:`compress.outofcore.out_of_core_problems`)."""
+    from compress import registry
+
+    problems = []
+    if recipe.calibration is None:
+        for index, entry in enumerate(entries):
+            if getattr(registry.get_pass(entry.name).cls, "needs_calibration", False):
+                problems.append(RecipeProblem(("passes", index), f"{entry.name} needs calibration data, but the "
+                                              "recipe has `calibration: null`; add a calibration section"))
+    if recipe.offload_dir is not None and recipe.max_memory is None:
+        problems.append(RecipeProblem(("offload_dir",), "only used out of core: set max_memory too"))
+    if recipe.max_memory is not None:
+        from compress.outofcore import out_of_core_problems
+
+        problems.extend(RecipeProblem(loc, message) for loc, message in out_of_core_problems(recipe, entries))
+    return problems
+
+
 def _default_name(source_name: str) -> str:
     stem = Path(source_name).stem if source_name and not source_name.startswith("<") else ""
     return stem or "recipe"
@@ -663,6 +700,7 @@ def parse_recipe(data: Any, source_name: str = "<recipe>") -> Recipe:
     problems.extend(pass_list.problems)
     if recipe is not None:
         problems.extend(_cross_field_problems(recipe))
+        problems.extend(pass_problems(recipe, pass_list.entries))
     if problems:
         raise RecipeValidationError(source_name, _document_order(data, problems))
     assert recipe is not None

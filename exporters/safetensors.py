@@ -32,7 +32,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from compress.models import pruned_llama
 from compress.models.pruned_llama import ATTENTION_LINEARS, LINEAR_NAMES, MLP_LINEARS, PrunedLlamaConfig
 
-__all__ = ["DecoderLayout", "LayerWidths", "export_safetensors", "read_layer_widths", "read_layout"]
+__all__ = ["DecoderLayout", "LayerWidths", "export_safetensors", "read_layer_widths", "read_layout", "select_config",
+           "zero_biases"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -276,6 +277,25 @@ def pruned_config(model: PreTrainedModel, layout: DecoderLayout) -> PrunedLlamaC
     return config
 
 
+def select_config(model: PreTrainedModel, layout: DecoderLayout) -> tuple[PreTrainedConfig, set[str], str | None]:
+    """(config to write, linears that must carry a bias in the saved weights, why a uniform model
+    still needs the pruned config or None): the stock config when it can express the result,
+    otherwise `pruned_config`. Reads only the config and module shapes (meta models work)."""
+    config, reason = stock_config(model, layout)
+    if config is not None:
+        bias_linears = stock_bias_linears(layout.family, stock_bias_flags(layout.family, layout.biases))
+    else:
+        config = pruned_config(model, layout)
+        bias_linears = {name for name, present in layout.biases.items() if present}
+    config.dtype = model_dtype(model)
+    return config, bias_linears, reason
+
+
+def needs_remote_code(config: PreTrainedConfig) -> bool:
+    """True for a pruned config, which ships pruned_llama.py beside it."""
+    return isinstance(config, PrunedLlamaConfig)
+
+
 def remote_code_auto_map() -> dict[str, str]:
     """`auto_map` pointing the Auto classes at the copied pruned_llama.py."""
     module = Path(pruned_llama.__file__).stem
@@ -294,15 +314,23 @@ def export_state_dict(model: PreTrainedModel, layout: DecoderLayout, bias_linear
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     if layout.tied:
         state.pop(f"{layout.lm_head_name}.weight", None)
-    layers = model.get_decoder().layers
-    for layer_name, layer in zip(layout.layer_names, layers):
+    state.update(zero_biases(model, layout, bias_linears, present=state))
+    return _without_shared_storage(state)
+
+
+def zero_biases(model: PreTrainedModel, layout: DecoderLayout, bias_linears: set[str], present) -> dict[str, torch.Tensor]:
+    """A zero bias [out_features] for every linear named in `bias_linears` whose bias key is not in
+    `present` (the stock config gives e.g. all of q/k/v/o a bias when o_proj has one). Reads only
+    module shapes, so `model` may be on the meta device."""
+    zeros = {}
+    for layer_name, layer in zip(layout.layer_names, model.get_decoder().layers):
         for name in sorted(bias_linears):
             linear = _linear(layer, name)
             parent = "self_attn" if name in ATTENTION_LINEARS else "mlp"
             key = f"{layer_name}.{parent}.{name}.bias"
-            if key not in state:
-                state[key] = torch.zeros(linear.out_features, dtype=linear.weight.dtype)
-    return _without_shared_storage(state)
+            if key not in present and linear.bias is None:
+                zeros[key] = torch.zeros(linear.out_features, dtype=linear.weight.dtype)
+    return zeros
 
 
 def _without_shared_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -377,15 +405,10 @@ def export_safetensors(model: PreTrainedModel, tokenizer, out_dir: Path) -> dict
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = read_layout(model)
-    config, reason = stock_config(model, layout)
+    config, bias_linears, reason = select_config(model, layout)
     files: list[str] = []
-    if config is not None:
-        bias_linears = stock_bias_linears(layout.family, stock_bias_flags(layout.family, layout.biases))
-    else:
-        config = pruned_config(model, layout)
-        bias_linears = {name for name, present in layout.biases.items() if present}
+    if needs_remote_code(config):
         files += write_remote_code(out_dir)
-    config.dtype = model_dtype(model)
     files += write_weights(export_state_dict(model, layout, bias_linears), out_dir)
     files += write_config(config, out_dir)
     files += write_generation_config(model, out_dir)

@@ -9,7 +9,7 @@ activations for the whole calibration set ([n, seqlen, hidden]) plus the block i
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -44,29 +44,10 @@ class LayerRunner:
     @torch.no_grad()
     def capture_inputs(self) -> None:
         """Record block 0's inputs for every batch by running the decoder up to block 0."""
-        first_block = self.adapter.layers[0]
-        captured: dict = {}
-
-        def hook(_module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _StopForward
-
-        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for batch in self.input_ids.split(self.batch_size):
-                try:
-                    self.adapter.decoder(input_ids=batch, use_cache=False)
-                except _StopForward:
-                    pass
-                self.hidden.append(captured["hidden"])
-                kwargs = dict(captured["kwargs"])
-                kwargs["use_cache"] = False
-                kwargs.pop("cache", None)
-                kwargs.pop("past_key_values", None)
-                self.block_kwargs.append(kwargs)
-        finally:
-            handle.remove()
+        batches = ({"input_ids": batch} for batch in self.input_ids.split(self.batch_size))
+        for hidden, kwargs in capture_block_inputs(self.adapter, batches):
+            self.hidden.append(hidden)
+            self.block_kwargs.append(kwargs)
         self.next_layer = 0
 
     @torch.no_grad()
@@ -86,6 +67,36 @@ class LayerRunner:
     def blocks(self, description: str = "calibrating") -> Iterator[int]:
         """Layer indices in order, with a progress bar."""
         yield from progress_bar(range(self.adapter.num_layers), description, enabled=self.progress)
+
+
+@torch.no_grad()
+def capture_block_inputs(adapter, decoder_inputs: Iterable[dict]) -> Iterator[tuple[torch.Tensor, dict]]:
+    """For each mapping of decoder inputs (``input_ids`` [b, seqlen] or ``inputs_embeds``
+    [b, seqlen, hidden]), run the decoder up to block 0 and yield what block 0 receives: the hidden
+    state [b, seqlen, hidden] and the keyword arguments (mask, position embeddings, ...), with the
+    cache turned off. Block 0 itself never runs, so the blocks may be unmaterialised (meta)."""
+    first_block = adapter.layers[0]
+    captured: dict = {}
+
+    def hook(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for inputs in decoder_inputs:
+            try:
+                adapter.decoder(**inputs, use_cache=False)
+            except _StopForward:
+                pass
+            kwargs = dict(captured["kwargs"])
+            kwargs["use_cache"] = False
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
+            yield captured["hidden"], kwargs
+    finally:
+        handle.remove()
 
 
 @contextmanager

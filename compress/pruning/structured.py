@@ -182,6 +182,9 @@ class StructuredPruner:
         bad = [i for i in s.skip_layers if not -adapter.num_layers <= i < adapter.num_layers]
         if bad:
             raise CompressError(f"skip_layers: {bad} out of range for a model with {adapter.num_layers} layers")
+        streaming = getattr(ctx, "streaming", None)
+        if streaming is not None:  # out of core (compress.outofcore): blocks are read, pruned and written one by one
+            return streaming.run(self)
         if not self.scorer.needs_activations:
             return self._run_data_free(adapter, ctx)
         runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
