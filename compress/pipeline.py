@@ -200,6 +200,12 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
             from compress.encoder_pipeline import run_encoder_recipe
 
             return run_encoder_recipe(recipe, loaded, staging, monitor, device, progress)
+        from compress.pruning.token_schedule import is_llava
+
+        if is_llava(model):
+            from compress.vlm_pipeline import run_vlm_recipe
+
+            return run_vlm_recipe(recipe, loaded, staging, monitor, device, progress)
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
         eval_windows = evaluation_windows(recipe.evaluate, tokenizer) if recipe.evaluate is not None else {}
@@ -443,6 +449,11 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
         with monitor.stage("load"):
             loaded = load_model(model_source, dtype=dtype, device=device, progress=progress)
         model = loaded.model
+        if plan.model.get("format") == "llava":
+            from compress.vlm_pipeline import apply_llava_plan
+
+            return apply_llava_plan(model, loaded.tokenizer, plan, Path(plan_path), model_source, staging, monitor,
+                                    device, dtype)
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
         with monitor.stage("apply plan"):

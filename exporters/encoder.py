@@ -250,16 +250,25 @@ def export_encoder_onnx(model: nn.Module, out_dir: Path, opset: int = DEFAULT_OP
 
     Returns {"files", "inputs", "outputs", "bytes" (graph + weights), "nodes"}.
     """
-    import onnx
-
     _adapter(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     input_names, output_names = encoder_onnx_io(model)
     traced = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     traced.config._attn_implementation = "sdpa"
-    wrapper = _wrapper(traced, input_names).eval()
     sample = sample_encoder_inputs(traced, batch=2, seq=8, image_size=image_size)
+    return trace_to_onnx(_wrapper(traced, input_names).eval(), tuple(sample[name] for name in input_names),
+                         input_names, output_names, _dynamic_shapes(input_names, traced), Path(out_dir), opset)
+
+
+def trace_to_onnx(wrapper: nn.Module, sample: tuple, input_names: list[str], output_names: list[str],
+                  dynamic_shapes: dict, out_dir: Path, opset: int = DEFAULT_OPSET) -> dict:
+    """Trace ``wrapper`` (CPU float32, eval mode) on ``sample`` with the dynamo exporter, simplify
+    the graph with onnxslim, check its opset and I/O names, and write ``out_dir``/model.onnx
+    (weights in model.onnx.data only past the 2 GiB protobuf limit).
+
+    Returns {"files", "inputs", "outputs", "bytes" (graph + weights), "nodes"}."""
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".trace-") as scratch:
         raw = Path(scratch) / ONNX_FILE
@@ -267,17 +276,17 @@ def export_encoder_onnx(model: nn.Module, out_dir: Path, opset: int = DEFAULT_OP
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,
-                tuple(sample[name] for name in input_names),
+                sample,
                 dynamo=True,
                 opset_version=opset,
-                dynamic_shapes=_dynamic_shapes(input_names, traced),
+                dynamic_shapes=dynamic_shapes,
                 input_names=input_names,
                 output_names=output_names,
                 optimize=True,
                 verbose=False,
             )
             program.save(raw, external_data=True)
-        del program, wrapper, traced
+        del program
         proto = _slim(onnx.load(str(raw), load_external_data=True))
     _check_graph(proto, opset, input_names, output_names)
     for stale in (out_dir / ONNX_FILE, out_dir / ONNX_DATA_FILE):
@@ -311,6 +320,20 @@ def _check_graph(proto, opset: int, input_names: list[str], output_names: list[s
         raise RuntimeError(f"exported graph I/O {inputs} -> {outputs}, expected {input_names} -> {output_names}")
 
 
+def parity_session(onnx_path: Path, device: str | None = None):
+    """An ONNX Runtime session for parity checks: basic graph optimisations, quiet, on ``device``
+    (None = cuda when torch sees a GPU, else cpu)."""
+    from compress.onnx_runtime import import_onnxruntime, select_providers
+
+    ort = import_onnxruntime()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=select_providers(device))
+
+
 def encoder_onnx_parity(model: nn.Module, onnx_path: Path, inputs: dict[str, torch.Tensor],
                         device: str | None = None) -> dict:
     """last_hidden_state of ``model`` (PyTorch, on its own device) against the graph at ``onnx_path``
@@ -326,15 +349,7 @@ def encoder_onnx_parity(model: nn.Module, onnx_path: Path, inputs: dict[str, tor
     """
     import numpy as np
 
-    from compress.onnx_runtime import import_onnxruntime, select_providers
-
-    ort = import_onnxruntime()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=select_providers(device))
+    session = parity_session(onnx_path, device)
     names = [i.name for i in session.get_inputs()]
     missing = [name for name in names if name not in inputs]
     if missing:
@@ -355,15 +370,15 @@ def encoder_onnx_parity(model: nn.Module, onnx_path: Path, inputs: dict[str, tor
         agreement = kept_index_agreement(torch_sizes, torch_positions, onnx_outputs[1], onnx_outputs[2])
         report.update(agreement)
         rows = agreement["agreeing_rows"]
-        onnx_out = _real_tokens_by_position(onnx_out, onnx_outputs[1], onnx_outputs[2], rows)
-        expected = _real_tokens_by_position(expected, torch_sizes, torch_positions, rows)
+        onnx_out = real_tokens_by_position(onnx_out, onnx_outputs[1], onnx_outputs[2], rows)
+        expected = real_tokens_by_position(expected, torch_sizes, torch_positions, rows)
     diff = np.abs(onnx_out - expected)
     report.update(max_abs_diff=float(diff.max()) if diff.size else 0.0,
                   mean_abs_diff=float(diff.mean()) if diff.size else 0.0)
     return report
 
 
-def _real_tokens_by_position(hidden, sizes, positions, rows: list[int]):
+def real_tokens_by_position(hidden, sizes, positions, rows: list[int]):
     """The real tokens (size > 0) of ``rows`` in the order of their original positions, [tokens, E].
 
     ``hidden`` [batch, T, E], ``sizes`` and ``positions`` [batch, T] numpy arrays. Which padding

@@ -45,6 +45,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "COMPRESS_CACHE"
 CACHE_MARKER = "compress-cache.json"  # written last: a cache folder without it is incomplete
 
+VLM_MODEL_TYPES = ("llava", "pruned_llava")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ATTENTION = "sdpa"
@@ -345,6 +346,8 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool
 
     if folder_model_type(folder) in ENCODER_MODEL_TYPES:
         return _load_encoder_folder(folder, torch_dtype, trust_remote_code, source)
+    if folder_model_type(folder) in VLM_MODEL_TYPES:
+        return _load_vlm_folder(folder, torch_dtype, trust_remote_code, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -364,6 +367,28 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool
             "files too (tokenizer.save_pretrained(folder))"
         ) from None
     return model, tokenizer
+
+
+def _load_vlm_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool, source: str):
+    """(model, processor) of a LLaVA-style VLM: ``AutoModelForImageTextToText`` and its processor
+    (or only its tokenizer when the folder has no processor_config.json; None when it has neither)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    import compress.models.pruned_llava  # noqa: F401  (registers pruned_llava)
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True,
+                                                            trust_remote_code=trust_remote_code,
+                                                            attn_implementation=ATTENTION, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"could not load the VLM in '{source}': {_first_line(error)}{_remote_code_hint(error, trust_remote_code)}") from None
+    loader = AutoProcessor if (folder / "processor_config.json").is_file() else AutoTokenizer
+    if loader is AutoTokenizer and not (folder / "tokenizer_config.json").is_file():
+        return model, None
+    try:
+        return model, loader.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelSourceError(f"could not load the processor from '{source}' ({_first_line(error)})") from None
 
 
 def _load_encoder_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool, source: str):

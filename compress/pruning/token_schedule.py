@@ -116,3 +116,74 @@ def kept_tokens(spec: dict, free_tokens: int) -> int:
         counted = stage_count(stage, count)
         count = count - counted if stage["method"] == "tome" else counted
     return count
+
+
+# ------------------------------------------------------------------------------------ LLaVA
+def is_llava(model: nn.Module) -> bool:
+    """A LLaVA-style VLM (stock or with pruned image tokens)."""
+    return getattr(model.config, "model_type", None) in ("llava", "pruned_llava")
+
+
+def llava_patches(model: nn.Module) -> int:
+    """Patch tokens the vision tower makes of one image (CLS excluded)."""
+    vision = model.config.vision_config
+    if vision.model_type != "clip_vision_model":
+        raise CompressError(f"token pruning in a LLaVA model needs a CLIP vision tower; this one is "
+                            f"{vision.model_type}")
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def llava_feature_layers(model: nn.Module) -> int:
+    """How many tower layers LLaVA runs to get the hidden state its projector reads."""
+    from compress.models.pruned_llava import tower_layers_used
+
+    config = model.config
+    if not isinstance(config.vision_feature_layer, int):
+        raise CompressError("token pruning in a LLaVA model needs one vision_feature_layer, not a list")
+    return tower_layers_used(config.vision_config, config.vision_feature_layer)
+
+
+def image_tokens_out(model: nn.Module, spec: dict) -> int:
+    """Image tokens per image that a LLaVA model with ``spec`` gives its language model."""
+    count = kept_tokens(spec, llava_patches(model))
+    if model.config.vision_feature_select_strategy != "default":
+        count += 1  # 'full' keeps CLS
+    post = spec.get("post_projector")
+    return min(count, int(post["keep"])) if post else count
+
+
+def install_llava_token_pruning(model: nn.Module, stages: list[dict], post_projector: dict | None = None,
+                                proportional_attention: bool = True) -> dict:
+    """Add ``stages`` (tower stages) and ``post_projector`` to a LLaVA model's image-token rewrite,
+    switch it to the ``pruned_llava`` classes and set ``image_seq_length`` to the new image token
+    count. Returns the whole ``token_pruning``."""
+    from compress.models.pruned_llava import (
+        PrunedLlavaConfig,
+        PrunedLlavaForConditionalGeneration,
+        PrunedLlavaModel,
+        check_vlm_token_pruning,
+    )
+
+    config = model.config
+    current = getattr(config, "token_pruning", None) or {"stages": []}
+    if post_projector is not None and current.get("post_projector"):
+        raise CompressError("this LLaVA model already selects tokens after its projector; run one post-projector "
+                            "selection only")
+    spec = {"protected": 1,
+            "proportional_attention": bool(current.get("proportional_attention", proportional_attention)
+                                           if current["stages"] else proportional_attention),
+            "stages": [dict(stage) for stage in current["stages"]] + [dict(stage) for stage in stages],
+            "post_projector": post_projector or current.get("post_projector")}
+    try:
+        check_vlm_token_pruning(spec, config.vision_config, llava_feature_layers(model))
+    except ValueError as error:
+        raise CompressError(str(error)) from None
+    if spec["post_projector"] and spec["post_projector"]["keep"] > image_tokens_out(model, {**spec, "post_projector": None}):
+        raise CompressError(f"token_prune: the post-projector selection keeps {spec['post_projector']['keep']} tokens, "
+                            f"more than the tower gives")
+    config.__class__ = PrunedLlavaConfig
+    config.token_pruning = spec
+    config.image_seq_length = image_tokens_out(model, spec)
+    model.__class__ = PrunedLlavaForConditionalGeneration
+    model.model.__class__ = PrunedLlavaModel
+    return spec
