@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from encoder_heads import ort_latency, session  # noqa: E402  (the same latency protocol as the head benchmark)
+from encoder_heads import latency_feeds, ort_latency, session  # noqa: E402  (the head benchmark's latency protocol)
 
 CACHE = ROOT / "bench-results" / "token_pruning"
 RATIOS = {"minilm": (0.7, 0.5), "dinov2": (0.7, 0.5, 0.25)}
@@ -75,23 +75,6 @@ def run_row(model: str, config: str | None, ratio: float | None) -> dict:
     report = result.report
     report["run_s"] = round(time.perf_counter() - start, 1)
     return report
-
-
-def latency_feeds(model: str) -> list[dict]:
-    """Four fixed batches for the latency comparison."""
-    from transformers import AutoTokenizer
-
-    from compress.calibration.encoder_data import ImageBatches, text_batches, textile_split
-    from compress.calibration.sources import first_sentences
-    from compress.models.loading import PACKAGED_ENCODERS
-
-    if model == "minilm":
-        tokenizer = AutoTokenizer.from_pretrained(PACKAGED_ENCODERS["all-minilm-l6-v2"]())
-        batches = text_batches(tokenizer, first_sentences("austen:persuasion", 128), 32, 128)
-    else:
-        images = ImageBatches(textile_split().test[:64], 224, 16)
-        batches = [images[i] for i in range(len(images))]
-    return [{k: v.numpy() for k, v in b.items()} for b in batches[:4]]
 
 
 def index_check_inputs(model: str) -> dict[str, list[dict]]:

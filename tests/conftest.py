@@ -109,19 +109,26 @@ with torch.no_grad():
 """
 
 
-def remote_code_logits(out_dir, batch: torch.Tensor, work_dir) -> torch.Tensor:
-    """Logits of ``batch`` from the export in ``out_dir``, loaded with trust_remote_code in a fresh
-    interpreter that cannot import compress (fails with its stderr otherwise)."""
+def run_without_compress(script: str, arguments: list[str], work_dir) -> None:
+    """Run ``script`` in a fresh interpreter (no PYTHONPATH, offline, one thread, its own remote-code
+    cache under ``work_dir``); fail with its stderr when it fails. The scripts make `compress`
+    unimportable themselves, so an installed compress cannot make the check vacuous."""
     import os
     import subprocess
     import sys
 
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(Path(work_dir) / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", script, *arguments], cwd=work_dir, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def remote_code_logits(out_dir, batch: torch.Tensor, work_dir) -> torch.Tensor:
+    """Logits of ``batch`` from the export in ``out_dir``, loaded with trust_remote_code in a fresh
+    interpreter that cannot import compress (fails with its stderr otherwise)."""
     work_dir = Path(work_dir)
     torch.save(batch, work_dir / "batch.pt")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(work_dir / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    arguments = [str(out_dir), str(work_dir / "batch.pt"), str(work_dir / "logits.pt")]
-    run = subprocess.run([sys.executable, "-c", REMOTE_LOAD_SCRIPT, *arguments], cwd=work_dir, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_without_compress(REMOTE_LOAD_SCRIPT, [str(out_dir), str(work_dir / "batch.pt"), str(work_dir / "logits.pt")],
+                         work_dir)
     return torch.load(work_dir / "logits.pt")

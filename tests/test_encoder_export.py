@@ -10,9 +10,6 @@ padding included. Exports are built once per module (ONNX tracing is the slow pa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +41,7 @@ from exporters.encoder import (
     export_encoder_safetensors,
     sample_encoder_inputs,
 )
+from conftest import run_without_compress
 
 # A layer with no heads is built as Linear(hidden, 0) before its attention is removed.
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
@@ -282,11 +280,7 @@ def test_remote_code_loads_without_compress(exports, tmp_path):
         expected[output_file] = hidden_states(model, inputs)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
 
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "jobs.json")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_without_compress(REMOTE_SCRIPT, [str(tmp_path / "jobs.json")], tmp_path)
     for output_file, reference in expected.items():
         torch.testing.assert_close(torch.load(output_file), reference, rtol=0, atol=RELOAD_TOLERANCE)
 

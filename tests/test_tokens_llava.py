@@ -12,9 +12,6 @@ its plan replays bit for bit.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,6 +26,7 @@ from exporters.vlm import (
     llava_vision_parity,
     sample_pixels,
 )
+from conftest import assert_same_safetensors, run_without_compress
 from test_tokens import reference_divprune
 
 IMAGE_TOKEN, PATCHES = 119, 16
@@ -156,11 +154,7 @@ assert type(model).__module__.startswith("transformers_modules."), type(model)._
 with torch.no_grad():
     torch.save(model(**torch.load(sys.argv[1] + "/inputs.pt")).logits, sys.argv[1] + "/out.pt")
 """
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path.parent)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_without_compress(script, [str(tmp_path)], tmp_path.parent)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, rtol=0, atol=1e-6)
 
 
@@ -182,7 +176,6 @@ def test_llava_recipe_runs_and_its_plan_replays(tmp_path, one_thread):
     """Textile images through the tiny LLaVA: the next-token agreement is measured (not meaningful
     with random weights), the gates pass, and `compress apply` reproduces the folder."""
     pytest.importorskip("conformal_clip_data")
-    from safetensors.torch import load_file
 
     from compress.pipeline import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
@@ -210,8 +203,7 @@ def test_llava_recipe_runs_and_its_plan_replays(tmp_path, one_thread):
 
     replay = apply_plan_file(out / "plan.json", str(folder), tmp_path / "replayed", progress=False)
     assert replay.passed, replay.failures
-    original, replayed = load_file(out / "model.safetensors"), load_file(tmp_path / "replayed" / "model.safetensors")
-    assert original.keys() == replayed.keys() and all(torch.equal(original[k], replayed[k]) for k in original)
+    assert_same_safetensors(out / "model.safetensors", tmp_path / "replayed" / "model.safetensors")
     assert (json.loads((tmp_path / "replayed" / "config.json").read_text())["token_pruning"]
             == json.loads((out / "config.json").read_text())["token_pruning"])
 
