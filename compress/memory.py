@@ -57,6 +57,22 @@ def release_memory(collect: bool = True) -> None:
         pass
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def return_freed_memory(threshold: int = MIB) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping, which
+    goes back to the OS when freed. By default the threshold grows to 32 MiB after the first large
+    free, and the activations of a block forward (tens of MiB each) then stay in the heap after
+    they are freed: RSS keeps hundreds of MiB that nothing uses. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     """What one out-of-core sweep holds at its peak, in bytes.
@@ -65,7 +81,8 @@ class MemoryBudget:
     block: the largest decoder block's weights in the run's dtype; slicing holds the dense block
         and its pruned copy, so 2 × block is counted.
     forward: the working memory of one block forward on one calibration batch (projections, MLP
-        activations, attention, the float64 statistics of the consumer inputs).
+        activations, attention, the float64 statistics of the consumer inputs), or of scoring a
+        block (a consumer weight in float64 and its square), whichever is larger.
     activations: every calibration window's hidden state [n, seqlen, hidden] (held in RAM unless
         offloaded); batch_activations: one batch of them (offloaded: the batch in and the batch out).
     """

@@ -158,14 +158,20 @@ class StreamingModel:
         a = self.adapter
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         block = max(self.block_bytes(i) for i in range(a.num_layers))
+        # scoring and compensation read a consumer weight in float64 (and square it): 2 copies
+        consumer = max(max(a.attention_consumer(i).weight.numel(), a.mlp_consumer(i).weight.numel())
+                       for i in range(a.num_layers))
+        scoring = 2 * consumer * 8
         widths = a.widths(0)
         if windows is None:
-            return MemoryBudget(base=resident_bytes(), block=block, forward=0, activations=0, batch_activations=0)
+            return MemoryBudget(base=resident_bytes(), block=block, forward=scoring, activations=0,
+                                batch_activations=0)
         n, seqlen = windows
         b = min(batch_size, n)
         forward = forward_bytes(b * seqlen, b, seqlen, a.hidden_size, widths.heads * a.head_dim,
                                 widths.kv_heads * a.head_dim, max(w.intermediate for w in a.all_widths()),
                                 widths.heads, itemsize, statistics)
+        forward = max(forward, scoring)
         per_window = seqlen * a.hidden_size * itemsize
         # the embedding rows of the distinct tokens are held while block 0's inputs are captured
         return MemoryBudget(base=resident_bytes(), block=block, forward=forward,

@@ -24,7 +24,7 @@ import torch
 
 from compress.context import PassContext
 from compress.errors import CompressError
-from compress.memory import MIB, format_size, release_memory
+from compress.memory import MIB, format_size, release_memory, return_freed_memory
 
 SKIPPED_EVALUATION = ("evaluate: perplexity and agreement need the whole model in memory; measure the output "
                       "with `compress eval OUTPUT` on a machine it fits")
@@ -85,6 +85,7 @@ def prune_out_of_core(recipe, *, sink, offload_root: Path, monitor, progress: bo
 
     check_out_of_core(recipe)
     torch.manual_seed(recipe.seed)
+    return_freed_memory()
     cap = parse_size(int(recipe.max_memory))
     device = resolve_device(recipe.device)
     entry = recipe.passes[0]
@@ -269,8 +270,18 @@ def written_structure(folder: Path) -> tuple[bool, str]:
     return True, f"config.json ({type(config).__name__}) rebuilds exactly the {len(written)} written tensors"
 
 
-def describe_out_of_core(recipe) -> str:
-    """The dry run's line for the memory settings."""
+def describe_out_of_core(recipe, lines: list[str]) -> list[str]:
+    """The dry run's lines (``describe_recipe``) adjusted for an out-of-core run: the memory line
+    before the export, the evaluation marked as skipped, the gates that are checked."""
     where = f"on disk in {recipe.offload_dir}" if recipe.offload_dir else "in RAM, on disk if they do not fit"
-    return f"memory    out of core under {format_size(int(recipe.max_memory))}; activations {where}"
-
+    cap = format_size(int(recipe.max_memory))
+    adjusted = []
+    for line in lines:
+        if line.startswith("export"):
+            adjusted.append(f"memory    out of core under {cap}; activations {where}")
+        if line.startswith("evaluate"):
+            line = "evaluate  skipped out of core (it needs the whole model): compress eval the output"
+        if line.startswith("validate"):
+            line = f"validate  reload structure (config.json vs the written tensors); peak RSS ≤ {cap}"
+        adjusted.append(line)
+    return adjusted

@@ -115,10 +115,6 @@ def describe_recipe(recipe, output: Path | None = None) -> list[str]:
     for i, entry in enumerate(recipe.passes):
         opts = ", ".join(f"{k}={v}" for k, v in entry.options.model_dump().items())
         lines.append(f"pass {i + 1}    {entry.name}: {opts}")
-    if recipe.max_memory is not None:
-        from compress.outofcore_pipeline import describe_out_of_core
-
-        lines.append(describe_out_of_core(recipe))
     lines.append(f"export    {', '.join(recipe.export.formats)} → {out}")
     if "onnx" in recipe.export.formats:
         o = recipe.export.onnx
@@ -139,6 +135,10 @@ def describe_recipe(recipe, output: Path | None = None) -> list[str]:
         if v.generation_tokens and v.generation_prompts:
             gates.append(f"{v.generation_tokens} greedy tokens identical on {len(v.generation_prompts)} prompts")
     lines.append(f"validate  {'; '.join(gates)}")
+    if recipe.max_memory is not None:  # out of core: memory line, no evaluation, other gates
+        from compress.outofcore_pipeline import describe_out_of_core
+
+        lines = describe_out_of_core(recipe, lines)
     return lines
 
 
