@@ -400,17 +400,27 @@ def apply_command(
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip the perplexity evaluation; only rebuild, export and reload-check.")
     ] = False,
+    max_memory: MaxMemoryOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Replay a plan on a model without calibration data: the same kept heads and channels, the same biases.
 
-    Example: [bold]compress apply outputs/llama-flap-50/plan.json --model smollm2-135m -o out2[/bold]
+    Example: [bold]compress apply outputs/llama-flap-50/plan.json --model smollm2-135m -o out2[/bold].
+    With [bold]--max-memory[/bold] the plan is replayed out of core, one block at a time (no evaluation).
     """
     if not plan.is_file():
         raise PlanError(f"plan file not found: {plan}")
     from compress.pipeline import apply_plan_file
     from compress.recipe import resolve_device
 
+    cap = _size_option(max_memory)
+    if cap is not None:
+        from compress.outofcore_pipeline import apply_out_of_core
+
+        result = apply_out_of_core(plan, model, output, max_memory=cap, dtype=dtype.value, device=device,
+                                   progress=not quiet)
+        _finish(result, quiet)
+        return
     result = apply_plan_file(
         plan, model, output, device=device or resolve_device("auto"), dtype=dtype.value, progress=not quiet, evaluate=not no_eval
     )

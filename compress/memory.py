@@ -3,6 +3,7 @@
     parse_size("1GiB") -> 1073741824           (bytes, or a size with a unit; CompressError otherwise)
     resident_bytes() -> int                    this process's RSS now
     release_memory()                           collect garbage and hand freed heap pages back to the OS
+    freed_memory_returned()                    (context) large allocations go back to the OS when freed
     MemoryBudget(...).decide(cap, offload)     RAM or disk for the activations, or a CompressError
                                                that lists what does not fit
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import psutil
 
@@ -58,19 +61,30 @@ def release_memory(collect: bool = True) -> None:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_GLIBC_STEADY_MMAP_THRESHOLD = 32 * MIB  # where glibc's dynamic threshold ends up after large frees
 
 
-def return_freed_memory(threshold: int = MIB) -> None:
-    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping, which
-    goes back to the OS when freed. By default the threshold grows to 32 MiB after the first large
-    free, and the activations of a block forward (tens of MiB each) then stay in the heap after
-    they are freed: RSS keeps hundreds of MiB that nothing uses. No-op without glibc."""
+def _mallopt(mmap_threshold: int) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, threshold)
-    except (OSError, AttributeError):
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
+    except (OSError, AttributeError):  # not glibc
         pass
+
+
+@contextmanager
+def freed_memory_returned(threshold: int = MIB) -> Iterator[None]:
+    """While active, glibc serves every allocation of ``threshold`` bytes or more with its own
+    mapping, which goes back to the OS when freed. By default the threshold grows to 32 MiB after
+    the first large free, and the activations of a block forward (tens of MiB each) then stay in the
+    heap once freed: RSS keeps hundreds of MiB that nothing uses. Costs some speed (fresh pages
+    for each large tensor), so the steady-state 32 MiB is restored afterwards. No-op without glibc."""
+    _mallopt(threshold)
+    try:
+        yield
+    finally:
+        _mallopt(_GLIBC_STEADY_MMAP_THRESHOLD)
 
 
 @dataclass(frozen=True)

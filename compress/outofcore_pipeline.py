@@ -17,6 +17,7 @@ from __future__ import annotations
 import resource
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from compress.context import PassContext
 from compress.errors import CompressError
-from compress.memory import MIB, format_size, release_memory, return_freed_memory
+from compress.memory import MIB, format_size, freed_memory_returned, release_memory
 
 SKIPPED_EVALUATION = ("evaluate: perplexity and agreement need the whole model in memory; measure the output "
                       "with `compress eval OUTPUT` on a machine it fits")
@@ -85,7 +86,6 @@ def prune_out_of_core(recipe, *, sink, offload_root: Path, monitor, progress: bo
 
     check_out_of_core(recipe)
     torch.manual_seed(recipe.seed)
-    return_freed_memory()
     cap = parse_size(int(recipe.max_memory))
     device = resolve_device(recipe.device)
     entry = recipe.passes[0]
@@ -151,13 +151,18 @@ def _mean_by_sweep(records: list[dict]) -> dict[str, float]:
 
 def run_out_of_core(recipe, out: Path, *, progress: bool = True):
     """Run ``recipe`` out of core into ``out``; returns the pipeline's RunResult."""
+    check_out_of_core(recipe)
+    with freed_memory_returned():
+        return _run_out_of_core(recipe, Path(out), progress)
+
+
+def _run_out_of_core(recipe, out: Path, progress: bool):
     from compress.checkpoint import ShardedWriter
     from compress.monitor import StageMonitor
     from compress.pipeline import _base_report, _save_recipe_copy, _StagingDir, conclude, resolve_device
 
-    check_out_of_core(recipe)
     monitor = StageMonitor()
-    staging = _StagingDir(Path(out))
+    staging = _StagingDir(out)
     try:
         writer = ShardedWriter(staging.path)
         result, model, tokenizer = prune_out_of_core(recipe, sink=writer.add, offload_root=staging.path,
@@ -285,3 +290,99 @@ def describe_out_of_core(recipe, lines: list[str]) -> list[str]:
             line = f"validate  reload structure (config.json vs the written tensors); peak RSS ≤ {cap}"
         adjusted.append(line)
     return adjusted
+
+
+# --------------------------------------------------------------------------------- apply
+def apply_out_of_core(plan_path: Path, model_source: str, output: Path, *, max_memory: int, dtype: str = "float32",
+                      device: str | None = None, progress: bool = True):
+    """``compress apply PLAN --model M -o DIR --max-memory SIZE``: replay a plan block by block
+    (each block read, sliced by every step of the plan in turn, written and freed). Same weights as
+    the in-memory ``apply``; no evaluation. Plans of structured pruning steps (with least-squares
+    refits) only."""
+    from compress.errors import PlanError
+    from compress.pipeline import resolve_device
+    from compress.plan import Plan
+    from compress.pruning.surgeon import REFIT_ARTIFACT
+
+    plan = Plan.load(Path(plan_path))
+    if plan.model.get("format") in ("onnx", "encoder"):
+        raise PlanError(f"{plan_path}: out of core replays decoder plans, not {plan.model['format']} plans")
+    for step in plan.steps:
+        extra = sorted(set(step.artifacts) - {REFIT_ARTIFACT})
+        if extra or "token_stages" in step.details or step.pass_name == "moe_experts":
+            raise PlanError(f"{plan_path}: step {step.pass_name!r} cannot be replayed out of core "
+                            f"({'artifacts ' + ', '.join(extra) if extra else 'it changes more than layer widths'}); "
+                            "drop --max-memory")
+    with freed_memory_returned():
+        return _apply_out_of_core(plan, Path(plan_path), model_source, Path(output), max_memory, dtype,
+                                  resolve_device(device), progress)
+
+
+def _apply_out_of_core(plan, plan_path: Path, model_source: str, output: Path, max_memory: int, dtype: str,
+                       device: str, progress: bool):
+    from compress.checkpoint import ShardedWriter
+    from compress.errors import PlanError
+    from compress.models.loading import resolve_dtype
+    from compress.monitor import StageMonitor
+    from compress.outofcore import StreamingModel
+    from compress.pipeline import _base_report, _StagingDir, _step_details, conclude
+    from compress.progress import progress_bar
+    from compress.pruning.surgeon import REFIT_ARTIFACT, apply_layer_plan
+
+    monitor = StageMonitor()
+    staging = _StagingDir(output)
+    try:
+        with monitor.stage("load"):
+            model = StreamingModel(model_folder(model_source, progress), resolve_dtype(dtype), device)
+        adapter = model.adapter
+        dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
+        if plan.model.get("num_layers", adapter.num_layers) != adapter.num_layers:
+            raise PlanError(f"the plan is for a model with {plan.model['num_layers']} layers, this model has "
+                            f"{adapter.num_layers}")
+        if plan.model.get("dense_widths") and plan.model["dense_widths"] != [w.__dict__ for w in dense_widths]:
+            raise PlanError("the plan was made for a model with other layer widths than this one")
+        release_memory()
+        budget = model.budget(None, 1, statistics=False)
+        budget.decide(max_memory, offload_requested=False)
+        writer = ShardedWriter(staging.path)
+        by_layer = [{p.index: p for p in step.layers} for step in plan.steps]
+        seconds = []
+        with monitor.stage("apply plan"):
+            for i in progress_bar(range(adapter.num_layers), "replaying blocks", enabled=progress):
+                start = time.perf_counter()
+                model.materialise(i)
+                for step, layers in zip(plan.steps, by_layer):
+                    if i in layers:
+                        apply_layer_plan(adapter, layers[i], step.artifacts.get(REFIT_ARTIFACT))
+                writer.add(model.block_state(i))
+                model.release(i)
+                seconds.append({"sweep": "apply", "layer": i, "seconds": round(time.perf_counter() - start, 3)})
+        tokenizer = _tokenizer_or_none(model.folder)
+        with monitor.stage("export"):
+            files = write_rest(model, writer, tokenizer, staging.path) + plan.save(staging.path / "plan.json")
+        with monitor.stage("reload check"):
+            matches, detail = written_structure(staging.path)
+        ratio = next((s.options.get("ratio") for s in reversed(plan.steps) if "ratio" in s.options), None)
+        report = _base_report(f"apply {Path(plan_path).name}", model_source, device, dtype, None, dense_counts,
+                              adapter, dense_widths, ratio)
+        report["passes"] = [{"name": s.pass_name, "options": s.options, "wall_s": 0.0, "peak_rss_mb": 0.0,
+                             "details": {"replayed": True, **_step_details(s)}} for s in plan.steps]
+        peak = max(stage["peak_rss_mb"] for stage in monitor.stages)
+        report["out_of_core"] = {"max_memory_mb": round(max_memory / MIB, 1), "budget": budget.to_dict(),
+                                 "block_seconds": seconds, "seconds_per_block": _mean_by_sweep(seconds),
+                                 "peak_rss_mb": peak, "skipped": [SKIPPED_RELOAD, SKIPPED_EVALUATION]}
+        gates = out_of_core_gates(matches, detail, peak, round(max_memory / MIB, 1))
+        return conclude(report, gates, files, staging, monitor, device)
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def _tokenizer_or_none(folder: Path):
+    """The folder's tokenizer, or None when it has none (the output then has no tokenizer files)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None

@@ -115,9 +115,10 @@ def _in_memory_plan(recipe, device, monitor, progress) -> tuple[Plan, dict]:
 
 
 def _streamed_plan(recipe, monitor, progress) -> tuple[Plan, dict]:
+    from compress.memory import freed_memory_returned
     from compress.outofcore_pipeline import prune_out_of_core
 
-    with tempfile.TemporaryDirectory(prefix="compress-plan-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="compress-plan-") as scratch, freed_memory_returned():
         result, model, _tokenizer = prune_out_of_core(recipe, sink=None, offload_root=Path(scratch),
                                                       monitor=monitor, progress=progress)
     summary = _summary(result.dense_counts, model.adapter.param_counts(), result.plan)

@@ -115,3 +115,17 @@ def test_plan_help_and_errors(tmp_path):
         assert word in result.output
     missing = runner.invoke(app, ["plan", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "p.json")])
     assert missing.exit_code == 2 and "recipe file not found" in missing.output
+
+
+def test_apply_out_of_core_replays_the_plan_bit_for_bit(folder, text_file, tmp_path, one_thread):
+    recipe = write_recipe(tmp_path, folder, text_file, [{"flap": {"ratio": 0.4}}])
+    assert runner.invoke(app, ["run", str(recipe), "-q"], env=WIDE).exit_code == 0
+    result = runner.invoke(app, ["apply", str(tmp_path / "run" / "plan.json"), "--model", str(folder),
+                                 "-o", str(tmp_path / "applied"), "--max-memory", "16GiB", "-q"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "applied" / "model.safetensors.index.json").is_file()
+    from test_outofcore import assert_same_weights
+
+    assert_same_weights(tmp_path / "run", tmp_path / "applied")
+    assert json.loads((tmp_path / "applied" / "config.json").read_text()) == json.loads(
+        (tmp_path / "run" / "config.json").read_text())
