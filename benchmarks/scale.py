@@ -14,7 +14,8 @@ Parts (each run is its own child process, so its peak RSS is its own: ``os.wait4
 * ``smollm2``: SmolLM2-135M pruned in memory and out of core by the same pass (flap, wanda_sp,
   magnitude_sp), every output tensor compared bit for bit.
 * ``batch``: 8 SmolLM2 jobs (magnitude_sp / wanda_sp × 4 ratios, short evaluation, no ONNX) on the
-  local process pool (2 workers) and on Ray tasks on a local cluster: wall time and per-job table.
+  local process pool (2 workers) and on Ray tasks (1 CPU each) on a local cluster: wall time and
+  per-job table, in ``--batch-rounds`` rounds that alternate which executor goes first.
 
 Prints tables and writes JSON (default bench-results/scale.json).
 """
@@ -214,30 +215,35 @@ def part_smollm2(results: dict) -> None:
 
 
 # --------------------------------------------------------------------------------- batch executors
-def part_batch(results: dict) -> None:
+def part_batch(results: dict, rounds: int) -> None:
+    """The 8-job grid on each executor; with ``rounds`` > 1 the order alternates (local, ray, then
+    ray, local, ...) so that a load change on the shared machine does not favour one executor."""
     base = write_yaml(WORK / "batch-base.yaml", {
         "name": "batch-base", "model": "smollm2-135m", "device": "cpu",
         "calibration": {"source": "austen", "samples": 64, "seqlen": 128, "seed": 0, "batch_size": 16},
         "passes": [{"magnitude_sp": {"ratio": 0.2}}],
         "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 128, "max_windows": 16, "batch_size": 8},
         "validate": {"reload_max_abs_diff": 1.0e-4}})
-    rows = {}
-    for executor in ("local", "ray"):
-        root = WORK / f"batch-{executor}"
-        shutil.rmtree(root, ignore_errors=True)  # measure every job (a finished job would be skipped)
-        batch = write_yaml(WORK / f"batch-{executor}.yaml", {
-            "output": str(root), "executor": executor, "workers": 2, "retries": 0,
-            "resources": {"cpus": 1},
-            "grid": {"base": base.name, "passes": BATCH_PASSES, "ratios": BATCH_RATIOS}})
-        child = run_child(["batch", str(batch), "-q"], WORK / f"batch-{executor}.log",
-                          env={"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
-        table = json.loads((root / "results.json").read_text())
-        jobs = [{"name": j["name"], "status": j["status"], "seconds": j["seconds"],
-                 "ppl_ratio": (j.get("figures") or {}).get("eval.persuasion.ppl_ratio"),
-                 "pruning_ratio": (j.get("figures") or {}).get("params.pruning_ratio")} for j in table["jobs"]]
-        rows[executor] = {**child, "counts": table.get("counts"), "jobs": jobs,
-                          "job_seconds_sum": round(sum(j["seconds"] or 0 for j in jobs), 1)}
-    results["batch"] = {"jobs": len(BATCH_PASSES) * len(BATCH_RATIOS), "workers": 2, "executors": rows}
+    runs = []
+    for round_index in range(rounds):
+        order = ("local", "ray") if round_index % 2 == 0 else ("ray", "local")
+        for executor in order:
+            root = WORK / f"batch-{executor}"
+            shutil.rmtree(root, ignore_errors=True)  # measure every job (a finished job would be skipped)
+            batch = write_yaml(WORK / f"batch-{executor}.yaml", {
+                "output": str(root), "executor": executor, "workers": 2, "retries": 0,
+                "resources": {"cpus": 1},
+                "grid": {"base": base.name, "passes": BATCH_PASSES, "ratios": BATCH_RATIOS}})
+            child = run_child(["batch", str(batch), "-q"], WORK / f"batch-{executor}-{round_index}.log")
+            table = json.loads((root / "results.json").read_text())
+            jobs = [{"name": j["name"], "status": j["status"], "seconds": j["seconds"],
+                     "ppl_ratio": (j.get("figures") or {}).get("eval.persuasion.ppl_ratio"),
+                     "pruning_ratio": (j.get("figures") or {}).get("params.pruning_ratio")} for j in table["jobs"]]
+            runs.append({"executor": executor, "round": round_index, **child, "counts": table.get("counts"),
+                         "jobs": jobs, "job_seconds_sum": round(sum(j["seconds"] or 0 for j in jobs), 1)})
+    results["batch"] = {"jobs": len(BATCH_PASSES) * len(BATCH_RATIOS), "workers": 2, "cpus_per_ray_task": 1,
+                        "grid": {"passes": BATCH_PASSES, "ratios": BATCH_RATIOS}, "base": "bench-results/scale/batch-base.yaml",
+                        "runs": runs}
 
 
 # --------------------------------------------------------------------------------- tables
@@ -265,24 +271,25 @@ def print_tables(results: dict) -> None:
                   f"{o['pass_s']:.1f} | {ident['tensors']} | {'yes' if ident['identical'] else 'NO'} |")
     batch = results.get("batch")
     if batch:
-        print(f"\n## batch: {batch['jobs']} SmolLM2 jobs, 2 at a time")
-        executors = batch["executors"]
-        print("| job | " + " | ".join(f"{e} status | {e} s" for e in executors) + " |")
-        print("|---|" + "---|---|" * len(executors))
-        names = [j["name"] for j in next(iter(executors.values()))["jobs"]]
-        for name in names:
+        print(f"\n## batch: {batch['jobs']} SmolLM2 jobs, 2 at a time (seconds per job)")
+        runs = batch["runs"]
+        print("| job | " + " | ".join(f"{r['executor']} (round {r['round'] + 1})" for r in runs) + " |")
+        print("|---|" + "---|" * len(runs))
+        for name in [j["name"] for j in runs[0]["jobs"]]:
             cells = []
-            for e in executors.values():
-                job = next((j for j in e["jobs"] if j["name"] == name), {})
-                cells += [str(job.get("status")), f"{job.get('seconds') or 0:.0f}"]
+            for r in runs:
+                job = next((j for j in r["jobs"] if j["name"] == name), {})
+                cells.append(f"{job.get('seconds') or 0:.0f} ({job.get('status')})")
             print(f"| {name} | " + " | ".join(cells) + " |")
-        print("| **batch wall time** | " + " | ".join(f"| **{e['wall_s']:.0f}**" for e in executors.values()) + " |")
+        print("| **batch wall time** | " + " | ".join(f"**{r['wall_s']:.0f}**" for r in runs) + " |")
+        print("| sum of job times | " + " | ".join(f"{r['job_seconds_sum']:.0f}" for r in runs) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["big", "smollm2", "batch"], choices=["big", "smollm2", "batch"])
     parser.add_argument("--offload", action="store_true", help="big: also a run with --offload-dir")
+    parser.add_argument("--batch-rounds", type=int, default=2, help="batch: rounds, alternating the executor order")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "scale.json")
     args = parser.parse_args()
     results: dict = {}
@@ -290,7 +297,8 @@ def main() -> None:
         results = json.loads(args.out.read_text())
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     for part in args.parts:
-        {"big": lambda r: part_big(r, args.offload), "smollm2": part_smollm2, "batch": part_batch}[part](results)
+        {"big": lambda r: part_big(r, args.offload), "smollm2": part_smollm2,
+         "batch": lambda r: part_batch(r, args.batch_rounds)}[part](results)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
     print_tables(results)

@@ -107,7 +107,7 @@ def prune_out_of_core(recipe, *, sink, offload_root: Path, monitor, progress: bo
             windows = tuple(ctx.calibration_ids().shape)
     release_memory()
     budget = model.budget(windows, batch_size, statistics=needs_data)
-    offload = budget.decide(cap, offload_requested=recipe.offload_dir is not None) if needs_data else False
+    offload = budget.decide(cap, offload_requested=recipe.offload_dir is not None) and needs_data
     offload_dir = None
     if offload:
         parent = Path(recipe.offload_dir) if recipe.offload_dir else Path(offload_root)

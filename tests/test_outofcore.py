@@ -230,3 +230,11 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ModelSourceError, match="lacks 1 tensor"):
         StreamingModel(tmp_path)
+
+
+def test_a_data_free_run_checks_the_cap_too(tied_folder, tmp_path):
+    data = recipe_data(tied_folder, tmp_path / "out", None, [{"magnitude_sp": {"ratio": 0.3}}], calibration=None,
+                       max_memory="32MiB")
+    with pytest.raises(CompressError, match="max_memory 32.0 MiB is too small"):
+        run_recipe(parse_recipe(data, "t.yaml"), progress=False)
+    assert not (tmp_path / "out").exists()
