@@ -237,6 +237,9 @@ def run_command(
     if not quiet:
         where = escape(parsed.source_name)
         _stdout().print(f"running [bold]{escape(parsed.name)}[/bold] ({where}): {_recipe_outline(parsed)}")
+        if parsed.max_memory is not None and parsed.evaluate is not None:
+            _stdout().print("[yellow]out of core: the evaluation and its gates are skipped (they need the whole "
+                            "model); run compress eval on the output where it fits[/yellow]")
     from compress.pipeline import run_recipe
 
     result = run_recipe(parsed, output=output, dry_run=False, device=device, progress=not quiet)

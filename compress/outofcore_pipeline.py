@@ -81,7 +81,7 @@ def prune_out_of_core(recipe, *, sink, offload_root: Path, monitor, progress: bo
     from compress.memory import parse_size
     from compress.models.loading import resolve_dtype
     from compress.outofcore import OutOfCorePruner, StreamingModel
-    from compress.pipeline import _calibration_loader, new_plan, resolve_device
+    from compress.pipeline import _calibration_loader, _step_details, new_plan, resolve_device
     from compress.registry import get_pass
 
     check_out_of_core(recipe)
@@ -126,8 +126,6 @@ def prune_out_of_core(recipe, *, sink, offload_root: Path, monitor, progress: bo
         if offload_dir is not None:
             shutil.rmtree(offload_dir, ignore_errors=True)
     plan.steps.append(step)
-    from compress.pipeline import _step_details
-
     reports = [{"name": entry.name, "options": entry.options.model_dump(), "wall_s": record["wall_s"],
                 "peak_rss_mb": record["peak_rss_mb"], "details": _step_details(step)}]
     section = {

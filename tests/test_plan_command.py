@@ -129,3 +129,28 @@ def test_apply_out_of_core_replays_the_plan_bit_for_bit(folder, text_file, tmp_p
     assert_same_weights(tmp_path / "run", tmp_path / "applied")
     assert json.loads((tmp_path / "applied" / "config.json").read_text()) == json.loads(
         (tmp_path / "run" / "config.json").read_text())
+
+
+def test_plan_of_an_onnx_recipe_without_calibration_replays(tmp_path):
+    """SPA with magnitude importance is data-free: no corpus, plan, then apply on the .onnx file."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.test_spa import conv_model
+
+    onnx.save(conv_model(), str(tmp_path / "model.onnx"))
+    recipe = write_recipe(tmp_path, tmp_path / "model.onnx", None, [{"spa": {"ratio": 0.5, "importance": "magnitude"}}],
+                          calibration=None)
+    planned = runner.invoke(app, ["plan", str(recipe), "-o", str(tmp_path / "plan")], env=WIDE)
+    assert planned.exit_code == 0, planned.output
+    assert "groups" in planned.output
+    assert runner.invoke(app, ["run", str(recipe), "-q"], env=WIDE).exit_code == 0
+    applied = runner.invoke(app, ["apply", str(tmp_path / "plan" / "plan.json"), "--model", str(tmp_path / "model.onnx"),
+                                  "-o", str(tmp_path / "applied"), "-q"], env=WIDE)
+    assert applied.exit_code == 0, applied.output
+    weights = [{i.name: numpy_helper.to_array(i) for i in onnx.load(str(folder / "model.onnx")).graph.initializer}
+               for folder in (tmp_path / "run", tmp_path / "applied")]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)
