@@ -10,16 +10,17 @@ A config's ``token_pruning`` is plain JSON:
     {"protected": P,                 # leading tokens never dropped or merged (CLS, DeiT's distillation token)
      "proportional_attention": bool, # ToMe: add log(token size) to every attention logit once tokens merged
      "stages": [                     # in layer order, at most one per layer
-        {"method": "cls_topk", "after_layer": L, "keep": k | None, "keep_ratio": [p, q] | None,
+        {"method": "cls_topk", "after_layer": L, "keep": k | None, "keep_fraction": [p, q] | None,
          "score_layers": [l0, ..., L]},            # VTC-CLS: CLS attention summed over these layers
-        {"method": "divprune", "after_layer": L, "keep": k | None, "keep_ratio": [p, q] | None},
-        {"method": "tome", "after_layer": L, "merge": r | None, "merge_ratio": [p, q] | None}]}
+        {"method": "divprune", "after_layer": L, "keep": k | None, "keep_fraction": [p, q] | None},
+        {"method": "tome", "after_layer": L, "merge": r | None, "keep_fraction": [p, q] | None}]}
 
-``keep`` / ``merge`` are Python ints (image towers: the token count is fixed); text encoders use
-``keep_ratio`` / ``merge_ratio`` = p/q of the current non-protected tokens, computed from the
-padded length with integer arithmetic, so the count stays a shape expression and never depends on
-data. Padding has token size 0: it is dropped first, never merged into a real token and masked in
-attention. Kept tokens stay in their original order (indices sorted after TopK); ToMe's output is
+``keep`` / ``merge`` are Python ints (image towers: the token count is fixed). Text encoders use
+``keep_fraction`` = p/q instead: the stage leaves ceil(N0 · p / q) free tokens, N0 being the
+input's non-protected (padded) length, so that every stage's count is one integer expression of
+the input length (never nested stage by stage, which torch.export cannot bound) and never depends
+on data. Padding has token size 0: it is dropped first, never merged into a real token and masked
+in attention. Kept tokens stay in their original order (indices sorted after TopK); ToMe's output is
 [unmerged A tokens in order ; B tokens].
 
 Every rewrite is made of TopK, Gather, MatMul and elementwise ops: no boolean indexing, nonzero,
@@ -65,13 +66,17 @@ def count_from_fraction(tokens, fraction) -> int:
     return (tokens * p + q - 1) // q
 
 
-def stage_count(stage: dict, free_tokens) -> int:
-    """Tokens the stage keeps (cls_topk, divprune) or merges away (tome) among ``free_tokens``."""
+def stage_count(stage: dict, free_tokens, input_free_tokens) -> int:
+    """Tokens the stage keeps (cls_topk, divprune) or merges away (tome), given the ``free_tokens``
+    it receives and the ``input_free_tokens`` of the input (what ``keep_fraction`` is a share of).
+    A merge is at most half of the tokens it sees."""
+    fixed = stage.get("merge" if stage["method"] == "tome" else "keep")
+    if fixed is not None:
+        return fixed
+    left = count_from_fraction(input_free_tokens, stage["keep_fraction"])
     if stage["method"] == "tome":
-        merge = stage.get("merge")
-        return merge if merge is not None else (free_tokens * int(stage["merge_ratio"][0])) // int(stage["merge_ratio"][1])
-    keep = stage.get("keep")
-    return keep if keep is not None else count_from_fraction(free_tokens, stage["keep_ratio"])
+        return min(free_tokens - left, free_tokens // 2)
+    return min(left, free_tokens)
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -132,10 +137,15 @@ def _with_protected(chosen: torch.Tensor, protected: int) -> torch.Tensor:
 
 def top_k_index(scores: torch.Tensor, sizes: torch.Tensor, keep: int, protected: int) -> torch.Tensor:
     """[B, protected + keep] indices: the protected tokens, then the ``keep`` free tokens with the
-    highest ``scores`` [B, T] (padding last), in their original order."""
+    highest ``scores`` [B, T] (non-negative: attention probabilities), in their original order.
+
+    Padding ranks last, earlier padding first: distinct values, so that PyTorch and ONNX Runtime
+    (whose TopK orders ties differently) keep the same padding slots, and the real tokens keep the
+    same slots for later stages."""
     free_scores = scores[:, protected:].float()
-    lowest = torch.finfo(free_scores.dtype).min
-    free_scores = torch.where(sizes[:, protected:] > 0, free_scores, torch.full_like(free_scores, lowest))
+    count = free_scores.shape[1]
+    padding = -1.0 - torch.arange(count, device=free_scores.device, dtype=free_scores.dtype) / (count + 1)
+    free_scores = torch.where(sizes[:, protected:] > 0, free_scores, padding.unsqueeze(0).expand_as(free_scores))
     return _with_protected(free_scores.topk(keep, dim=-1).indices, protected)
 
 
@@ -189,11 +199,17 @@ def bipartite_merge(hidden: torch.Tensor, sizes: torch.Tensor, positions: torch.
     b_blocked = (b_index < protected).unsqueeze(0) | (b_sizes <= 0)
     scores = torch.where(b_blocked.unsqueeze(1), torch.full_like(scores, -3.0), scores)
     best, match = scores.max(-1)                                       # [B, T_A]
-    best = torch.where(a_sizes <= 0, torch.full_like(best, 2.0), best)
+    # padding merges first, earlier padding before later (distinct priorities in (2, 3]: PyTorch and
+    # ONNX Runtime order ties differently, and which padding stays decides the real tokens' slots,
+    # hence their A/B sides, in the next stage)
+    padding = 3.0 - a_index.to(best.dtype) / (2 * a_count + 1)
+    best = torch.where(a_sizes <= 0, padding.unsqueeze(0).expand_as(best), best)
     best = torch.where((a_index < protected).unsqueeze(0), torch.full_like(best, -4.0), best)
     order = best.topk(a_count, dim=-1).indices                         # descending
-    source = order[:, :merge]                                          # [B, r]
-    unmerged = order[:, merge:].sort(dim=-1).values                    # [B, T_A - r]
+    # split, not slices: slicing with a symbolic r clamps (Min/Max) and, over several text stages,
+    # torch.export loses track of the token count
+    source, unmerged = order.split([merge, a_count - merge], dim=1)    # [B, r], [B, T_A - r]
+    unmerged = unmerged.sort(dim=-1).values
     target = match.gather(1, source)                                   # [B, r]
 
     a_hidden, b_hidden = hidden[:, ::2], hidden[:, 1::2]
@@ -235,6 +251,7 @@ def _layer_parts(layer: nn.Module, layout, family: str) -> tuple[nn.Module | Non
 def run_layers(layers: nn.ModuleList, state: _TokenState, spec: dict, layout, family: str, config) -> _TokenState:
     """Run ``layers`` on ``state`` with the rewrite ``spec`` (the config's ``token_pruning``)."""
     stages = {int(stage["after_layer"]): stage for stage in spec["stages"]}
+    input_free = state.hidden.shape[1] - int(spec.get("protected", 1))
     scored_by = {int(layer): stage for stage in spec["stages"] if stage["method"] == "cls_topk"
                  for layer in stage.get("score_layers") or [stage["after_layer"]]}
     protected = int(spec.get("protected", 1))
@@ -258,12 +275,16 @@ def run_layers(layers: nn.ModuleList, state: _TokenState, spec: dict, layout, fa
         if stage is None:
             continue
         free = state.hidden.shape[1] - protected
-        count = stage_count(stage, free)
+        count = stage_count(stage, free, input_free)
         if torch.compiler.is_exporting():
-            # Facts torch.export cannot derive from the symbolic text length (true for any length >= 8;
-            # in eager mode a shorter input simply drops or merges fewer tokens, down to none).
-            torch._check(count >= 1)
-            torch._check(count <= free // 2 if stage["method"] == "tome" else count <= free)
+            # Facts torch.export cannot derive from the symbolic text length. A selection keeps at
+            # least one token of any text of 8 or more; a merge of a small share may merge none of
+            # a short text, and is only bounded above.
+            if stage["method"] == "tome":
+                torch._check(count <= free // 2)
+            else:
+                torch._check(count >= 1)
+                torch._check(count <= free)
         elif stage["method"] == "tome" and count == 0:
             continue  # nothing to merge (a very short text); the tokens stay as they are
         if stage["method"] == "cls_topk":
@@ -337,7 +358,7 @@ def check_token_pruning(spec: dict, num_layers: int) -> None:
             raise ValueError(f"{where}.after_layer must be a layer index in [0, {num_layers - 1}], got {layer!r}")
         if seen and layer <= seen[-1]:
             raise ValueError(f"{where}.after_layer must be after the previous stage's layer {seen[-1]}")
-        counted = ("merge", "merge_ratio") if stage["method"] == "tome" else ("keep", "keep_ratio")
+        counted = ("merge", "keep_fraction") if stage["method"] == "tome" else ("keep", "keep_fraction")
         if (stage.get(counted[0]) is None) == (stage.get(counted[1]) is None):
             raise ValueError(f"{where} needs exactly one of {counted[0]} or {counted[1]}")
         for layer_scored in stage.get("score_layers") or []:

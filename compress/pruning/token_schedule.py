@@ -41,13 +41,13 @@ def image_tokens(adapter: EncoderAdapter, image_size: int) -> int:
 def selection_stages(method: str, keep_ratio: float, layers: list[int], free_tokens: int | None,
                      score_layers: int = 1) -> list[dict]:
     """cls_topk / divprune stages after each of ``layers``, together keeping ``keep_ratio`` of the
-    free tokens: stage s of S keeps round(N · keep_ratio^(s/S)) for N fixed tokens, or the fraction
-    keep_ratio^(1/S) of the current length when ``free_tokens`` is None (text)."""
+    free tokens: stage s of S keeps round(N · keep_ratio^(s/S)) for N fixed tokens, or, when
+    ``free_tokens`` is None (text), ceil(N0 · keep_ratio^(s/S)) of the input's N0 tokens."""
     stages, previous = [], -1
     for number, layer in enumerate(layers, start=1):
         stage = {"method": method, "after_layer": layer}
         if free_tokens is None:
-            stage["keep_ratio"] = _fraction(keep_ratio ** (1 / len(layers)))
+            stage["keep_fraction"] = _fraction(keep_ratio ** (number / len(layers)))
         else:
             stage["keep"] = max(1, round(free_tokens * keep_ratio ** (number / len(layers))))
         if method == "cls_topk":
@@ -59,15 +59,17 @@ def selection_stages(method: str, keep_ratio: float, layers: list[int], free_tok
 
 def merge_stages(keep_ratio: float, layers: list[int], free_tokens: int | None) -> list[dict]:
     """ToMe stages after each of ``layers`` merging, together, all but ``keep_ratio`` of the free
-    tokens: the same r after every layer (the first layers take the remainder) for fixed tokens, or
-    the fraction 1 - keep_ratio^(1/S) of the current length for text. A stage can merge at most half
-    of the tokens it sees."""
+    tokens: the same r after every layer (the first layers take the remainder) for fixed tokens, or,
+    for text, stage s of S leaves ceil(N0 · keep_ratio^(s/S)) of the input's N0 tokens. A stage can
+    merge at most half of the tokens it sees."""
     if free_tokens is None:
         per_layer = 1 - keep_ratio ** (1 / len(layers))
         if per_layer > 0.5:
             raise CompressError(f"token_merge: keep_ratio {keep_ratio} over {len(layers)} layers merges "
                                 f"{per_layer:.2f} of the tokens per layer; at most 0.5 is possible (start earlier)")
-        return [{"method": "tome", "after_layer": layer, "merge_ratio": _fraction(per_layer)} for layer in layers]
+        return [{"method": "tome", "after_layer": layer,
+                 "keep_fraction": _fraction(keep_ratio ** (number / len(layers)))}
+                for number, layer in enumerate(layers, start=1)]
     total = free_tokens - max(1, round(free_tokens * keep_ratio))
     if total == 0:
         raise CompressError(f"token_merge: keep_ratio {keep_ratio} of {free_tokens} tokens merges none")
@@ -113,7 +115,7 @@ def kept_tokens(spec: dict, free_tokens: int) -> int:
     """Free tokens left after every stage of ``spec`` for an input with ``free_tokens`` of them."""
     count = free_tokens
     for stage in spec["stages"]:
-        counted = stage_count(stage, count)
+        counted = stage_count(stage, count, free_tokens)
         count = count - counted if stage["method"] == "tome" else counted
     return count
 
