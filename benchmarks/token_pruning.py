@@ -148,6 +148,20 @@ def print_row(row: dict) -> None:
     print(f"{row['model']:<7} {row['config']:<18} {figures}", flush=True)
 
 
+def remeasure_latency(rows: list[dict], out: Path) -> None:
+    """Replace every row's dense / pruned ORT latency with a new measurement (same protocol)."""
+    feeds = {}
+    for row in rows:
+        model = row["model"]
+        feeds.setdefault(model, latency_feeds(model))
+        folder = CACHE / model / f"{row['config']}-{row['keep_ratio']}"
+        dense_ms, pruned_ms = ort_latency(CACHE / model / "dense" / "onnx" / "model.onnx",
+                                          folder / "onnx" / "model.onnx", feeds[model])
+        row.update(dense_ms=dense_ms, pruned_ms=pruned_ms, speedup=dense_ms / pruned_ms, latency_remeasured=True)
+        print_row(row)
+    out.write_text(json.dumps({"rows": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["minilm", "dinov2", "all"], default="all")
@@ -156,9 +170,14 @@ def main() -> None:
                         "0.7 0.5 0.25 for DINOv2)")
     parser.add_argument("--skip-dense", action="store_true", help="reuse the dense run's folder from an earlier run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "token_pruning.json")
+    parser.add_argument("--latency-only", action="store_true", help="re-measure only the ORT latencies of the rows "
+                        "already in --out, from their exported folders (run it on a quiet machine)")
     args = parser.parse_args()
 
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
+    if args.latency_only:
+        remeasure_latency(rows, args.out)
+        return
     for model in (["minilm", "dinov2"] if args.part == "all" else [args.part]):
         dense_onnx = CACHE / model / "dense" / "onnx" / "model.onnx"
         if not (args.skip_dense and dense_onnx.is_file()):
