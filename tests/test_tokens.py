@@ -185,6 +185,21 @@ def test_running_minimum_divprune_picks_the_reference_set():
         assert got.tolist() == reference_divprune(hidden, keep, protected=1)
 
 
+def test_divprune_first_pick_takes_the_lower_of_two_mutual_nearest_neighbours():
+    # Free tokens at angles 0, 10, 12, 100 and 130 degrees: tokens 3 and 4 are each other's nearest
+    # neighbour and the most isolated, so the first pick ties exactly; the lower index must win under
+    # any rotation (a float32 MatMul alone is not symmetric to the last bit and broke such ties at random).
+    angles = torch.deg2rad(torch.tensor([0.0, 10.0, 12.0, 100.0, 130.0], dtype=torch.float64))
+    plane = torch.stack([angles.cos(), angles.sin()], dim=-1)                  # [5, 2]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        basis, _ = torch.linalg.qr(torch.randn(64, 2, dtype=torch.float64, generator=generator))
+        free = (plane @ basis.T * (1 + torch.rand(5, 1, dtype=torch.float64, generator=generator))).float()
+        hidden = torch.cat([torch.randn(1, 64, generator=generator), free]).unsqueeze(0)  # [1, 6, 64]
+        first = max_min_diverse_index(hidden, torch.ones(1, 6), 1, protected=1)[0].tolist()
+        assert first == [0, 4]  # CLS, then free token 3
+
+
 def test_divprune_fills_with_padding_only_when_real_tokens_run_out():
     hidden = torch.randn(1, 9, 8, generator=torch.Generator().manual_seed(1))
     sizes = torch.tensor([[1.0] * 6 + [0.0] * 3])

@@ -158,6 +158,10 @@ def max_min_diverse_index(hidden: torch.Tensor, sizes: torch.Tensor, keep: int, 
     valid = sizes[:, protected:] > 0                                  # [B, N]
     count = free.shape[1]
     distance = 1.0 - free @ free.transpose(1, 2)                      # [B, N, N], row i = from token i
+    # Exactly symmetric (a + b == b + a): the first pick's candidates include mutual nearest
+    # neighbours, whose values then tie exactly and both runtimes take the lower index. A float32
+    # MatMul is not symmetric to the last bit, and PyTorch and ONNX Runtime broke that tie apart.
+    distance = 0.5 * (distance + distance.transpose(1, 2))
     far = torch.full_like(distance, 4.0)                              # above any cosine distance
     not_neighbour = torch.eye(count, dtype=torch.bool, device=free.device).unsqueeze(0) | ~valid.unsqueeze(-1)
     nearest = torch.where(not_neighbour, far, distance).amin(1)       # [B, N]
