@@ -247,15 +247,7 @@ class OutOfCorePruner:
         try:
             for i in self._blocks("pruning blocks"):
                 with self._visit("prune", i):
-                    stats = pruner.observe_block(runner, i, update=not sequential)
-                    units = pruner.layer_units(adapter, i, pruner.scorer(adapter, i, stats))
-                    (a, m), = pruner.allocate([units])
-                    plan = pruner.layer_plan(adapter, units, a, m, stats)
-                    pruner._apply(adapter, plan)
-                    if sequential:
-                        runner.run_block(i, update=True)
-                    self._emit(i)
-                    plans.append(plan)
+                    plans.append(self._prune_block(pruner, adapter, runner, i, None, sequential))
         finally:
             runner.close()
         return pruner._step(plans)
@@ -283,18 +275,26 @@ class OutOfCorePruner:
         try:
             for i in self._blocks("re-scoring on pruned inputs"):
                 with self._visit("slice", i):
-                    stats = pruner.observe_block(runner, i, update=False)
-                    units = pruner.layer_units(adapter, i, pruner.scorer(adapter, i, stats))
-                    plan = pruner.layer_plan(adapter, units, counts[i][0], counts[i][1], stats)
-                    pruner._apply(adapter, plan)
-                    runner.run_block(i, update=True)
-                    self._emit(i)
-                    plans.append(plan)
+                    plans.append(self._prune_block(pruner, adapter, runner, i, counts[i], True))
         finally:
             runner.close()
         return pruner._step(plans)
 
     # ------------------------------------------------------------------ pieces
+    def _prune_block(self, pruner, adapter, runner, index, counts, sequential):
+        """Score block ``index`` on the inputs the runner holds, slice it to ``counts`` (attention,
+        MLP units; None: the block's own allocation) and write it out; sequential: then pass the
+        pruned block's outputs on as the next block's inputs."""
+        stats = pruner.observe_block(runner, index, update=not sequential)
+        units = pruner.layer_units(adapter, index, pruner.scorer(adapter, index, stats))
+        (attention, mlp), = pruner.allocate([units]) if counts is None else (counts,)
+        plan = pruner.layer_plan(adapter, units, attention, mlp, stats)
+        pruner._apply(adapter, plan)
+        if sequential:
+            runner.run_block(index, update=True)
+        self._emit(index)
+        return plan
+
     def _finish_block(self, pruner, adapter, plan):
         pruner._apply(adapter, plan)
         self._emit(plan.index)

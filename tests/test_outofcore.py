@@ -87,6 +87,9 @@ CASES = {
     "wanda_sp": ([{"wanda_sp": {"ratio": 0.4}}], {}),
     # calibrated, global AL-AM with bias compensation (two sweeps, re-reading each block)
     "flap": ([{"flap": {"ratio": 0.4}}], {}),
+    # calibrated, global, sequential: widths from the dense sweep, then each block re-scored on the
+    # pruned blocks' outputs
+    "flap-sequential": ([{"flap": {"ratio": 0.4, "sequential": True}}], {}),
     # calibrated, uniform UL-UM with bias compensation, query-head units
     "flap-ul-um": ([{"flap": {"ratio": 0.3, "structure": "ul-um", "gqa": "query_heads"}}], {}),
 }
