@@ -23,7 +23,7 @@ off the shelf (no fine-tuning):
   kept token indices differ.
 
 Latencies are medians of 7 alternating dense / pruned runs on a shared 2-core machine: noisy.
-Prints a table and writes JSON (default bench-results/token_pruning.json).
+Prints a row as each finishes, then a markdown table per model, and writes JSON (default bench-results/token_pruning.json).
 """
 
 from __future__ import annotations
@@ -148,6 +148,29 @@ def print_row(row: dict) -> None:
     print(f"{row['model']:<7} {row['config']:<18} {figures}", flush=True)
 
 
+def print_tables(rows: list[dict]) -> None:
+    """The rows as one markdown table per model, keep ratio descending."""
+    order = list(CONFIGS)
+    for model in ("minilm", "dinov2"):
+        selected = sorted((r for r in rows if r["model"] == model), key=lambda r: (-r["keep_ratio"], order.index(r["config"])))
+        if not selected:
+            continue
+        probe = model == "dinov2"
+        header = ["rewrite", "keep", "tokens", "cos mean / min", "Spearman"] + (
+            ["probe dense fit", "probe refit"] if probe else []) + ["ORT dense ms", "pruned ms", "speed-up",
+                                                                   "kept-index mismatches"]
+        print(f"\n{model}" + (f" (dense probe {selected[0]['probe_dense_accuracy']:.3f})" if probe else ""))
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for r in selected:
+            cells = [r["config"], r["keep_ratio"], r["tokens_out"] or "", f"{r['mean_cosine']:.4f} / {r['min_cosine']:.3f}",
+                     f"{r['spearman']:.3f}"]
+            if probe:
+                cells += [f"{r['probe_accuracy']:.3f}", f"{r['probe_retrained_accuracy']:.3f}"]
+            cells += [f"{r['dense_ms']:.0f}", f"{r['pruned_ms']:.0f}", f"{r['speedup']:.2f}x",
+                      ", ".join(f"{name} {v['mismatches']}/{v['inputs']}" for name, v in r["kept_index"].items())]
+            print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
 def remeasure_latency(rows: list[dict], out: Path) -> None:
     """Replace every row's dense / pruned ORT latency with a new measurement (same protocol)."""
     feeds = {}
@@ -160,6 +183,7 @@ def remeasure_latency(rows: list[dict], out: Path) -> None:
         row.update(dense_ms=dense_ms, pruned_ms=pruned_ms, speedup=dense_ms / pruned_ms, latency_remeasured=True)
         print_row(row)
     out.write_text(json.dumps({"rows": rows}, indent=2))
+    print_tables(rows)
 
 
 def main() -> None:
@@ -195,6 +219,7 @@ def main() -> None:
                 rows.append(row)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    print_tables(rows)
     print(f"\nJSON: {args.out}")
 
 
