@@ -23,7 +23,8 @@ off the shelf (no fine-tuning):
   kept token indices differ.
 
 Latencies are medians of 7 alternating dense / pruned runs on a shared 2-core machine: noisy.
-Prints a row as each finishes, then a markdown table per model, and writes JSON (default bench-results/token_pruning.json).
+Prints a row as each finishes, then a markdown table per model, and writes JSON (default
+bench-results/token_pruning.json).
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def print_tables(rows: list[dict]) -> None:
     """The rows as one markdown table per model, keep ratio descending."""
     order = list(CONFIGS)
     for model in ("minilm", "dinov2"):
-        selected = sorted((r for r in rows if r["model"] == model), key=lambda r: (-r["keep_ratio"], order.index(r["config"])))
+        selected = sorted((r for r in rows if r["model"] == model),
+                          key=lambda r: (-r["keep_ratio"], order.index(r["config"])))
         if not selected:
             continue
         probe = model == "dinov2"
@@ -162,8 +164,8 @@ def print_tables(rows: list[dict]) -> None:
         print(f"\n{model}" + (f" (dense probe {selected[0]['probe_dense_accuracy']:.3f})" if probe else ""))
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for r in selected:
-            cells = [r["config"], r["keep_ratio"], r["tokens_out"] or "", f"{r['mean_cosine']:.4f} / {r['min_cosine']:.3f}",
-                     f"{r['spearman']:.3f}"]
+            cells = [r["config"], r["keep_ratio"], r["tokens_out"] or "",
+                     f"{r['mean_cosine']:.4f} / {r['min_cosine']:.3f}", f"{r['spearman']:.3f}"]
             if probe:
                 cells += [f"{r['probe_accuracy']:.3f}", f"{r['probe_retrained_accuracy']:.3f}"]
             cells += [f"{r['dense_ms']:.0f}", f"{r['pruned_ms']:.0f}", f"{r['speedup']:.2f}x",

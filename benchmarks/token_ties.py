@@ -28,27 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def greedy_margins(hidden, sizes, keep: int, protected: int) -> list[float]:
     """Margins (best minus the best smaller priority) of each greedy pick of `max_min_diverse_index`,
     replayed in float64 for one input: hidden [T, E], sizes [T]."""
-    import torch
+    from compress.models.token_pruning import divprune_steps
 
-    free = torch.nn.functional.normalize(hidden[protected:].double(), dim=-1)
-    valid = sizes[protected:] > 0
-    distance = 1.0 - free @ free.T
-    distance = 0.5 * (distance + distance.T)  # as the graph: exactly symmetric
-    count = free.shape[0]
-    blocked = torch.eye(count, dtype=torch.bool) | ~valid.unsqueeze(-1)
-    priority = torch.where(valid, torch.where(blocked, torch.full_like(distance, 4.0), distance).amin(0), -1.0)
-    taken = torch.zeros(count, dtype=torch.bool)
-    running = torch.full((count,), 4.0, dtype=torch.float64)
     margins = []
-    for _ in range(keep):
+    for priority, _ in divprune_steps(hidden[None, protected:].double(), sizes[None, protected:] > 0, keep):
+        priority = priority[0]
         best = priority.max()
         # an exact tie (mutual nearest neighbours at the first pick) goes to the lower index in both
         # runtimes, so the margin that matters is to the best value below it
         margins.append(float(best - priority[priority < best].max()))
-        pick = int(priority.argmax())
-        taken[pick] = True
-        running = torch.minimum(running, distance[pick])
-        priority = torch.where(taken, -2.0, torch.where(valid, running, -1.0))
     return margins
 
 
@@ -95,14 +83,13 @@ def main() -> None:
                 if row not in agreement["agreeing_rows"]:
                     mismatching.append({"input": len(smallest) - 1, "smallest_margin": margin})
         values = np.array(smallest)
-        rank = {m["input"]: int((values < m["smallest_margin"]).sum()) for m in mismatching}
         for m in mismatching:
-            m["inputs_with_a_smaller_margin"] = rank[m["input"]]
+            m["inputs_with_a_smaller_margin"] = int((values < m["smallest_margin"]).sum())
         result[name] = {"inputs": len(smallest), "mismatching": mismatching,
                         "smallest_margin_quantiles": {q: float(np.quantile(values, q)) for q in (0.0, 0.01, 0.1, 0.5)}}
+        quantiles = [f"{v:.2e}" for v in result[name]["smallest_margin_quantiles"].values()]
         print(f"{name}: {len(mismatching)} of {len(smallest)} inputs differ: {mismatching}; smallest margin per "
-              f"input, quantiles 0/1/10/50%: {[f'{v:.2e}' for v in result[name]['smallest_margin_quantiles'].values()]}",
-              flush=True)
+              f"input, quantiles 0/1/10/50%: {quantiles}", flush=True)
     (args.folder / "tie_margins.json").write_text(json.dumps(result, indent=2))
 
 

@@ -154,8 +154,15 @@ def max_min_diverse_index(hidden: torch.Tensor, sizes: torch.Tensor, keep: int, 
     distance D = 1 - cos of ``hidden`` [B, T, E]; the first pick is the token whose nearest neighbour is
     farthest, each next one maximises its distance to the chosen set. The loop is unrolled (``keep``
     is a Python int). Returns [B, protected + keep] sorted indices, as `top_k_index`."""
-    free = torch.nn.functional.normalize(hidden[:, protected:].float(), dim=-1)
-    valid = sizes[:, protected:] > 0                                  # [B, N]
+    picks = [pick for _, pick in divprune_steps(hidden[:, protected:].float(), sizes[:, protected:] > 0, keep)]
+    return _with_protected(torch.stack(picks, dim=1), protected)
+
+
+def divprune_steps(free: torch.Tensor, valid: torch.Tensor, keep: int):
+    """The greedy steps of `max_min_diverse_index` on the free tokens ``free`` [B, N, E] (in the
+    dtype given) with ``valid`` [B, N] (not padding): yields, for each of the ``keep`` picks, the
+    priorities it chose among [B, N] and the pick [B]."""
+    free = torch.nn.functional.normalize(free, dim=-1)
     count = free.shape[1]
     distance = 1.0 - free @ free.transpose(1, 2)                      # [B, N, N], row i = from token i
     # Exactly symmetric (a + b == b + a): the first pick's candidates include mutual nearest
@@ -169,17 +176,18 @@ def max_min_diverse_index(hidden: torch.Tensor, sizes: torch.Tensor, keep: int, 
     # and no token is chosen twice.
     padding, taken_value = torch.full_like(nearest, -1.0), torch.full_like(nearest, -2.0)
     positions = torch.arange(count, device=free.device).unsqueeze(0)
-    pick = torch.where(valid, nearest, padding).argmax(-1)            # [B]
-    taken = positions == pick.unsqueeze(1)
+    priority = torch.where(valid, nearest, padding)
+    taken = torch.zeros_like(valid)
     running = far[:, 0]
-    picks = [pick]
-    for _ in range(keep - 1):
+    for step in range(keep):
+        pick = priority.argmax(-1)                                    # [B]
+        yield priority, pick
+        if step == keep - 1:
+            return
+        taken = taken | (positions == pick.unsqueeze(1))
         row = distance.gather(1, pick[:, None, None].expand(-1, 1, count))[:, 0]    # [B, N]
         running = torch.minimum(running, row)
-        pick = torch.where(taken, taken_value, torch.where(valid, running, padding)).argmax(-1)
-        taken = taken | (positions == pick.unsqueeze(1))
-        picks.append(pick)
-    return _with_protected(torch.stack(picks, dim=1), protected)
+        priority = torch.where(taken, taken_value, torch.where(valid, running, padding))
 
 
 def bipartite_merge(hidden: torch.Tensor, sizes: torch.Tensor, positions: torch.Tensor, metric: torch.Tensor,
@@ -255,10 +263,10 @@ def _layer_parts(layer: nn.Module, layout, family: str) -> tuple[nn.Module | Non
 def run_layers(layers: nn.ModuleList, state: _TokenState, spec: dict, layout, family: str, config) -> _TokenState:
     """Run ``layers`` on ``state`` with the rewrite ``spec`` (the config's ``token_pruning``)."""
     stages = {int(stage["after_layer"]): stage for stage in spec["stages"]}
-    input_free = state.hidden.shape[1] - int(spec.get("protected", 1))
     scored_by = {int(layer): stage for stage in spec["stages"] if stage["method"] == "cls_topk"
                  for layer in stage.get("score_layers") or [stage["after_layer"]]}
     protected = int(spec.get("protected", 1))
+    input_free = state.hidden.shape[1] - protected
     head_dim = _head_dim(config)
     merged = False
     cls_scores = None
