@@ -83,10 +83,40 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def general_text_names() -> tuple[str, ...]:
+    """Text sources of the embedded general corpus (``compress/data/general/manifest.json``):
+    ``general``, ``general:train``, and per domain ``general:<d>``, ``general:<d>:test`` and, for a
+    domain in the calibration mix, ``general:<d>:train``."""
+    import json
+
+    manifest = Path(__file__).resolve().parent / "data" / "general" / "manifest.json"
+    try:
+        domains = json.loads(manifest.read_text(encoding="utf-8"))["domains"]
+    except (OSError, ValueError, KeyError):
+        return ("general", "general:train")
+    names = ["general", "general:train"]
+    for name, info in domains.items():
+        names += [f"general:{name}", f"general:{name}:test"]
+        if info.get("in_mix"):
+            names.append(f"general:{name}:train")
+    return tuple(names)
+
+
 def check_text_source(value: str) -> str:
-    """A text source is ``austen``, ``austen:<name>`` or an existing .txt/.jsonl file or folder;
-    vision encoders read the image source ``textile`` instead."""
+    """A text source is ``general``, ``general:<domain>[:train]``, ``austen``, ``austen:<name>`` or an
+    existing .txt/.jsonl file or folder; vision encoders read the image source ``textile`` instead."""
     if value == AUSTEN_PREFIX or value in IMAGE_SOURCES:
+        return value
+    if value == "general" or value.startswith("general:"):
+        allowed = general_text_names()
+        if value not in allowed:
+            domains = list(dict.fromkeys(n.split(":")[1] for n in allowed if n.count(":") == 2))
+            with_train = [n.split(":")[1] for n in allowed if n.endswith(":train") and n.count(":") == 2]
+            raise ValueError(
+                f"unknown general-corpus source {show_value(value)}; allowed: general (the calibration mix), "
+                f"general:<domain> (test split) with <domain> one of {', '.join(domains)}, or "
+                f"general:<domain>:train with <domain> one of {', '.join(with_train)}"
+            )
         return value
     if value.startswith(AUSTEN_PREFIX + ":"):
         name = value.split(":", 1)[1]
@@ -98,8 +128,8 @@ def check_text_source(value: str) -> str:
     if not Path(value).exists():
         raise ValueError(
             f"no such file or folder {show_value(value)} (relative paths resolve against the current "
-            "working directory); use austen, austen:<novel>, or a .txt/.jsonl file or folder of them "
-            "(vision encoders: textile)"
+            "working directory); use general, general:<domain>, austen, austen:<novel>, or a .txt/.jsonl "
+            "file or folder of them (vision encoders: textile)"
         )
     return value
 

@@ -2,17 +2,31 @@
 
 A *text source* is a string:
 
-- ``"austen"`` or ``"austen:calibration"``: the standard calibration split, emma + mansfieldpark +
+- ``"general"`` or ``"general:train"``: the calibration mix of the embedded general-domain English
+  corpus (``compress/data/general/``, see ``docs/data.md``): the train splits of its mix domains
+  and the leading part of the four Austen calibration novels, every part capped at the same size,
+  cut into ~2,000-character chunks at paragraph (or sentence) boundaries and interleaved
+  round-robin over the parts, joined by a blank line, so that no long run of text is all one domain;
+- ``"general:<domain>"`` (or ``"general:<domain>:test"``): that domain's fixed test split;
+  ``"general:<domain>:train"``: its train split (an evaluation-only domain has none).
+  :func:`general_domains` lists the domains; one of them is kept out of the mix altogether;
+- ``"austen"`` or ``"austen:calibration"``: the protocol-v1 calibration split, emma + mansfieldpark +
   prideprejudice + sensesensibility joined by a blank line (``"\\n\\n"``);
-- ``"austen:<novel>"``: one of the six embedded novels (``austen:persuasion`` is the main
+- ``"austen:<novel>"``: one of the six embedded novels (``austen:persuasion`` is the main v1
   evaluation text, ``austen:northangerabbey`` the second);
 - a path to a ``.txt`` file, a ``.jsonl`` file (one JSON object per line with a ``"text"`` field), or
   a folder holding such files (its direct children, sorted by name, joined by a blank line).
+  ``general``, ``austen`` and names starting ``general:`` / ``austen:`` always mean the embedded
+  texts, even where a file or folder of that name exists (write ``./general`` for that).
 
-The standard protocol, used for every figure we report: calibration windows are
-``random_windows(ids, n, 128, seed=0)`` over ``austen``; evaluation windows are
-``sequential_windows(ids, 128, 256)`` over ``austen:persuasion`` / ``austen:northangerabbey``. Ids
-carry no special tokens (no BOS), as the reference figures were measured that way.
+Standard protocol v2 (every figure from now on): calibration windows are
+``random_windows(ids, n, 128, seed=0)`` over ``general`` (train splits only); evaluation is, for each
+source of ``suite_sources("v2")`` (``austen:persuasion`` for continuity, then the test split of every
+``general`` domain, the held-out one included), perplexity over ``sequential_windows(ids, 128,
+256)``; report each source's pruned/dense ratio, their geometric mean (the headline) and the worst
+source. Protocol v1 (kept for continuity): calibration over ``austen``, evaluation on
+``austen:persuasion`` / ``austen:northangerabbey``. Ids carry no special tokens (no BOS), as the
+reference figures were measured that way.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from __future__ import annotations
 import json
 import lzma
 import random
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -34,7 +49,29 @@ AUSTEN_PREFIX = "austen"
 DOCUMENT_SEPARATOR = "\n\n"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
+GENERAL_PREFIX = "general"
+GENERAL_FOLDER = "general"  # compress/data/general/
+GENERAL_MANIFEST = "manifest.json"
+GENERAL_SPLITS = ("train", "test")
+MIX_CHUNK_CHARS = 2000  # the calibration mix interleaves chunks of about this many characters
+AUSTEN_MIX_PART = "austen"  # the mix's Austen part (from the novels above, not a general domain)
+
+# Named evaluation suites. v2 = standard protocol v2: Austen continuity + every general test split
+# (the held-out, evaluation-only domain included). Each entry is a text source for read_text.
+EVALUATION_SUITES: dict[str, list[str]] = {
+    "v2": [
+        "austen:persuasion",
+        "general:brown",
+        "general:sotu",
+        "general:wiki",
+        "general:pydocs",
+        "general:pycode",
+        "general:chat",
+    ],
+}
+
 _ALLOWED_SOURCES = (
+    f"'{GENERAL_PREFIX}' (= '{GENERAL_PREFIX}:train'), '{GENERAL_PREFIX}:<domain>[:train]', "
     f"'{AUSTEN_PREFIX}' (= '{AUSTEN_PREFIX}:calibration'), "
     f"'{AUSTEN_PREFIX}:<novel>' with <novel> one of {', '.join(AUSTEN_NOVELS)}, "
     "or a path to a .txt file, a .jsonl file (field \"text\") or a folder of those"
@@ -49,7 +86,9 @@ _ALLOWED_SOURCES = (
 def read_text(source: str) -> str:
     """The text a source names (see the module docstring). Raises DataSourceError if it is unknown,
     missing, unreadable or empty."""
-    if source == AUSTEN_PREFIX or source.startswith(AUSTEN_PREFIX + ":"):
+    if source == GENERAL_PREFIX or source.startswith(GENERAL_PREFIX + ":"):
+        text = _read_general(source)
+    elif source == AUSTEN_PREFIX or source.startswith(AUSTEN_PREFIX + ":"):
         text = _read_austen(source)
     else:
         text = _read_path(source)
@@ -145,6 +184,187 @@ def _jsonl_text(line: str, line_number: int, source: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The embedded general-domain corpus (compress/data/general/, built by
+# scripts/build_general_corpus.py; docs/data.md describes every domain)
+# --------------------------------------------------------------------------------------------
+
+
+def general_manifest() -> dict:
+    """The corpus manifest (``compress/data/general/manifest.json``): per domain its source package,
+    licence, split rule, sizes and whether it is in the calibration mix."""
+    return json.loads(_general_manifest_text())
+
+
+def general_domains() -> tuple[str, ...]:
+    """The domains of the general corpus, in manifest order (each has a test split)."""
+    return tuple(general_manifest()["domains"])
+
+
+def general_mix_domains() -> tuple[str, ...]:
+    """The domains whose train split is in the calibration mix (the held-out ones are not)."""
+    return tuple(name for name, domain in general_manifest()["domains"].items() if domain["in_mix"])
+
+
+def general_mix_parts() -> tuple[str, ...]:
+    """The parts of the calibration mix in interleaving order: mix domains and ``austen``."""
+    return tuple(general_manifest()["mix"]["parts"])
+
+
+def general_split(domain: str, split: str = "test") -> str:
+    """One split (``"test"`` or ``"train"``) of one general domain, as shipped."""
+    domains = general_manifest()["domains"]
+    if domain not in domains:
+        raise DataSourceError(
+            f"unknown general-corpus domain '{domain}' in text source '{GENERAL_PREFIX}:{domain}'; "
+            f"the domains are {', '.join(domains)} ('{GENERAL_PREFIX}:<domain>' is its test split, "
+            f"'{GENERAL_PREFIX}:<domain>:train' its train split, '{GENERAL_PREFIX}' the calibration mix)"
+        )
+    if split not in GENERAL_SPLITS:
+        raise DataSourceError(
+            f"unknown split '{split}' in text source '{GENERAL_PREFIX}:{domain}:{split}'; use "
+            f"'{GENERAL_PREFIX}:{domain}' (test split) or '{GENERAL_PREFIX}:{domain}:train'"
+        )
+    entry = domains[domain]["splits"].get(split)
+    if entry is None:
+        with_train = [name for name, info in domains.items() if "train" in info["splits"]]
+        raise DataSourceError(
+            f"general-corpus domain '{domain}' is evaluation-only (kept out of the calibration mix) and has "
+            f"no train split; use '{GENERAL_PREFIX}:{domain}' (its test split). Domains with a train split: "
+            f"{', '.join(with_train)}"
+        )
+    return _decompress_general(entry["file"])
+
+
+def general_mix_part(name: str) -> str:
+    """The text one part of the calibration mix contributes, before chunking: a mix domain's train
+    split, or for ``austen`` the Austen slice (:func:`austen_mix_text`)."""
+    if name == AUSTEN_MIX_PART:
+        return austen_mix_text()
+    if name not in general_mix_domains():
+        raise DataSourceError(
+            f"'{name}' is not part of the calibration mix; the parts are {', '.join(general_mix_parts())}"
+        )
+    return general_split(name, "train")
+
+
+def austen_mix_text() -> str:
+    """The mix's Austen part: the leading paragraphs of each calibration novel (emma, mansfieldpark,
+    prideprejudice, sensesensibility), each cut at the last blank line within ``train_cap_chars / 4``
+    characters, joined by a blank line. None of persuasion / northangerabbey is in it."""
+    per_novel = general_manifest()["train_cap_chars"] // len(CALIBRATION_NOVELS)
+    slices = []
+    for novel in CALIBRATION_NOVELS:
+        text = austen_novel(novel)
+        end = text.rfind("\n\n", 0, per_novel + 1)
+        slices.append(text[: end if end > 0 else per_novel].strip())
+    return DOCUMENT_SEPARATOR.join(slices)
+
+
+def general_mix() -> str:
+    """The calibration mix (``read_text("general")``): each part cut into ~MIX_CHUNK_CHARS-character
+    chunks (:func:`chunk_text`), then round-robin over the parts in :func:`general_mix_parts` order
+    (chunk 0 of every part, chunk 1 of every part, ...; a part that has run out is skipped), joined by
+    a blank line."""
+    return _general_mix()
+
+
+def chunk_text(text: str, size: int = MIX_CHUNK_CHARS, *, code: bool = False) -> list[str]:
+    """Cut ``text`` into chunks of at least ``size`` characters (the last may be shorter).
+
+    A chunk ends at the first paragraph break (a blank line) at or after ``size`` characters; when
+    that would make it longer than ``2 * size``, it ends at the first sentence end (for ``code``: the
+    first line end) at or after ``size`` characters instead. Each chunk is an exact slice of ``text``;
+    only the whitespace at a cut is dropped (for code, the blank lines: indentation is kept).
+    """
+    blanks = [(m.start(), m.end()) for m in _BLANK_LINE.finditer(text)] + [(len(text), len(text))]
+    stops = [(m.start(), m.end()) for m in (_LINE_END if code else _SENTENCE_GAP).finditer(text)]
+    chunks, start, b, s = [], 0, 0, 0
+    while start < len(text):
+        limit = start + size
+        while b < len(blanks) and blanks[b][0] < limit:
+            b += 1
+        cut = blanks[b] if b < len(blanks) else None
+        if cut is None or cut[0] > start + 2 * size:
+            while s < len(stops) and stops[s][0] < limit:
+                s += 1
+            if s < len(stops) and (cut is None or stops[s][0] < cut[0]):
+                cut = stops[s]
+        end, next_start = cut if cut is not None else (len(text), len(text))
+        chunk = text[start:end].rstrip()
+        chunk = chunk.lstrip("\n") if code else chunk.lstrip()  # code keeps its first line's indent
+        if chunk:
+            chunks.append(chunk)
+        start = next_start
+    return chunks
+
+
+def suite_sources(name: str = "v2") -> list[str]:
+    """The text sources of a named evaluation suite (:data:`EVALUATION_SUITES`), in order."""
+    if name not in EVALUATION_SUITES:
+        raise DataSourceError(f"unknown evaluation suite '{name}'; the suites are {', '.join(EVALUATION_SUITES)}")
+    return list(EVALUATION_SUITES[name])
+
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")  # blank lines, not the next line's indent
+_LINE_END = re.compile(r"\n")  # code: a cut between two lines
+_SENTENCE_GAP = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')]))\s+(?=[A-Z\"'(])")
+
+
+def _read_general(source: str) -> str:
+    """``general``, ``general:train``, ``general:<domain>``, ``general:<domain>:test|train``."""
+    parts = source.split(":")
+    if parts == [GENERAL_PREFIX] or parts == [GENERAL_PREFIX, "train"]:
+        return general_mix()
+    if len(parts) == 2 and parts[1]:
+        return general_split(parts[1], "test")
+    if len(parts) == 3 and parts[1]:
+        return general_split(parts[1], parts[2])
+    raise DataSourceError(
+        f"text source '{source}' is not a general-corpus name; use '{GENERAL_PREFIX}' (the calibration mix), "
+        f"'{GENERAL_PREFIX}:<domain>' (test split) or '{GENERAL_PREFIX}:<domain>:train' with <domain> one of "
+        f"{', '.join(general_domains())}"
+    )
+
+
+def _general_file(name: str):
+    return resources.files("compress").joinpath("data", GENERAL_FOLDER, name)
+
+
+@lru_cache(maxsize=1)
+def _general_manifest_text() -> str:
+    packed = _general_file(GENERAL_MANIFEST)
+    try:
+        return packed.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataSourceError(
+            f"the general corpus manifest is missing from the installed package ({packed}); reinstall compress"
+        ) from None
+
+
+@lru_cache(maxsize=32)
+def _decompress_general(filename: str) -> str:
+    packed = _general_file(filename)
+    try:
+        return lzma.decompress(packed.read_bytes()).decode("utf-8")
+    except FileNotFoundError:
+        raise DataSourceError(
+            f"the general corpus file '{filename}' is missing from the installed package ({packed}); reinstall compress"
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def _general_mix() -> str:
+    kinds = {name: info.get("kind", "prose") for name, info in general_manifest()["domains"].items()}
+    size = general_manifest()["mix"].get("chunk_chars", MIX_CHUNK_CHARS)
+    streams = [
+        chunk_text(general_mix_part(part), size, code=kinds.get(part) == "code")
+        for part in general_mix_parts()
+    ]
+    interleaved = [stream[i] for i in range(max(map(len, streams))) for stream in streams if i < len(stream)]
+    return DOCUMENT_SEPARATOR.join(interleaved)
+
+
+# --------------------------------------------------------------------------------------------
 # Tokens and windows
 # --------------------------------------------------------------------------------------------
 
@@ -170,20 +390,22 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
-def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, *, source: str | None = None) -> torch.Tensor:
+def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, *, source: str | None = None,
+                   field: str | None = None) -> torch.Tensor:
     """``n`` windows of ``seqlen`` tokens at random starts: LongTensor [n, seqlen].
 
     The standard protocol: a private ``random.Random(seed)`` (the global random state is left
     alone) draws each start as ``randint(0, N - seqlen - 1)`` in turn, and the window is
-    ``ids[start:start + seqlen]``. Windows may overlap. ``source`` only names the text in errors.
+    ``ids[start:start + seqlen]``. Windows may overlap. ``source`` and ``field`` (the recipe
+    section, e.g. ``calibration``) only name the text in errors.
     """
     ids = _as_token_ids(ids)
     _check_positive(n=n, seqlen=seqlen)
     available = ids.numel()
     if available < seqlen + 1:
         raise DataSourceError(
-            f"{_describe(source)} has {available} tokens, too few for random {seqlen}-token windows "
-            f"(at least {seqlen + 1} needed); use a longer text or a smaller sequence length"
+            f"{_describe(source, field)} has {available} tokens, too few for random {seqlen}-token windows "
+            f"(at least {seqlen + 1} needed); use a longer text or a smaller {_seqlen_field(field)}"
         )
     rng = random.Random(seed)
     starts = [rng.randint(0, available - seqlen - 1) for _ in range(n)]
@@ -191,7 +413,7 @@ def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, *, source:
 
 
 def sequential_windows(
-    ids: torch.Tensor, seqlen: int, max_windows: int | None, *, source: str | None = None
+    ids: torch.Tensor, seqlen: int, max_windows: int | None, *, source: str | None = None, field: str | None = None
 ) -> torch.Tensor:
     """Non-overlapping windows of ``seqlen`` tokens from the start: LongTensor [w, seqlen].
 
@@ -206,8 +428,8 @@ def sequential_windows(
         whole_windows = min(whole_windows, max_windows)
     if whole_windows == 0:
         raise DataSourceError(
-            f"{_describe(source)} has {ids.numel()} tokens, fewer than one {seqlen}-token window; "
-            "use a longer text or a smaller sequence length"
+            f"{_describe(source, field)} has {ids.numel()} tokens, fewer than one {seqlen}-token window; "
+            f"use a longer text or a smaller {_seqlen_field(field)}"
         )
     return ids[: whole_windows * seqlen].reshape(whole_windows, seqlen).clone()
 
@@ -225,8 +447,14 @@ def _check_positive(**values: int) -> None:
             raise DataSourceError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
-def _describe(source: str | None) -> str:
-    return f"text source '{source}'" if source else "the text"
+def _describe(source: str | None, field: str | None = None) -> str:
+    """``calibration.source: text source 'x.txt'`` (the parts that are known)."""
+    text = f"text source '{source}'" if source else "the text"
+    return f"{field}.source: {text}" if field else text
+
+
+def _seqlen_field(field: str | None) -> str:
+    return f"{field}.seqlen" if field else "sequence length"
 
 
 # --------------------------------------------------------------------------------------------
