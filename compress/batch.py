@@ -864,10 +864,26 @@ class BatchOutcome:
         return all(result.ok for result in self.results)
 
 
+def prepare_output_root(batch: Batch) -> Path:
+    """Create the batch's output root and mark it as compress's own. An existing root that holds
+    files compress did not write is refused (OutputError) before any job runs."""
+    from compress.outputs import OUTPUT_MARKER, check_output_folder, is_compress_output, make_folder
+
+    root = Path(batch.output_root)
+    if not (root.is_dir() and is_compress_output(root)):
+        check_output_folder(root, option=f"{batch.source}: output", can_overwrite=False)
+    make_folder(root, f"{batch.source}: output")
+    marker = root / OUTPUT_MARKER
+    if not marker.is_file():
+        marker.write_text(json.dumps({"tool": "compress", "kind": "batch"}) + "\n", encoding="utf-8")
+    return root
+
+
 def run_batch(batch: Batch, *, progress: bool = True, executor: Optional[Executor] = None,
               job_function: Callable[[dict], dict] = run_job_attempt) -> BatchOutcome:
     """Run every job of ``batch`` (on its executor unless one is given) and write the results files
     into its output root; return the results and those files."""
+    prepare_output_root(batch)
     runner = BatchRunner(batch, executor or make_executor(batch), job_function=job_function,
                          progress=BatchProgress(len(batch.jobs)) if progress else None)
     results = runner.run()

@@ -136,6 +136,15 @@ TrustRemoteCodeOption = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run while loading it."),
 ]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing output that compress did not write. Without it, such an output is refused "
+        "and left as it is; an output compress wrote itself (it carries a .compress-output marker) is always "
+        "replaced. A file, a link, /, your home folder and the working directory are never replaced.",
+    ),
+]
 QuietOption = Annotated[
     bool,
     typer.Option(
@@ -215,6 +224,7 @@ def run_command(
     device: DeviceOption = None,
     max_memory: MaxMemoryOption = None,
     offload_dir: OffloadDirOption = None,
+    overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Run a recipe: load the model, run its passes in order, export, evaluate and check the gates.
@@ -228,10 +238,10 @@ def run_command(
 
     parsed = _memory_overrides(load_recipe(recipe), max_memory, offload_dir)
     if dry_run:
-        from compress.pipeline import describe_recipe
+        from compress.pipeline import dry_run_lines
 
         console = _stdout()
-        for line in describe_recipe(parsed.with_overrides(device=device), output=output):
+        for line in dry_run_lines(parsed.with_overrides(device=device), output=output, overwrite=overwrite):
             console.print(line, markup=False, soft_wrap=True)
         return
     if not quiet:
@@ -242,7 +252,7 @@ def run_command(
                             "model); run compress eval on the output where it fits[/yellow]")
     from compress.pipeline import run_recipe
 
-    result = run_recipe(parsed, output=output, dry_run=False, device=device, progress=not quiet)
+    result = run_recipe(parsed, output=output, dry_run=False, device=device, progress=not quiet, overwrite=overwrite)
     _finish(result, quiet)
 
 
@@ -258,6 +268,7 @@ def plan_command(
     device: DeviceOption = None,
     max_memory: MaxMemoryOption = None,
     offload_dir: OffloadDirOption = None,
+    overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Score and allocate: run the recipe's passes and write the plan, without exporting or evaluating.
@@ -272,7 +283,7 @@ def plan_command(
     if not quiet:
         where = escape(parsed.source_name)
         _stdout().print(f"planning [bold]{escape(parsed.name)}[/bold] ({where}): {_recipe_outline(parsed)}")
-    result = make_plan(parsed, output, device=device, progress=not quiet)
+    result = make_plan(parsed, output, device=device, progress=not quiet, overwrite=overwrite)
     if not quiet:
         _stdout().print(plan_summary_table(result.summary))
     _stdout().print(f"plan: [bold]{escape(str(result.path))}[/bold]")
@@ -404,6 +415,7 @@ def apply_command(
         bool, typer.Option("--no-eval", help="Skip the perplexity evaluation; only rebuild, export and reload-check.")
     ] = False,
     max_memory: MaxMemoryOption = None,
+    overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Replay a plan on a model without calibration data: the same kept heads and channels, the same biases.
@@ -421,11 +433,12 @@ def apply_command(
         from compress.outofcore_pipeline import apply_out_of_core
 
         result = apply_out_of_core(plan, model, output, max_memory=cap, dtype=dtype.value, device=device,
-                                   progress=not quiet)
+                                   progress=not quiet, overwrite=overwrite)
         _finish(result, quiet)
         return
     result = apply_plan_file(
-        plan, model, output, device=device or resolve_device("auto"), dtype=dtype.value, progress=not quiet, evaluate=not no_eval
+        plan, model, output, device=device or resolve_device("auto"), dtype=dtype.value, progress=not quiet, evaluate=not no_eval,
+        overwrite=overwrite,
     )
     _finish(result, quiet)
 
@@ -629,7 +642,9 @@ def inspect_command(
         typer.Argument(
             help="Model to describe: smollm2-135m, a hub id (offline), a local folder, a .gguf file, an "
             ".onnx file (its coupled-channel groups, as SPA finds them on the graph), or package.module:factory "
-            "(a callable returning a torch nn.Module; with --input-shape: its torch-pruning groups).",
+            "(a callable returning a torch nn.Module; with --input-shape: its torch-pruning groups). Note: "
+            "package.module:factory IMPORTS AND RUNS that Python module, looked up in the current folder first, "
+            "so use it only on code you trust.",
             show_default=False,
         ),
     ],
@@ -656,6 +671,8 @@ def inspect_command(
     together), its size and parameters per unit, and why the others are frozen. For
     [bold]package.module:factory[/bold] (any nn.Module, no adapter needed): the same table for the
     groups torch-pruning's dependency graph finds on one forward pass of a random --input-shape input.
+    That form imports and runs the named module (the current folder is searched first): it runs
+    code, so give it only code you trust.
     """
     if is_torch_factory(model):
         if input_shape is None:

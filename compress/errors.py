@@ -30,6 +30,11 @@ class PlanError(CompressError):
     """A plan file that does not fit the model it is applied to."""
 
 
+class OutputError(CompressError):
+    """An output path that compress may not write: a file or folder it did not write itself, a
+    protected folder (root, home, the working directory), or a folder it cannot create or write."""
+
+
 class GateError(CompressError):
     """A validation gate failed; the message names the metric, its value and the threshold."""
 

@@ -80,7 +80,7 @@ def _median_ms(session, feeds, runs: int = 5) -> float:
     return float(np.median(times))
 
 
-def run_onnx_recipe(recipe, out: Path, progress: bool = True):
+def run_onnx_recipe(recipe, out: Path, progress: bool = True, overwrite: bool = False):
     from compress.plan import Plan
     from compress.registry import get_pass
 
@@ -105,10 +105,11 @@ def run_onnx_recipe(recipe, out: Path, progress: bool = True):
                             "details": {k: v for k, v in step.details.items() if k != "groups"}})
         return plan, reports
 
-    return _prune_onnx_model(source, out, recipe.name, run_passes, recipe.validate, recipe, progress)
+    return _prune_onnx_model(source, out, recipe.name, run_passes, recipe.validate, recipe, progress, overwrite)
 
 
-def apply_onnx_plan(plan, plan_path: Path, model_source: str, out: Path, progress: bool = True):
+def apply_onnx_plan(plan, plan_path: Path, model_source: str, out: Path, progress: bool = True,
+                    overwrite: bool = False):
     """``compress apply`` for a plan made on an ONNX model: the same cuts, without data or scores."""
     from compress.plan import Plan
     from compress.recipe import ValidateSpec
@@ -128,7 +129,8 @@ def apply_onnx_plan(plan, plan_path: Path, model_source: str, out: Path, progres
                             "details": {"replayed": True, **{k: v for k, v in step.details.items() if k != "groups"}}})
         return Plan(model={"source": str(source), "format": "onnx"}, steps=list(plan.steps)), reports
 
-    return _prune_onnx_model(source, out, f"apply {Path(plan_path).name}", replay, ValidateSpec(), None, progress)
+    return _prune_onnx_model(source, out, f"apply {Path(plan_path).name}", replay, ValidateSpec(), None, progress,
+                             overwrite)
 
 
 def _check_source(model_source) -> Path:
@@ -138,18 +140,20 @@ def _check_source(model_source) -> Path:
     return source
 
 
-def _prune_onnx_model(source: Path, out: Path, name: str, transform, validate, recipe, progress: bool):
+def _prune_onnx_model(source: Path, out: Path, name: str, transform, validate, recipe, progress: bool,
+                      overwrite: bool = False):
     """Load ``source``, let ``transform(ctx, monitor) -> (plan, pass reports)`` cut ``ctx.model``,
     and write, check and report the result in a staging folder renamed to ``out`` at the end."""
     import onnx
 
     from compress.monitor import StageMonitor
-    from compress.pipeline import RunResult, _save_recipe_copy, _StagingDir
+    from compress.outputs import OutputFolder
+    from compress.pipeline import RunResult, _save_recipe_copy
     from compress.validation import failures_of, mark_result
     from passes.spa.prune import OnnxPassContext
 
     monitor = StageMonitor()
-    staging = _StagingDir(out)
+    staging = OutputFolder(out, overwrite=overwrite)
     try:
         with monitor.stage("load"):
             try:

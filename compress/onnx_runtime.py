@@ -86,9 +86,13 @@ class OrtDecoder:
             options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(
-            str(self.folder / ONNX_FILE), options, providers=select_providers(device, require=require_device)
-        )
+        providers = select_providers(device, require=require_device)
+        try:
+            self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
+        except Exception as error:  # InvalidProtobuf, Fail, NoSuchFile: a damaged or incomplete export
+            raise CompressError(f"{self.folder / ONNX_FILE}: ONNX Runtime cannot load it "
+                                f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})"
+                                "; export the model again") from None
         self.dtype = _NUMPY_DTYPES[self.spec.dtype]
 
     @property
@@ -132,8 +136,8 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as error:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # a missing or damaged tokenizer file
         raise CompressError(f"{folder}: no tokenizer files beside the graph ({error})") from None
 
 

@@ -147,20 +147,21 @@ def _mean_by_sweep(records: list[dict]) -> dict[str, float]:
     return {sweep: round(sum(values) / len(values), 3) for sweep, values in sweeps.items()}
 
 
-def run_out_of_core(recipe, out: Path, *, progress: bool = True):
+def run_out_of_core(recipe, out: Path, *, progress: bool = True, overwrite: bool = False):
     """Run ``recipe`` out of core into ``out``; returns the pipeline's RunResult."""
     check_out_of_core(recipe)
     with freed_memory_returned():
-        return _run_out_of_core(recipe, Path(out), progress)
+        return _run_out_of_core(recipe, Path(out), progress, overwrite)
 
 
-def _run_out_of_core(recipe, out: Path, progress: bool):
+def _run_out_of_core(recipe, out: Path, progress: bool, overwrite: bool):
     from compress.checkpoint import ShardedWriter
     from compress.monitor import StageMonitor
-    from compress.pipeline import _base_report, _save_recipe_copy, _StagingDir, conclude, resolve_device
+    from compress.outputs import OutputFolder
+    from compress.pipeline import _base_report, _save_recipe_copy, conclude, resolve_device
 
     monitor = StageMonitor()
-    staging = _StagingDir(out)
+    staging = OutputFolder(out, overwrite=overwrite)
     try:
         writer = ShardedWriter(staging.path)
         result, model, tokenizer = prune_out_of_core(recipe, sink=writer.add, offload_root=staging.path,
@@ -292,17 +293,16 @@ def describe_out_of_core(recipe, lines: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------------- apply
 def apply_out_of_core(plan_path: Path, model_source: str, output: Path, *, max_memory: int, dtype: str = "float32",
-                      device: str | None = None, progress: bool = True):
+                      device: str | None = None, progress: bool = True, overwrite: bool = False):
     """``compress apply PLAN --model M -o DIR --max-memory SIZE``: replay a plan block by block
     (each block read, sliced by every step of the plan in turn, written and freed). Same weights as
     the in-memory ``apply``; no evaluation. Plans of structured pruning steps (with least-squares
     refits) only."""
     from compress.errors import PlanError
-    from compress.pipeline import resolve_device
-    from compress.plan import Plan
+    from compress.pipeline import load_plan_for_apply, resolve_device
     from compress.pruning.surgeon import REFIT_ARTIFACT
 
-    plan = Plan.load(Path(plan_path))
+    plan = load_plan_for_apply(Path(plan_path))
     if plan.model.get("format") in ("onnx", "encoder"):
         raise PlanError(f"{plan_path}: out of core replays decoder plans, not {plan.model['format']} plans")
     for step in plan.steps:
@@ -313,32 +313,33 @@ def apply_out_of_core(plan_path: Path, model_source: str, output: Path, *, max_m
                             "drop --max-memory")
     with freed_memory_returned():
         return _apply_out_of_core(plan, Path(plan_path), model_source, Path(output), max_memory, dtype,
-                                  resolve_device(device), progress)
+                                  resolve_device(device), progress, overwrite)
 
 
 def _apply_out_of_core(plan, plan_path: Path, model_source: str, output: Path, max_memory: int, dtype: str,
-                       device: str, progress: bool):
+                       device: str, progress: bool, overwrite: bool):
     from compress.checkpoint import ShardedWriter
     from compress.errors import PlanError
     from compress.models.loading import resolve_dtype
     from compress.monitor import StageMonitor
     from compress.outofcore import StreamingModel
-    from compress.pipeline import _base_report, _StagingDir, _step_details, conclude
+    from compress.outputs import OutputFolder
+    from compress.pipeline import _base_report, _step_details, conclude
     from compress.progress import progress_bar
     from compress.pruning.surgeon import REFIT_ARTIFACT, apply_layer_plan
 
     monitor = StageMonitor()
-    staging = _StagingDir(output)
+    staging = OutputFolder(output, overwrite=overwrite)
     try:
         with monitor.stage("load"):
             model = StreamingModel(model_folder(model_source, progress), resolve_dtype(dtype), device)
         adapter = model.adapter
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
         if plan.model.get("num_layers", adapter.num_layers) != adapter.num_layers:
-            raise PlanError(f"the plan is for a model with {plan.model['num_layers']} layers, this model has "
-                            f"{adapter.num_layers}")
+            raise PlanError(f"{plan_path}: the plan is for a model with {plan.model['num_layers']} layers, "
+                            f"{model_source} has {adapter.num_layers}")
         if plan.model.get("dense_widths") and plan.model["dense_widths"] != [w.__dict__ for w in dense_widths]:
-            raise PlanError("the plan was made for a model with other layer widths than this one")
+            raise PlanError(f"{plan_path}: the plan was made for a model with other layer widths than {model_source}")
         release_memory()
         budget = model.budget(None, 1, statistics=False)
         budget.decide(max_memory, offload_requested=False)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import torch
 from compress.context import PassContext
 from compress.errors import PlanError
 from compress.monitor import StageMonitor
+from compress.outputs import OutputFolder
+from compress.preflight import preflight
 from compress.plan import Plan
 
 RELOAD_CHECK_WINDOWS = 4
@@ -59,31 +59,6 @@ def _param_section(dense_counts: dict, pruned_counts: dict, target: float | None
         "total_ratio": 1.0 - pruned_counts["total"] / dense_counts["total"],
         "target_ratio": target,
     }
-
-
-class _StagingDir:
-    """A temporary folder beside ``final`` that replaces it on ``commit()``."""
-
-    def __init__(self, final: Path):
-        self.final = Path(final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir()
-
-    def commit(self) -> Path:
-        old = None
-        if self.final.exists():
-            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-            self.final.rename(old)
-        self.path.rename(self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _reload_max_abs_diff(model, folder: Path, windows: torch.Tensor, device: str) -> float:
@@ -142,6 +117,14 @@ def describe_recipe(recipe, output: Path | None = None) -> list[str]:
     return lines
 
 
+def dry_run_lines(recipe, output: Path | None = None, overwrite: bool = False) -> list[str]:
+    """What ``run --dry-run`` prints: the recipe's steps, then what the checks that need no
+    weights found (they raise on a missing model, a pass that does not fit it, a refused output)."""
+    out = Path(output) if output else Path(recipe.export.output)
+    checked = preflight(recipe, out, overwrite=overwrite)
+    return describe_recipe(recipe, out) + checked.lines()
+
+
 def _calibration_loader(recipe, tokenizer):
     if recipe.calibration is None:
         return None
@@ -151,7 +134,7 @@ def _calibration_loader(recipe, tokenizer):
 
     def load() -> torch.Tensor:
         ids = tokenize_text(tokenizer, read_text(c.source))
-        return random_windows(ids, c.samples, c.seqlen, c.seed)
+        return random_windows(ids, c.samples, c.seqlen, c.seed, source=c.source, field="calibration")
 
     return load
 
@@ -163,23 +146,27 @@ def evaluation_windows(e, tokenizer) -> dict[str, torch.Tensor]:
     windows = {}
     for source in e.datasets:
         name = source.split(":", 1)[1] if source.startswith("austen:") else Path(source).stem
-        windows[name] = sequential_windows(tokenize_text(tokenizer, read_text(source)), e.seqlen, e.max_windows)
+        windows[name] = sequential_windows(tokenize_text(tokenizer, read_text(source)), e.seqlen, e.max_windows,
+                                           source=source, field="evaluate")
     return windows
 
 
-def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, device: str | None = None, progress: bool = True) -> RunResult:
-    """Run a validated recipe end to end and write the artifact folder."""
+def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, device: str | None = None,
+               progress: bool = True, overwrite: bool = False) -> RunResult:
+    """Run a validated recipe end to end and write the artifact folder. An existing output is
+    replaced only when compress wrote it (or with ``overwrite``): see :mod:`compress.outputs`."""
     out = Path(output) if output else Path(recipe.export.output)
     if dry_run:
-        return RunResult(output_dir=out, report={"dry_run": describe_recipe(recipe, out)}, passed=True)
+        return RunResult(output_dir=out, report={"dry_run": dry_run_lines(recipe, out, overwrite)}, passed=True)
+    preflight(recipe, out, overwrite=overwrite)
     if recipe.max_memory is not None:  # out of core: one block in memory at a time (docs/scale.md)
         from compress.outofcore_pipeline import run_out_of_core
 
-        return run_out_of_core(recipe.with_overrides(device=device), out, progress=progress)
+        return run_out_of_core(recipe.with_overrides(device=device), out, progress=progress, overwrite=overwrite)
     from compress.onnx_pipeline import is_onnx_source, run_onnx_recipe
 
     if is_onnx_source(recipe.model.source):
-        return run_onnx_recipe(recipe, out, progress=progress)
+        return run_onnx_recipe(recipe, out, progress=progress, overwrite=overwrite)
 
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
@@ -188,7 +175,7 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
     torch.manual_seed(recipe.seed)
     device = resolve_device(device or recipe.device)
     monitor = StageMonitor()
-    staging = _StagingDir(out)
+    staging = OutputFolder(out, overwrite=overwrite)
     try:
         with monitor.stage("load"):
             loaded = load_model(recipe.model.source, dtype=recipe.model.dtype, device=device,
@@ -355,7 +342,7 @@ def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dens
     return conclude(report, gates, files, staging, monitor, device)
 
 
-def conclude(report: dict, gates: list, files: list[str], staging: _StagingDir, monitor, device: str) -> RunResult:
+def conclude(report: dict, gates: list, files: list[str], staging: OutputFolder, monitor, device: str) -> RunResult:
     """Judge the gates, write report.json / report.md / the plot and the PASSED or FAILED marker
     into the staging folder, and rename it into place."""
     from compress.report import write_report
@@ -426,8 +413,22 @@ def _replay_artifacts(model, step) -> None:
     replay(model, step)
 
 
+def load_plan_for_apply(plan_path: Path) -> Plan:
+    """Read ``plan_path`` and check that every step names a registered pass (PlanError otherwise)."""
+    from compress.recipe import unknown_pass_message
+    from compress.registry import available_passes, get_pass
+
+    plan = Plan.load(plan_path)
+    for index, step in enumerate(plan.steps):
+        if get_pass(step.pass_name) is None:
+            raise PlanError(f"{plan_path}: step {index}: "
+                            + unknown_pass_message(step.pass_name, list(available_passes())))
+    return plan
+
+
 def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device: str | None = None,
-                    dtype: str = "float32", progress: bool = True, evaluate: bool = True) -> RunResult:
+                    dtype: str = "float32", progress: bool = True, evaluate: bool = True,
+                    overwrite: bool = False) -> RunResult:
     """``compress apply``: load the model, replay the plan, export with the reload check; with
     ``evaluate``, also the perplexity of the result on the first 256 windows of persuasion."""
     from compress.recipe import EvaluateSpec, ValidateSpec
@@ -436,15 +437,16 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
 
     from compress.onnx_pipeline import apply_onnx_plan, is_onnx_source
 
-    plan = Plan.load(Path(plan_path))
+    plan = load_plan_for_apply(Path(plan_path))
     if plan.model.get("format") == "onnx" or is_onnx_source(model_source):
         if plan.model.get("format") != "onnx" or not is_onnx_source(model_source):
             raise PlanError(f"{plan_path}: a plan made on an ONNX model replays on an .onnx file, and only such a "
                             f"plan does (plan format: {plan.model.get('format', 'hf')}, model: {model_source})")
-        return apply_onnx_plan(plan, Path(plan_path), model_source, Path(output), progress=progress)
+        return apply_onnx_plan(plan, Path(plan_path), model_source, Path(output), progress=progress,
+                               overwrite=overwrite)
     device = resolve_device(device)
     monitor = StageMonitor()
-    staging = _StagingDir(Path(output))
+    staging = OutputFolder(Path(output), overwrite=overwrite)
     try:
         with monitor.stage("load"):
             loaded = load_model(model_source, dtype=dtype, device=device, progress=progress)
@@ -457,7 +459,10 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
         with monitor.stage("apply plan"):
-            apply_plan(model, plan)
+            try:
+                apply_plan(model, plan)
+            except PlanError as error:
+                raise PlanError(f"{plan_path}: {error} (model: {model_source})") from None
         adapter = get_adapter(model)
         from compress.models.encoder import EncoderAdapter
 

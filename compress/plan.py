@@ -14,6 +14,7 @@ the step's ``"artifacts"`` entry, loaded back by :meth:`Plan.load` and re-applie
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,30 @@ class LayerPlan:
     keep_channels: list[int] | None = None
     o_proj_bias: list[float] | None = None
     down_proj_bias: list[float] | None = None
+
+    INDEX_FIELDS = ("keep_heads", "keep_kv_heads", "keep_channels")
+    BIAS_FIELDS = ("o_proj_bias", "down_proj_bias")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "LayerPlan":
+        """A layer plan from plan.json, with its types checked (PlanError naming ``where`` otherwise):
+        the index and the kept indices are whole numbers >= 0, the biases finite numbers."""
+        if not isinstance(data, dict):
+            raise PlanError(f"{where}: a layer entry must be a mapping")
+        unknown = sorted(set(data) - {"index", *cls.INDEX_FIELDS, *cls.BIAS_FIELDS})
+        if unknown:
+            raise PlanError(f"{where}: unknown layer field(s) {', '.join(unknown)}")
+        if not _whole(data.get("index")):
+            raise PlanError(f"{where}: \"index\" must be a whole number >= 0 (got {data.get('index')!r})")
+        for name in cls.INDEX_FIELDS:
+            value = data.get(name)
+            if value is not None and not (isinstance(value, list) and all(_whole(v) for v in value)):
+                raise PlanError(f"{where}: {name} must be null or a list of whole numbers >= 0")
+        for name in cls.BIAS_FIELDS:
+            value = data.get(name)
+            if value is not None and not (isinstance(value, list) and all(_finite(v) for v in value)):
+                raise PlanError(f"{where}: {name} must be null or a list of finite numbers")
+        return cls(**data)
 
     @staticmethod
     def bias_values(delta: torch.Tensor | None) -> list[float] | None:
@@ -58,6 +83,14 @@ class PlanStep:
         if self.artifacts:
             data["artifacts"] = {name: artifact_file(index, name) for name in self.artifacts}
         return data
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def artifact_file(index: int, name: str) -> str:
@@ -86,6 +119,22 @@ def _load_artifacts(files: dict, folder: Path | None, source: str, index: int) -
     return artifacts
 
 
+def _step_from_dict(data, source: str, index: int, folder: Path | None) -> PlanStep:
+    where = f"{source}: step {index}"
+    if not isinstance(data, dict):
+        raise PlanError(f"{where}: must be a mapping")
+    name, options, layers = data.get("pass_name"), data.get("options", {}), data.get("layers")
+    details = data.get("details", {})
+    if not isinstance(name, str) or not name:
+        raise PlanError(f"{where}: \"pass_name\" must be a pass name")
+    if not isinstance(options, dict) or not isinstance(details, dict) or not isinstance(layers, list):
+        raise PlanError(f"{where} ({name}): \"options\" and \"details\" must be mappings, \"layers\" a list")
+    return PlanStep(pass_name=name, options=options,
+                    layers=[LayerPlan.from_dict(layer, f"{where} ({name}) layer entry {j}")
+                            for j, layer in enumerate(layers)],
+                    artifacts=_load_artifacts(data.get("artifacts", {}), folder, source, index), details=details)
+
+
 @dataclass
 class Plan:
     model: dict = field(default_factory=dict)
@@ -93,6 +142,11 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "model": self.model, "steps": [s.to_dict(i) for i, s in enumerate(self.steps)]}
+
+    def save_names(self, path: Path) -> list[str]:
+        """The file names :meth:`save` writes for ``path``: plan.json first, then the artifacts."""
+        return [Path(path).name] + [artifact_file(index, name) for index, step in enumerate(self.steps)
+                                    for name in step.artifacts]
 
     def save(self, path: Path) -> list[str]:
         """Write plan.json and the steps' artifact files beside it; return the file names written."""
@@ -112,20 +166,10 @@ class Plan:
     def from_dict(cls, data: dict, source: str = "plan", folder: Path | None = None) -> "Plan":
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"{source}: not a compress plan (expected \"format\": \"{PLAN_FORMAT}\")")
-        try:
-            steps = [
-                PlanStep(
-                    pass_name=s["pass_name"],
-                    options=s.get("options", {}),
-                    layers=[LayerPlan(**layer) for layer in s["layers"]],
-                    artifacts=_load_artifacts(s.get("artifacts", {}), folder, source, i),
-                    details=s.get("details", {}),
-                )
-                for i, s in enumerate(data["steps"])
-            ]
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"{source}: malformed plan step ({exc})") from None
-        return cls(model=data.get("model", {}), steps=steps)
+        model, raw_steps = data.get("model", {}), data.get("steps")
+        if not isinstance(model, dict) or not isinstance(raw_steps, list):
+            raise PlanError(f"{source}: \"model\" must be a mapping and \"steps\" a list")
+        return cls(model=model, steps=[_step_from_dict(s, source, i, folder) for i, s in enumerate(raw_steps)])
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
@@ -133,7 +177,7 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"{path}: plan file not found")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}: not valid JSON ({exc})") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise PlanError(f"{path}: not a readable JSON plan ({exc})") from None
         return cls.from_dict(data, str(path), folder=path.parent)

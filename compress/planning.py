@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from compress.errors import CompressError
+from compress.errors import CompressError, OutputError
 from compress.monitor import StageMonitor
-from compress.plan import Plan
+from compress.plan import PLAN_FORMAT, Plan
 
 PLAN_FILE = "plan.json"
 
@@ -45,11 +45,17 @@ def plan_destination(output: Path) -> tuple[Path, str]:
     return output, PLAN_FILE
 
 
-def make_plan(recipe, output: Path, *, device: str | None = None, progress: bool = True) -> PlanResult:
+def make_plan(recipe, output: Path, *, device: str | None = None, progress: bool = True,
+              overwrite: bool = False) -> PlanResult:
     """Run ``recipe``'s passes (scoring, allocation, surgery on the in-memory or streamed model) and
     write the plan to ``output``; nothing else is written."""
     from compress.onnx_pipeline import is_onnx_source
 
+    from compress.preflight import preflight
+
+    folder, name = plan_destination(output)
+    check_plan_destination(folder, name, overwrite)
+    preflight(recipe, check_output=False)
     torch.manual_seed(recipe.seed)
     monitor = StageMonitor()
     if is_onnx_source(recipe.model.source):
@@ -59,16 +65,45 @@ def make_plan(recipe, output: Path, *, device: str | None = None, progress: bool
     else:
         plan, summary = _in_memory_plan(recipe, device, monitor, progress)
     summary["stages"] = monitor.stages
-    folder, name = plan_destination(output)
+    check_plan_destination(folder, name, overwrite, plan)
     files = save_plan(plan, folder, name)
     return PlanResult(path=folder / name, plan=plan, files=files, summary=summary)
+
+
+def is_compress_plan(path: Path) -> bool:
+    """True when ``path`` is a plan file compress wrote (JSON with the plan format tag)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return PLAN_FORMAT.encode() in head
+
+
+def check_plan_destination(folder: Path, name: str, overwrite: bool, plan: Plan | None = None) -> None:
+    """Refuse (OutputError) to write the plan over a file compress did not write: the plan file
+    itself, or (with ``plan``) one of its artifact files when no compress plan sits beside them."""
+    from compress.outputs import check_output_file, forbidden_output_reason
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--output {folder}: is a file, not a folder; give a .json path or a folder")
+    reason = forbidden_output_reason(folder / name)
+    if reason is not None:
+        raise OutputError(f"--output {folder / name}: refused because {reason}")
+    plan_path = folder / name
+    own_plan = is_compress_plan(plan_path)
+    check_output_file(plan_path, is_own=is_compress_plan, overwrite=overwrite)
+    for file in (plan.save_names(plan_path) if plan is not None else [])[1:]:
+        check_output_file(folder / file, is_own=lambda _: own_plan, overwrite=overwrite)
 
 
 def save_plan(plan: Plan, folder: Path, name: str = PLAN_FILE) -> list[str]:
     """Write the plan (and its artifacts) into a temporary folder beside ``folder``, then move each
     file into ``folder``; returns the file names."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from compress.outputs import make_folder
+
+    folder = make_folder(Path(folder), "--output")
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder))
     try:
         files = plan.save(staging / name)

@@ -37,12 +37,14 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializeAsAny,
+    StrictBool,
     ValidationError,
     field_validator,
 )
 from pydantic.fields import FieldInfo
 
 from compress.errors import RecipeError
+from compress.schema import Seed, StrictModel
 
 DEFAULT_MODEL = "smollm2-135m"
 DType = Literal["float32", "float16", "bfloat16"]
@@ -55,6 +57,7 @@ DEFAULT_GENERATION_PROMPTS = (
 )
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AUSTEN_PREFIX = "austen"
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a larger file is refused before it is parsed
 IMAGE_SOURCES = ("textile",)  # labelled images for vision encoders (compress.calibration.images)
 
 
@@ -64,6 +67,18 @@ def austen_text_names() -> tuple[str, ...]:
     data_dir = Path(__file__).resolve().parent / "data"
     novels = sorted(p.name.split(".")[0] for p in data_dir.glob("*.txt*"))
     return ("calibration", *novels)
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def check_run_name(value: str) -> str:
+    """A run name is one plain folder name (it becomes ``outputs/<name>``): letters, digits and
+    ``_ . + -``, not starting with a dot; raise ValueError otherwise."""
+    if not _RUN_NAME.match(value) or len(value) > 200:
+        raise ValueError(f"must be a plain name of letters, digits and _ . + - not starting with a dot, at most "
+                         f"200 long (it names the folder outputs/<name>); got {show_value(value)}")
+    return value
 
 
 def normalize_device(value: str) -> str:
@@ -148,10 +163,8 @@ ExportFormat = Annotated[str, AfterValidator(_check_export_format)]
 
 
 # ----------------------------------------------------------------------------------- schema
-class _Strict(BaseModel):
-    """Base of every recipe section: unknown fields are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+class _Strict(StrictModel):
+    """Base of every recipe section: unknown fields are errors, floats are finite."""
 
 
 class ModelSpec(_Strict):
@@ -163,7 +176,7 @@ class ModelSpec(_Strict):
         description="Hub id (resolved offline), local folder with safetensors, .gguf file, or smollm2-135m.",
     )
     dtype: Optional[DType] = Field(None, description="Weights dtype; overrides the recipe's top-level dtype.")
-    trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code to run.")
+    trust_remote_code: StrictBool = Field(False, description="Allow the model folder's own Python code to run (true or false).")
 
 
 class CalibrationSpec(_Strict):
@@ -173,7 +186,7 @@ class CalibrationSpec(_Strict):
                                "vision encoders: textile.")
     samples: int = Field(256, gt=0, description="Number of random windows (encoders: sentences or images).")
     seqlen: int = Field(128, gt=1, description="Tokens per window (text encoders: most tokens per sentence).")
-    seed: int = Field(0, ge=0, description="Seed for the window positions.")
+    seed: Seed = Field(0, description="Seed for the window positions.")
     batch_size: int = Field(16, gt=0, description="Windows per forward pass.")
 
 
@@ -280,7 +293,7 @@ with warnings.catch_warnings():
         model: ModelSpec = Field(default_factory=ModelSpec, description="Model source (shorthand or mapping).")
         device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
         dtype: DType = Field("float32", description="Weights dtype unless model.dtype says otherwise.")
-        seed: int = Field(0, ge=0, description="Global seed.")
+        seed: Seed = Field(0, description="Global seed.")
         calibration: Optional[CalibrationSpec] = Field(
             default_factory=CalibrationSpec,
             description="Calibration text; null or false for a calibration-free recipe (data-free passes only).",
@@ -314,6 +327,11 @@ with warnings.catch_warnings():
                     f"source, dtype, trust_remote_code (got {show_value(value)})"
                 )
             return value
+
+        @field_validator("name")
+        @classmethod
+        def _plain_name(cls, value: str) -> str:
+            return check_run_name(value)
 
         @field_validator("device")
         @classmethod
@@ -518,6 +536,7 @@ _TYPE_WORDS = {
     "dict_type": "a mapping",
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
+    "finite_number": "a finite number (not .inf or .nan)",
 }
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"}
 
@@ -696,8 +715,9 @@ def pass_problems(recipe: Recipe, entries: list[PassEntry]) -> list[RecipeProble
 
 
 def _default_name(source_name: str) -> str:
+    """The recipe file's stem with characters a run name may not hold made ``-``."""
     stem = Path(source_name).stem if source_name and not source_name.startswith("<") else ""
-    return stem or "recipe"
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", stem).lstrip(".-")[:200] or "recipe"
 
 
 def _document_order(data: dict, problems: list[RecipeProblem]) -> list[RecipeProblem]:
@@ -779,6 +799,8 @@ def parse_yaml(text: str, source_name: str) -> Any:
         raise RecipeError(f"{source_name}: {where}invalid YAML: {problem}") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{source_name}: invalid YAML: {error}") from None
+    except RecursionError:
+        raise RecipeError(f"{source_name}: the YAML is nested too deeply to be a recipe") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -789,12 +811,23 @@ def load_recipe(path: str | Path) -> Recipe:
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder; give the path of a recipe .yaml file")
     try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size:,} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES:,}); "
+                          "a recipe names its data, it does not hold it")
+    try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not UTF-8 text; a recipe is a YAML file") from None
     except OSError as error:
         raise RecipeError(f"{path}: cannot be read ({error.strerror or error})") from None
-    return parse_recipe(parse_yaml(text, str(path)), str(path))
+    data = parse_yaml(text, str(path))
+    try:
+        return parse_recipe(data, str(path))
+    except RecursionError:
+        raise RecipeError(f"{path}: the recipe is nested too deeply") from None
 
 
 __all__ = [

@@ -323,7 +323,7 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
     report_path = folder / "report.json"
     if not report_path.is_file() or not (folder / "config.json").is_file():
         raise CompressError(f"{folder} is not a compress artifact (report.json and config.json are needed)")
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report = _read_report(report_path)
     spec = recipe.validate if recipe is not None else ValidateSpec()
     evaluate = recipe.evaluate if recipe is not None else EvaluateSpec()
     device = resolve_device(device or (recipe.device if recipe is not None else "auto"))
@@ -351,6 +351,17 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
     _rewrite_report(folder, report, write_report)
     mark_result(folder, failures)
     return RunResult(output_dir=folder, report=report, passed=not failures, failures=failures)
+
+
+def _read_report(path: Path) -> dict:
+    """A run's report.json (a mapping with the dense model's source); CompressError otherwise."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CompressError(f"{path}: not a readable report ({error}); run the recipe again") from None
+    if not isinstance(report, dict) or not isinstance(report.get("model"), str):
+        raise CompressError(f"{path}: not a compress report (no \"model\" entry); run the recipe again")
+    return report
 
 
 def _random_windows(model, count: int, length: int = 64) -> torch.Tensor:

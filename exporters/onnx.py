@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.errors import CompressError
+
 __all__ = [
     "DecoderIOSpec",
     "DecoderWithCache",
@@ -143,7 +145,36 @@ class DecoderIOSpec:
 
     @classmethod
     def load(cls, folder: Path) -> "DecoderIOSpec":
-        return cls.from_dict(json.loads((Path(folder) / SPEC_FILE).read_text(encoding="utf-8")))
+        """Read and check ``folder/export.json``; anything malformed is a CompressError naming the file."""
+        path = Path(folder) / SPEC_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            spec = cls.from_dict(data) if isinstance(data, dict) else None
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:
+            raise CompressError(f"{path}: not a readable export spec ({error})") from None
+        problem = "it is not a JSON object" if spec is None else spec.problem()
+        if problem:
+            raise CompressError(f"{path}: not a valid export spec: {problem}; export the model again")
+        return spec
+
+    def problem(self) -> str | None:
+        """What makes the spec unusable (wrong types or sizes), or None."""
+        def whole(value, low=1):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        if not whole(self.num_layers):
+            return f"num_layers must be a positive whole number (got {self.num_layers!r})"
+        if not isinstance(self.kv_heads, list) or len(self.kv_heads) != self.num_layers or \
+                not all(whole(h, 0) for h in self.kv_heads):
+            return f"kv_heads must list {self.num_layers} whole numbers (got {self.kv_heads!r})"
+        for name in ("head_dim", "vocab_size", "opset"):
+            if not whole(getattr(self, name)):
+                return f"{name} must be a positive whole number (got {getattr(self, name)!r})"
+        if self.dtype not in ("float32", "float16"):
+            return f"dtype must be float32 or float16 (got {self.dtype!r})"
+        if not isinstance(self.eos_token_id, list) or not all(whole(e, 0) for e in self.eos_token_id):
+            return f"eos_token_id must be a list of token ids (got {self.eos_token_id!r})"
+        return None
 
 
 def eos_token_ids(model: nn.Module) -> list[int]:

@@ -7,13 +7,14 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from compress.schema import Seed
 from compress.pruning.structured import PrunerSettings
 from compress.recipe import TextSource
 from compress.training import DEFAULT_TARGET_ROLES
 
 
 class StructuredOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ratio: float = Field(gt=0.0, lt=1.0, description="Fraction of decoder attention+MLP linear weights to remove.")
     gqa: Literal["query_heads", "kv_groups"] = Field(
@@ -80,7 +81,7 @@ TargetRole = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class LoRATrainOptions(BaseModel):
     """Options of every pass that trains LoRA adapters on text (lora_recover, loraprune)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate (after warm-up).")
@@ -95,7 +96,7 @@ class LoRATrainOptions(BaseModel):
     )
     max_grad_norm: Optional[float] = Field(None, gt=0.0, description="Clip the adapters' gradient norm (null: no clipping).")
     source: TextSource = Field("austen", description="Training text source (default: the calibration split).")
-    seed: int = Field(0, description="Seeds the adapter initialisation, dropout and the window draws.")
+    seed: Seed = Field(0, description="Seeds the adapter initialisation, dropout and the window draws.")
     target_modules: list[TargetRole] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_ROLES),
         min_length=1,

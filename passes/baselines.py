@@ -27,6 +27,7 @@ class MagnitudeSpPass:
     A head scores the sum of its o_proj column norms, a channel its down_proj column norm. No bias.
     """
 
+    kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = False
 
     class Options(_BaselineOptions):
@@ -49,6 +50,7 @@ class WandaSpPass:
     reference implementation (``sequential: false`` scores everything on the dense model).
     """
 
+    kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
 
     class Options(_BaselineOptions):

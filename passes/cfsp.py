@@ -28,6 +28,7 @@ class CfspPass:
     on SmolLM2, 0.5 of the decoder linears is about 0.67 of the MLP channels.
     """
 
+    kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
 
     class Options(StructuredOptions):

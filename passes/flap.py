@@ -24,6 +24,7 @@ class FlapPass:
     contribution as a bias.
     """
 
+    kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
 
     class Options(StructuredOptions):

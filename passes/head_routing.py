@@ -36,10 +36,11 @@ class HeadRoutingPass:
     of this pass (see docs/heads.md).
     """
 
+    kinds = ("encoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
 
     class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
         keep: KeepCount = Field(
             description="Heads each layer keeps: a whole number is a count, a value in (0, 1) a fraction of "

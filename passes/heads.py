@@ -135,10 +135,11 @@ class HeadsPass:
     calibration embeddings is reached. Optionally also removes FFN channels with the same surgeon.
     """
 
+    kinds = ("encoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
 
     class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
         score: Literal["taylor_gate", "output_norm", "usage_top1", "ablation", "weight_norm"] = Field(
             "output_norm", description="Head importance (see the pass description; weight_norm needs no data).")

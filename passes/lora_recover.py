@@ -58,6 +58,7 @@ class LoraRecoverPass:
     model. The factors are saved beside plan.json, so ``compress apply`` reproduces the weights.
     """
 
+    kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = False
 
     class Options(LoRATrainOptions):
@@ -78,7 +79,8 @@ class LoraRecoverPass:
         from compress.pruning.block_importance import measure_block_importance
 
         o = self.options
-        windows = random_windows(ids, o.importance_samples, o.seqlen, o.seed, source=o.source)
+        windows = random_windows(ids, o.importance_samples, o.seqlen, o.seed, source=o.source,
+                                 field=f"passes.{self.name}")
         return measure_block_importance(ctx.adapter(), windows, batch_size=ctx.batch_size, metric="angular",
                                         progress=ctx.progress)
 

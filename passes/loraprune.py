@@ -120,6 +120,7 @@ class LoraPrunePass:
     LoRA factors, cut to the kept units, are added to the sliced weights.
     """
 
+    kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = False
 
     class Options(LoRATrainOptions):

@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.schema import Seed
 from compress.errors import PlanError
 from compress.plan import PlanStep
 from compress.recipe import TextSource
@@ -25,11 +26,12 @@ class MoeExpertsPass:
     ids in the original numbering, the ranking of all experts, their scores and token counts.
     """
 
+    kinds = ("moe",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
     replays_details = True  # `compress apply` replays the step from its JSON details (no tensors)
 
     class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
         keep: KeepCount = Field(
             description="Experts each sparse layer keeps: a whole number is a count (e.g. 6), a value in (0, 1) a "
@@ -56,7 +58,7 @@ class MoeExpertsPass:
         )
         samples: int = Field(32, ge=1, description="With `source`: number of random windows.")
         seqlen: int = Field(128, ge=2, description="With `source`: tokens per window.")
-        seed: int = Field(0, ge=0, description="With `source`: seed for the window positions.")
+        seed: Seed = Field(0, description="With `source`: seed for the window positions.")
 
 
     def __init__(self, options: "MoeExpertsPass.Options"):
@@ -72,7 +74,7 @@ class MoeExpertsPass:
         from passes._common import training_ids
 
         ids = training_ids(ctx, o.source, self.name)
-        return random_windows(ids, o.samples, o.seqlen, o.seed, source=o.source), o.source
+        return random_windows(ids, o.samples, o.seqlen, o.seed, source=o.source, field=f"passes.{self.name}"), o.source
 
     def allocate(self, stats: dict, top_k: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
         """(ranked ids best first, kept sorted ids) per sparse layer."""

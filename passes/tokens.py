@@ -76,7 +76,7 @@ def _step(pass_name: str, options: BaseModel, spec: dict, stages: list[dict], to
 class _CountOptions(BaseModel):
     """How many tokens are left: a share (any encoder) or a count (fixed token counts only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     keep_ratio: Optional[float] = Field(None, gt=0, le=1, description="Share of the patch / word tokens left after "
                                         "the last stage.")
@@ -100,6 +100,7 @@ class TokenPrunePass:
     distance, unrolled). CLS (and DeiT's distillation token) always stay; kept tokens stay in order.
     """
 
+    kinds = ("encoder", "vlm")  # the model kinds it works on (compress.kinds)
     needs_calibration = False
 
     class Options(_CountOptions):
@@ -189,6 +190,7 @@ class TokenMergePass:
     merges run inside the vision tower, up to the layer that feeds the projector.
     """
 
+    kinds = ("encoder", "vlm")  # the model kinds it works on (compress.kinds)
     needs_calibration = False
 
     class Options(_CountOptions):

@@ -24,6 +24,8 @@ WIDE = {"COLUMNS": "200"}
 class ToyPrune:
     """Toy pruning pass: removes the least busy channels."""
 
+    kinds = ("decoder",)
+
     class Options(BaseModel):
         ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of decoder linear weights to remove.")
         min_heads: int = Field(1, ge=1, description="Heads every layer keeps.")
@@ -162,14 +164,14 @@ def test_run_rejects_unknown_device_option(tmp_path):
 def test_dry_run_prints_the_description_and_runs_nothing(tmp_path, monkeypatch):
     seen = {}
 
-    def describe_recipe(recipe, output=None):
+    def dry_run_lines(recipe, output=None, overwrite=False):
         seen["recipe"], seen["output"] = recipe, output
         return [f"recipe {recipe.name}", f"pass 1 {recipe.passes[0].name}"]
 
     def run_recipe(*args, **kwargs):
         raise AssertionError("a dry run must not run the pipeline")
 
-    fake_module(monkeypatch, "compress.pipeline", describe_recipe=describe_recipe, run_recipe=run_recipe)
+    fake_module(monkeypatch, "compress.pipeline", dry_run_lines=dry_run_lines, run_recipe=run_recipe)
     result = runner.invoke(app, ["run", str(write_recipe(tmp_path)), "--dry-run", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "recipe toy" in result.output and "pass 1 toyprune" in result.output
@@ -179,8 +181,9 @@ def test_dry_run_prints_the_description_and_runs_nothing(tmp_path, monkeypatch):
 def test_run_prints_summary_and_passes_overrides(tmp_path, monkeypatch):
     calls = {}
 
-    def run_recipe(recipe, *, output=None, dry_run=False, device=None, progress=True):
-        calls.update(recipe=recipe, output=output, dry_run=dry_run, device=device, progress=progress)
+    def run_recipe(recipe, *, output=None, dry_run=False, device=None, progress=True, overwrite=False):
+        calls.update(recipe=recipe, output=output, dry_run=dry_run, device=device, progress=progress,
+                     overwrite=overwrite)
         return FakeRunResult(output_dir=output, report=sample_report(), passed=True)
 
     fake_module(monkeypatch, "compress.pipeline", run_recipe=run_recipe, describe_recipe=None)
@@ -224,8 +227,10 @@ def test_apply_calls_the_pipeline(tmp_path, monkeypatch):
     plan.write_text("{}", encoding="utf-8")
     calls = {}
 
-    def apply_plan_file(plan_path, model_source, output, *, device=None, dtype="float32", progress=True, evaluate=True):
-        calls.update(plan=plan_path, model=model_source, output=output, device=device, evaluate=evaluate)
+    def apply_plan_file(plan_path, model_source, output, *, device=None, dtype="float32", progress=True, evaluate=True,
+                        overwrite=False):
+        calls.update(plan=plan_path, model=model_source, output=output, device=device, evaluate=evaluate,
+                     overwrite=overwrite)
         return FakeRunResult(output, sample_report(), passed=True)
 
     fake_module(monkeypatch, "compress.pipeline", apply_plan_file=apply_plan_file)
@@ -233,7 +238,8 @@ def test_apply_calls_the_pipeline(tmp_path, monkeypatch):
     arguments = ["apply", str(plan), "--model", "smollm2-135m", "-o", str(out), "--device", "cpu", "--no-eval"]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    assert calls == {"plan": plan, "model": "smollm2-135m", "output": out, "device": "cpu", "evaluate": False}
+    assert calls == {"plan": plan, "model": "smollm2-135m", "output": out, "device": "cpu", "evaluate": False,
+                     "overwrite": False}
 
 
 def test_apply_missing_plan_exits_2(tmp_path):

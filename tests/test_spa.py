@@ -436,13 +436,13 @@ def test_onnx_recipes_refuse_hf_passes_and_evaluation(tmp_path):
 
     path = tmp_path / "m.onnx"
     onnx.save(mlp_model(), str(path))
-    with pytest.raises(CompressError, match="'flap' works on Hugging Face models"):
+    with pytest.raises(CompressError, match="'flap' works on decoders, but model .* is an ONNX graph"):
         run_recipe(parse_recipe({"name": "x", "model": str(path), "passes": [{"flap": {"ratio": 0.5}}],
                                  "export": {"output": str(tmp_path / "o")}, "evaluate": False}, "t.yaml"), progress=False)
     with pytest.raises(CompressError, match="evaluate"):
         run_recipe(parse_recipe({"name": "x", "model": str(path), "passes": [{"spa": {"ratio": 0.5}}],
                                  "export": {"output": str(tmp_path / "o")}}, "t.yaml"), progress=False)
-    with pytest.raises(CompressError, match="ONNX file not found"):
+    with pytest.raises(CompressError, match="model: ONNX file .*nope.onnx. not found"):
         run_recipe(parse_recipe({"name": "x", "model": str(tmp_path / "nope.onnx"), "passes": [{"spa": {"ratio": 0.5}}],
                                  "export": {"output": str(tmp_path / "o")}, "evaluate": False}, "t.yaml"), progress=False)
     assert not (tmp_path / "o").exists()

@@ -207,7 +207,7 @@ def test_llava_recipe_runs_and_its_plan_replays(tmp_path, one_thread):
     assert (json.loads((tmp_path / "replayed" / "config.json").read_text())["token_pruning"]
             == json.loads((out / "config.json").read_text())["token_pruning"])
 
-    with pytest.raises(CompressError, match="a LLaVA model takes token_prune and token_merge"):
+    with pytest.raises(CompressError, match="magnitude_sp. works on decoders, but model .* is a vision-language model .llava.; passes for it: token_merge, token_prune"):
         run_recipe(parse_recipe({"name": "x", "model": str(folder), "passes": [{"magnitude_sp": {"ratio": 0.2}}],
                                  "calibration": None, "export": {"output": str(tmp_path / "bad")}}), progress=False)
     assert not (tmp_path / "bad").exists()

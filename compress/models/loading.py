@@ -169,19 +169,119 @@ def resolve_source(source: str, *, progress: bool = True) -> tuple[str, Path]:
     raise ModelSourceError(f"model source '{source}' not found; expected {_ALLOWED_SOURCES}")
 
 
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a model source is, read from its files alone (no weights are loaded).
+
+    ``kind``: "embedded" | "package" | "folder" | "gguf" | "hub" | "onnx"; ``model_type``: the
+    config's ``model_type`` (a GGUF's ``general.architecture``; None when not known without loading).
+    """
+
+    kind: str
+    path: Path | None
+    model_type: str | None
+
+
+def probe_source(source: str) -> SourceInfo:
+    """Check that ``source`` exists and is intact (config and safetensors headers, GGUF header) and
+    read its model type, without loading or de-quantising weights: what ``--dry-run`` checks."""
+    name = source.lower()
+    if name == EMBEDDED_NAME:
+        return SourceInfo("embedded", embedded_gguf_path(), "llama")
+    if name in PACKAGED_ENCODERS:
+        if name == "dinov2-s14":  # rebuilt from an ONNX file on first use; check only that the file is there
+            from compress.models.dinov2_focus import dinov2_onnx_path
+
+            return SourceInfo("package", dinov2_onnx_path(), "dinov2")
+        return SourceInfo("package", PACKAGED_ENCODERS[name](), "bert")
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".onnx":
+        if not path.is_file():
+            raise ModelSourceError(f"ONNX file '{source}' not found")
+        return SourceInfo("onnx", path, None)
+    if path.suffix.lower() == ".gguf":
+        return SourceInfo("gguf", _existing_gguf(path, source), gguf_architecture(path))
+    if path.is_dir():
+        folder = checked_weights_folder(path, source)
+        return SourceInfo("folder", folder, folder_model_type(folder))
+    if path.exists():
+        raise ModelSourceError(_wrong_file_message(path, source))
+    if _HUB_ID.match(source):
+        folder = checked_weights_folder(_cached_hub_snapshot(source), source)
+        return SourceInfo("hub", folder, folder_model_type(folder))
+    raise ModelSourceError(f"model source '{source}' not found; expected {_ALLOWED_SOURCES}")
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF file (e.g. "llama", "gemma3"); None when absent."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    except Exception:  # the header was checked already; an odd field is not worth failing for
+        return None
+
+
 def _existing_gguf(path: Path, source: str) -> Path:
     if not path.is_file():
         raise ModelSourceError(f"GGUF file '{source}' not found")
+    check_gguf_file(path)
     return path
 
 
+def check_gguf_file(path: Path) -> None:
+    """Read ``path``'s GGUF header and tensor table (memory-mapped, no weights decoded); a damaged
+    file is a ModelSourceError naming it."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as error:  # ValueError, struct/numpy errors on torn files
+        raise ModelSourceError(f"{path}: not a valid GGUF file ({_first_line(error)})") from None
+    if end > path.stat().st_size:
+        raise ModelSourceError(f"{path}: the GGUF file is truncated (its tensors need {end} bytes, it has "
+                               f"{path.stat().st_size})")
+
+
 def checked_weights_folder(folder: Path, source: str) -> Path:
-    """``folder`` if it holds config.json and *.safetensors weights; otherwise say what is wrong."""
-    if not any(folder.glob("*.safetensors")):
+    """``folder`` if it holds a readable config.json and intact *.safetensors weights; otherwise
+    say what is wrong (a ModelSourceError naming the file)."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
         raise ModelSourceError(_no_safetensors_message(folder, source))
-    if not (folder / "config.json").is_file():
+    config = folder / "config.json"
+    if not config.is_file():
         raise ModelSourceError(f"model folder '{source}' has no config.json; save the model with save_pretrained()")
+    check_config_file(config)
+    for file in weights:
+        check_safetensors_file(file)
     return folder
+
+
+def check_config_file(path: Path) -> dict:
+    """The parsed config.json; a ModelSourceError naming the file when it is not a JSON object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ModelSourceError(f"{path}: not a readable JSON config ({_first_line(error)})") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{path}: a config.json holds a JSON object, this one holds {type(data).__name__}")
+    return data
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Open ``path``'s header: a truncated file, random bytes or an oversized or invalid header is a
+    ModelSourceError naming the file (safetensors checks that the header covers the whole file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # SafetensorError, OSError: the file is damaged or unreadable
+        raise ModelSourceError(f"{path}: not a valid safetensors file ({_first_line(error)}); the file is damaged "
+                               "or truncated: write it again with save_pretrained()") from None
 
 
 def _no_safetensors_message(folder: Path, source: str) -> str:
@@ -357,11 +457,11 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool
             attn_implementation=ATTENTION,
             local_files_only=True,
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # any failure reading the user's files is their input
         raise ModelSourceError(f"could not load the model in '{source}': {_first_line(error)}{_remote_code_hint(error, trust_remote_code)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
+    except Exception as error:  # any failure reading the user's files is their input
         raise ModelSourceError(
             f"could not load a tokenizer from '{source}' ({_first_line(error)}); the folder needs the tokenizer "
             "files too (tokenizer.save_pretrained(folder))"
@@ -380,14 +480,14 @@ def _load_vlm_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: 
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True,
                                                             trust_remote_code=trust_remote_code,
                                                             attn_implementation=ATTENTION, local_files_only=True)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # any failure reading the user's files is their input
         raise ModelSourceError(f"could not load the VLM in '{source}': {_first_line(error)}{_remote_code_hint(error, trust_remote_code)}") from None
     loader = AutoProcessor if (folder / "processor_config.json").is_file() else AutoTokenizer
     if loader is AutoTokenizer and not (folder / "tokenizer_config.json").is_file():
         return model, None
     try:
         return model, loader.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
+    except Exception as error:  # any failure reading the user's files is their input
         raise ModelSourceError(f"could not load the processor from '{source}' ({_first_line(error)})") from None
 
 
@@ -403,7 +503,7 @@ def _load_encoder_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_co
         model = AutoModel.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True,
                                           trust_remote_code=trust_remote_code, attn_implementation=ATTENTION,
                                           local_files_only=True)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # any failure reading the user's files is their input
         raise ModelSourceError(f"could not load the encoder in '{source}': {_first_line(error)}{_remote_code_hint(error, trust_remote_code)}") from None
     if encoder_family(model) in IMAGE_FAMILIES:
         if not (folder / "preprocessor_config.json").is_file():
@@ -413,7 +513,7 @@ def _load_encoder_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_co
         loader = AutoTokenizer
     try:
         preprocessor = loader.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
+    except Exception as error:  # any failure reading the user's files is their input
         raise ModelSourceError(f"could not load the {'image processor' if loader is AutoImageProcessor else 'tokenizer'} "
                                f"from '{source}' ({_first_line(error)})") from None
     return model, preprocessor
@@ -429,7 +529,7 @@ def _load_gguf(gguf: Path, torch_dtype: torch.dtype):
             folder, gguf_file=name, dtype=torch_dtype, attn_implementation=ATTENTION, **_dequantize_option()
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except Exception as error:  # any failure reading the user's files is their input
         raise ModelSourceError(f"could not load the GGUF file '{gguf}': {_first_line(error)}") from None
     return model, tokenizer
 

@@ -82,6 +82,9 @@ def layer_slices(adapter, plan: LayerPlan) -> dict[str, tuple[torch.Tensor | Non
         raise PlanError(f"plan names layer {i}, the model has {adapter.num_layers}")
     widths = adapter.widths(i)
     slices: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    if plan.keep_kv_heads is not None and plan.keep_heads is None:
+        raise PlanError(f"layer {i}: keep_kv_heads is given without keep_heads; a plan that removes KV heads "
+                        "names the query heads it keeps too")
     if plan.keep_heads is not None:
         keep_kv = plan.keep_kv_heads if plan.keep_kv_heads is not None else list(range(widths.kv_heads))
         _check_indices("keep_heads", plan.keep_heads, widths.heads, i)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.schema import Seed
 from compress.recipe import TextSource
 
 from compress.plan import PlanStep
@@ -68,11 +69,12 @@ class SpaPass:
     Reshape/Expand literals that count the pruned units are patched.
     """
 
+    kinds = ("onnx",)  # the model kinds it works on (compress.kinds)
     needs_calibration = False
     model_format = "onnx"
 
     class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
         ratio: float = Field(
             gt=0.0, lt=1.0, description="'uniform': the share of units every group loses; 'global': the share of "
@@ -105,7 +107,7 @@ class SpaPass:
         samples: int = Field(32, ge=1, description="activation, synthetic or calibration Hessian: sequences run.")
         seqlen: int = Field(128, ge=2, description="activation, synthetic or calibration Hessian: tokens per sequence.")
         batch_size: int = Field(8, ge=1, description="Sequences per ONNX Runtime call.")
-        seed: int = Field(0, description="Seeds the window draws and the synthetic inputs.")
+        seed: Seed = Field(0, description="Seeds the window draws and the synthetic inputs.")
         allocator: Literal["uniform", "global"] = Field(
             "uniform", description="'uniform': every group loses the same share of units; 'global': one ranking of "
             "standardised scores over all groups under the parameter budget."
@@ -141,11 +143,12 @@ class SpaPass:
         o = self.options
         folder = Path(o.tokenizer).expanduser() if o.tokenizer else ctx.source.parent
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception:
             raise CompressError(f"tokenizer: no tokenizer in {folder} (reading the calibration text needs one; set "
                                 "`tokenizer:` to its folder, or use a data-free importance)") from None
-        return random_windows(tokenize_text(tokenizer, read_text(o.source)), o.samples, o.seqlen, o.seed).numpy()
+        return random_windows(tokenize_text(tokenizer, read_text(o.source)), o.samples, o.seqlen, o.seed,
+                              source=o.source, field=f"passes.{self.name}").numpy()
 
     def synthetic_windows(self, ctx) -> np.ndarray:
         """[samples, seqlen] token ids drawn uniformly from the vocabulary of the embedding table that

@@ -1,0 +1,74 @@
+"""Checks of a recipe's inputs that need no weights: run before any work, and all of ``--dry-run``.
+
+- the model source exists and is intact (config, safetensors and GGUF headers), and its kind;
+- every pass works on that kind of model (each pass declares ``kinds``);
+- the output folder may be written (see :mod:`compress.outputs`).
+
+Each problem is a :class:`~compress.errors.CompressError` (exit 2) naming the recipe field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import ModelSourceError
+from compress.kinds import a_kind, kinds_in_words, source_kind
+from compress.outputs import check_output_folder
+from compress.recipe import RecipeProblem, RecipeValidationError
+from compress.registry import available_passes, get_pass
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks found: the model's kind and type, and what happens to the output folder."""
+
+    kind: str
+    model_type: str | None
+    output_action: str
+
+    def lines(self) -> list[str]:
+        model_type = f" ({self.model_type})" if self.model_type else ""
+        return [f"checked   model is {a_kind(self.kind)}{model_type}; every pass fits it; "
+                f"output: {self.output_action}"]
+
+
+def passes_for(kind: str) -> list[str]:
+    """The registered passes that work on ``kind``."""
+    return [name for name, spec in available_passes().items() if kind in getattr(spec.cls, "kinds", ())]
+
+
+def pass_kind_problems(recipe, kind: str, model_type: str | None) -> list[RecipeProblem]:
+    """One problem per pass of ``recipe`` that does not work on a ``kind`` model."""
+    problems = []
+    what = f" ({model_type})" if model_type else ""
+    for index, entry in enumerate(recipe.passes):
+        kinds = getattr(get_pass(entry.name).cls, "kinds", ())
+        if kind not in kinds:
+            fitting = ", ".join(passes_for(kind)) or "none"
+            problems.append(RecipeProblem(("passes", index, entry.name), f"'{entry.name}' works on "
+                                          f"{kinds_in_words(kinds)}, but model '{recipe.model.source}' is "
+                                          f"{a_kind(kind)}{what}; passes for it: {fitting}"))
+    return problems
+
+
+def preflight(recipe, output: Path | None = None, *, overwrite: bool = False, check_output: bool = True) -> Preflight:
+    """Check the model source, the passes against its kind, and (``check_output``) the output
+    folder; raise the first kind of problem found (model, then passes, then output)."""
+    try:
+        kind, info = source_kind(recipe.model.source)
+    except ModelSourceError as error:
+        raise ModelSourceError(f"{recipe.source_name}: model: {error}") from None
+    problems = pass_kind_problems(recipe, kind, info.model_type)
+    if problems:
+        raise RecipeValidationError(recipe.source_name, problems)
+    if not check_output:
+        return Preflight(kind, info.model_type, "not written")
+    out = Path(output) if output is not None else recipe.output_dir
+    action = {"new": f"new folder {out}", "replace compress output": f"replaces the earlier compress output {out}",
+              "replace empty folder": f"fills the empty folder {out}",
+              "overwrite": f"replaces {out} (--overwrite)"}[check_output_folder(out, overwrite=overwrite)]
+    return Preflight(kind, info.model_type, action)
+
+
+__all__ = ["Preflight", "pass_kind_problems", "passes_for", "preflight"]
