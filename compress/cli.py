@@ -532,6 +532,17 @@ def summary_table(report: dict) -> Table:
             f"PPL {escape(str(name))}", fmt_number(result.get("dense_ppl")), fmt_number(result.get("pruned_ppl")),
             fmt_number(result.get("ppl_ratio")),
         )
+    if evaluation.get("geomean_ppl_ratio") is not None:
+        table.add_row("PPL ratio: geometric mean", "", "", f"[bold]{fmt_number(evaluation['geomean_ppl_ratio'])}[/bold]")
+        table.add_row(f"PPL ratio: worst ({escape(str(evaluation.get('worst_dataset')))})", "", "",
+                      fmt_number(evaluation.get("worst_ppl_ratio")))
+    if evaluation.get("pruned_accuracy") is not None:
+        table.add_row("next-token accuracy (mean)", fmt_percent(evaluation.get("dense_accuracy")),
+                      fmt_percent(evaluation["pruned_accuracy"]), "")
+    generations = report.get("generations") or {}
+    if generations.get("mean_pruned_repetition") is not None:
+        table.add_row("repeated 4-grams in greedy text", fmt_percent(generations.get("mean_dense_repetition")),
+                      fmt_percent(generations["mean_pruned_repetition"]), "")
     if evaluation.get("top1_agreement") is not None:
         table.add_row("top-1 agreement", "", fmt_percent(evaluation["top1_agreement"]), "")
     if evaluation.get("mean_kl") is not None:
@@ -939,13 +950,25 @@ def eval_command(
             show_default=False,
         ),
     ],
+    suite: Annotated[
+        Optional[str],
+        typer.Option("--suite", help="A named evaluation suite (v2: Persuasion and the test split of every domain "
+                     "of the general corpus). The default when no --data is given.", show_default=False),
+    ] = None,
     data: Annotated[
-        list[str],
+        Optional[list[str]],
         typer.Option(
-            "--data", "-d", callback=_data_option,
-            help="Text to measure on: austen, austen:<novel>, or a .txt/.jsonl file or folder. Repeat for several.",
+            "--data", "-d", callback=lambda values: _data_option(values or []) or None,
+            help="Text to measure on: general:<domain>, austen:<novel>, or a .txt/.jsonl file or folder. Repeat for "
+            "several; added to --suite when both are given.", show_default=False,
         ),
-    ] = ["austen:persuasion"],  # noqa: B006 - typer reads the default from here
+    ] = None,
+    reference: Annotated[
+        Optional[str],
+        typer.Option("--reference", "-r", help="The dense model to compare with (PPL ratios, their geometric mean "
+                     "and worst, top-1 agreement; its figures are cached). Default: for a compress output folder, "
+                     "the model its report names; 'none' for no comparison.", show_default=False),
+    ] = None,
     seqlen: Annotated[int, typer.Option("--seqlen", min=2, help="Tokens per window.")] = 128,
     windows: Annotated[
         int,
@@ -954,27 +977,80 @@ def eval_command(
         ),
     ] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 8,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.", show_default=False)
+    ] = None,
     device: DeviceOption = None,
     dtype: DTypeOption = DTypeChoice.float32,
     trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Measure perplexity: exp(mean NLL of every predicted token) over non-overlapping windows."""
-    from compress.calibration.sources import read_text, sequential_windows, tokenize_text
-    from compress.evaluation.perplexity import perplexity
-    from compress.models.loading import load_model
-    from compress.recipe import resolve_device
+    """Measure perplexity and next-token accuracy per text, against a dense reference when there is one.
 
+    Perplexity = exp(mean NLL of every predicted token) over the first non-overlapping windows.
+    Example: [bold]compress eval outputs/llama-flap-50[/bold] (suite v2, compared with the model the
+    run pruned).
+    """
+    from compress.models.loading import load_model
+    from compress.pipeline import lm_evaluator
+    from compress.recipe import EvaluateSpec, resolve_device
+
+    from compress.calibration.suites import EVALUATION_SUITES
+
+    if suite is not None and suite not in EVALUATION_SUITES:
+        raise CompressError(f"--suite: unknown suite '{suite}'; the suites are {', '.join(EVALUATION_SUITES)}")
+    spec = EvaluateSpec(suite=suite, datasets=data, seqlen=seqlen, max_windows=windows, batch_size=batch_size,
+                        continuation_tokens=0)
     device = device or resolve_device("auto")
+    reference = _eval_reference(model, reference)
     loaded = load_model(model, dtype=dtype.value, device=device, trust_remote_code=trust_remote_code)
-    table = Table(title=f"perplexity of {escape(model)} (seqlen {seqlen})", title_justify="left")
-    for column, justify in (("data", "left"), ("windows", "right"), ("tokens", "right"), ("PPL", "right")):
-        table.add_column(column, justify=justify)
-    for source in data:
-        ids = tokenize_text(loaded.tokenizer, read_text(source))
-        batch = sequential_windows(ids, seqlen, windows, source=source)
-        result = perplexity(loaded.model, batch, batch_size=batch_size, progress=True)
-        table.add_row(escape(source), str(batch.shape[0]), f"{int(result.tokens):,}", f"{result.ppl:.2f}")
-    _stdout().print(table)
+    evaluator = lm_evaluator(spec.model_copy(update={"dense": reference is not None}), None, loaded.tokenizer, True)
+    if reference is not None:
+        dense = load_model(reference, dtype=dtype.value, device=device, trust_remote_code=trust_remote_code).model
+        evaluator.measure_dense(dense)
+        del dense
+    section = evaluator.evaluate(loaded.model)
+    _stdout().print(eval_table(model, reference, section))
+    if json_out is not None:
+        from compress.outputs import check_output_file
+        from compress.report import to_jsonable
+
+        check_output_file(json_out, is_own=lambda p: False, overwrite=True, option="--json")
+        json_out.write_text(json.dumps(to_jsonable({"model": model, "reference": reference, "evaluation": section}),
+                                       indent=2) + "\n", encoding="utf-8")
+
+
+def _eval_reference(model: str, reference: Optional[str]) -> Optional[str]:
+    """--reference as given ('none' = no comparison), else the dense model a compress output names."""
+    if reference is not None:
+        return None if reference.lower() == "none" else reference
+    report = Path(model) / "report.json"
+    try:
+        named = json.loads(report.read_text(encoding="utf-8")).get("model") if report.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return named if isinstance(named, str) else None
+
+
+def eval_table(model: str, reference: Optional[str], section: dict) -> Table:
+    """Per text: windows, PPL and accuracy (and with a reference: its PPL, the ratio and agreement)."""
+    from compress.report import fmt_number, fmt_percent
+
+    title = f"{model}" + (f" vs {reference}" if reference else "") + f" (seqlen {section['seqlen']})"
+    table = Table(title=escape(title), title_justify="left")
+    columns = ["data", "windows", "PPL", "accuracy"] + (["dense PPL", "ratio", "top-1 agreement"] if reference else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column == "data" else "right")
+    for name, row in section["datasets"].items():
+        cells = [escape(name), str(row["windows"]), fmt_number(row["pruned_ppl"]),
+                 fmt_percent(row["pruned_accuracy"])]
+        if reference:
+            cells += [fmt_number(row["dense_ppl"]), fmt_number(row["ppl_ratio"]), fmt_percent(row["top1_agreement"])]
+        table.add_row(*cells)
+    if reference and section.get("geomean_ppl_ratio") is not None:
+        table.add_row("[bold]geometric mean[/bold]", "", "", "", "", f"[bold]{fmt_number(section['geomean_ppl_ratio'])}[/bold]", "")
+        table.add_row(f"worst: {escape(str(section['worst_dataset']))}", "", "", "", "",
+                      fmt_number(section["worst_ppl_ratio"]), "")
+    return table
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,8 @@ class PassContext:
             (text: input_ids / attention_mask / token_type_ids; images: pixel_values).
         batch_size: calibration windows per block forward.
         progress: show progress bars.
+        dense_loader: returns the dense (unpruned) model, e.g. as a distillation teacher; called
+            at most once, the model is kept.
     """
 
     model: Any
@@ -28,7 +30,9 @@ class PassContext:
     batch_size: int = 16
     progress: bool = True
     batches_loader: Callable[[], list[dict]] | None = None
+    dense_loader: Callable[[], Any] | None = None
     _calibration: torch.Tensor | None = field(default=None, repr=False)
+    _dense: Any = field(default=None, repr=False)
     _batches: list[dict] | None = field(default=None, repr=False)
 
     def adapter(self):
@@ -45,6 +49,20 @@ class PassContext:
                 raise CompressError("this pass needs calibration data; add a `calibration:` section to the recipe")
             self._calibration = self.calibration_loader()
         return self._calibration
+
+    def dense_model(self):
+        """The dense model (eval mode, no gradients), loaded once."""
+        if self._dense is None:
+            if self.dense_loader is None:
+                from compress.errors import CompressError
+
+                raise CompressError("this pass needs the dense model (e.g. as a teacher), which this run cannot load")
+            self._dense = self.dense_loader().eval().requires_grad_(False)
+        return self._dense
+
+    def release_dense(self) -> None:
+        """Drop the dense model (the next :meth:`dense_model` loads it again)."""
+        self._dense = None
 
     def calibration_batches(self) -> list[dict]:
         """Encoders: the calibration batches (model-input dicts), drawn once, then reused."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 RELOAD_BATCHES = 1
+ENCODER_DEFAULT_DATASETS = ["austen:persuasion", "austen:northangerabbey"]  # held-out sentences when evaluate.datasets is unset
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -110,7 +111,8 @@ def run_encoder_recipe(recipe, loaded, staging, monitor, device: str, progress: 
     sets, reference = [], None
     if e is not None:
         with monitor.stage("dense evaluation"):
-            sets = evaluation_sets(adapter, preprocessor, e.datasets, e.items, e.seqlen, e.batch_size)
+            sets = evaluation_sets(adapter, preprocessor, e.sources(default=ENCODER_DEFAULT_DATASETS), e.items,
+                                   e.seqlen, e.batch_size)
             reference = DenseReference(model, adapter, sets, device)
 
     def load_batches():

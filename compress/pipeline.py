@@ -7,7 +7,6 @@ name.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from compress.preflight import preflight
 from compress.plan import Plan
 
 RELOAD_CHECK_WINDOWS = 4
+APPLY_EVAL_WINDOWS = 64  # compress apply: windows per evaluation domain
 ONNX_SUBDIR = "onnx"
 
 
@@ -128,27 +128,37 @@ def dry_run_lines(recipe, output: Path | None = None, overwrite: bool = False) -
 def _calibration_loader(recipe, tokenizer):
     if recipe.calibration is None:
         return None
-    from compress.calibration.sources import random_windows, read_text, tokenize_text
+    from compress.calibration.sources import random_windows
+    from compress.calibration.token_cache import source_ids
 
     c = recipe.calibration
 
     def load() -> torch.Tensor:
-        ids = tokenize_text(tokenizer, read_text(c.source))
-        return random_windows(ids, c.samples, c.seqlen, c.seed, source=c.source, field="calibration")
+        return random_windows(source_ids(tokenizer, c.source), c.samples, c.seqlen, c.seed, source=c.source,
+                              field="calibration")
 
     return load
 
 
-def evaluation_windows(e, tokenizer) -> dict[str, torch.Tensor]:
-    """Windows [max_windows, seqlen] of each evaluation text of the ``evaluate`` section ``e``."""
-    from compress.calibration.sources import read_text, sequential_windows, tokenize_text
+def lm_evaluator(evaluate, validate, tokenizer, progress: bool):
+    """The decoder ``evaluate`` section's evaluator (None when evaluation is off). KL is measured
+    when asked for, or when a gate needs it."""
+    if evaluate is None:
+        return None
+    from compress.evaluation.lm_evaluator import LMEvaluator
 
-    windows = {}
-    for source in e.datasets:
-        name = source.split(":", 1)[1] if source.startswith("austen:") else Path(source).stem
-        windows[name] = sequential_windows(tokenize_text(tokenizer, read_text(source)), e.seqlen, e.max_windows,
-                                           source=source, field="evaluate")
-    return windows
+    kl = evaluate.kl or (validate is not None and validate.max_mean_kl is not None)
+    return LMEvaluator(evaluate, tokenizer, kl=kl, progress=progress)
+
+
+def dense_loader(source: str, dtype: str, device: str, trust_remote_code: bool = False):
+    """A function that loads the dense model again (for the report's generations section)."""
+    def load():
+        from compress.models.loading import load_model
+
+        return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, progress=False).model
+
+    return load
 
 
 def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, device: str | None = None,
@@ -195,25 +205,29 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
             return run_vlm_recipe(recipe, loaded, staging, monitor, device, progress)
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
-        eval_windows = evaluation_windows(recipe.evaluate, tokenizer) if recipe.evaluate is not None else {}
-        keep_dense = recipe.evaluate is not None and (recipe.evaluate.dense or recipe.evaluate.agreement)
-        dense_model = copy.deepcopy(model) if keep_dense else None
+        evaluator = lm_evaluator(recipe.evaluate, recipe.validate, tokenizer, progress)
+        if evaluator is not None:
+            with monitor.stage("dense reference"):
+                evaluator.measure_dense(model)
+        load_dense = dense_loader(recipe.model.source, recipe.model.dtype, device, recipe.model.trust_remote_code)
 
         ctx = PassContext(model=model, tokenizer=tokenizer, calibration_loader=_calibration_loader(recipe, tokenizer),
-                          batch_size=recipe.calibration.batch_size if recipe.calibration else 16, progress=progress)
+                          batch_size=recipe.calibration.batch_size if recipe.calibration else 16, progress=progress,
+                          dense_loader=load_dense)
         if recipe.calibration is not None and any(getattr(get_pass(e.name).cls, "needs_calibration", False) for e in recipe.passes):
             with monitor.stage("calibration data"):
                 ctx.calibration_ids()
         plan = new_plan(recipe.model.source, model, adapter, dense_widths)
         pass_reports = run_passes(recipe, ctx, plan, monitor)
+        ctx.release_dense()
         adapter = get_adapter(model)
         target = next((e.options.ratio for e in reversed(recipe.passes) if hasattr(e.options, "ratio")), None)
         report = _base_report(recipe.name, recipe.model.source, device, recipe.model.dtype, recipe.seed,
                               dense_counts, adapter, dense_widths, target)
         report["passes"] = pass_reports
         _save_recipe_copy(recipe, staging.path)
-        return _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dense_model, recipe.evaluate,
-                       recipe.validate, device, progress, export=recipe.export)
+        return _finish(report, model, tokenizer, plan, staging, monitor, evaluator, recipe.validate, device,
+                       export=recipe.export, load_dense=load_dense)
     except BaseException:
         staging.discard()
         raise
@@ -276,31 +290,8 @@ def _base_report(name, source, device, dtype, seed, dense_counts, adapter, dense
     }
 
 
-def evaluate_pair(dense_model, model, eval_windows: dict, evaluate, progress: bool) -> dict:
-    """The report's ``evaluation`` section: per dataset the dense and pruned perplexity (and their
-    ratio), plus top-1 agreement and mean KL averaged over datasets when a dense model is given."""
-    from compress.evaluation.paired import paired_evaluation
-    from compress.evaluation.perplexity import perplexity
-
-    evaluation = {"seqlen": evaluate.seqlen, "max_windows": evaluate.max_windows, "datasets": {}}
-    agreements, kls = [], []
-    for name, windows in eval_windows.items():
-        if dense_model is not None:
-            r = paired_evaluation(dense_model, model, windows, evaluate.batch_size, progress, f"evaluating {name}")
-            evaluation["datasets"][name] = {"dense_ppl": r.dense_ppl, "pruned_ppl": r.pruned_ppl, "ppl_ratio": r.ppl_ratio,
-                                            "top1_agreement": r.top1_agreement, "mean_kl": r.mean_kl}
-            agreements.append(r.top1_agreement)
-            kls.append(r.mean_kl)
-        else:
-            ppl = perplexity(model, windows, batch_size=evaluate.batch_size, progress=progress).ppl
-            evaluation["datasets"][name] = {"dense_ppl": None, "pruned_ppl": ppl, "ppl_ratio": None}
-    evaluation["top1_agreement"] = sum(agreements) / len(agreements) if agreements else None
-    evaluation["mean_kl"] = sum(kls) / len(kls) if kls else None
-    return evaluation
-
-
-def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dense_model, evaluate, validate,
-            device, progress, export=None) -> RunResult:
+def _finish(report, model, tokenizer, plan, staging, monitor, evaluator, validate, device, export=None,
+            load_dense=None) -> RunResult:
     """Export, check the reload (and the ONNX graph), evaluate, apply the gates, write the report,
     rename into place. A failed gate still writes everything, with a ``FAILED`` marker."""
     from compress.validation import Gate, quality_gates, validate_onnx
@@ -311,8 +302,9 @@ def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dens
         plan_files = plan.save(staging.path / "plan.json")
     files = sorted(exported.get("files", [])) + plan_files
     gates: list[Gate] = []
-    check_windows = next(iter(eval_windows.values()), None)
-    if check_windows is None:
+    if evaluator is not None:
+        check_windows = evaluator.first_windows()
+    else:
         check_windows = torch.randint(0, model.config.vocab_size, (RELOAD_CHECK_WINDOWS, 32), generator=torch.Generator().manual_seed(0))
     with monitor.stage("reload check"):
         diff = _reload_max_abs_diff(model, staging.path, check_windows, device)
@@ -334,10 +326,14 @@ def _finish(report, model, tokenizer, plan, staging, monitor, eval_windows, dens
         files += [f"{ONNX_SUBDIR}/{name}" for name in onnx_export.files]
         gates += onnx_gates
 
-    if evaluate is not None and eval_windows:
+    if evaluator is not None:
         with monitor.stage("evaluate"):
-            report["evaluation"] = evaluate_pair(dense_model, model, eval_windows, evaluate, progress)
+            report["evaluation"] = evaluator.evaluate(model)
         gates += quality_gates(report["evaluation"], validate)
+        with monitor.stage("generations"):
+            generations = evaluator.generations(model, tokenizer, list(validate.generation_prompts), load_dense)
+        if generations is not None:
+            report["generations"] = generations
 
     return conclude(report, gates, files, staging, monitor, device)
 
@@ -430,7 +426,8 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
                     dtype: str = "float32", progress: bool = True, evaluate: bool = True,
                     overwrite: bool = False) -> RunResult:
     """``compress apply``: load the model, replay the plan, export with the reload check; with
-    ``evaluate``, also the perplexity of the result on the first 256 windows of persuasion."""
+    ``evaluate`` (decoders), also the evaluation suite on its first ``APPLY_EVAL_WINDOWS`` windows
+    per domain, dense figures included (cached)."""
     from compress.recipe import EvaluateSpec, ValidateSpec
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
@@ -458,14 +455,19 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
                                     device, dtype)
         adapter = get_adapter(model)
         dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
+        from compress.models.encoder import EncoderAdapter
+
+        evaluator = None
+        if evaluate and not isinstance(adapter, EncoderAdapter):
+            evaluator = lm_evaluator(EvaluateSpec(max_windows=APPLY_EVAL_WINDOWS), None, loaded.tokenizer, progress)
+            with monitor.stage("dense reference"):
+                evaluator.measure_dense(model)
         with monitor.stage("apply plan"):
             try:
                 apply_plan(model, plan)
             except PlanError as error:
                 raise PlanError(f"{plan_path}: {error} (model: {model_source})") from None
         adapter = get_adapter(model)
-        from compress.models.encoder import EncoderAdapter
-
         if isinstance(adapter, EncoderAdapter):
             from compress.encoder_pipeline import finish_encoder
 
@@ -481,9 +483,8 @@ def apply_plan_file(plan_path: Path, model_source: str, output: Path, *, device:
         report["passes"] = [{"name": s.pass_name, "options": s.options, "wall_s": 0.0, "peak_rss_mb": 0.0,
                              "details": {"replayed": True, **_step_details(s)}} for s in plan.steps]
 
-        spec = EvaluateSpec(datasets=["austen:persuasion"], dense=False, agreement=False) if evaluate else None
-        windows = evaluation_windows(spec, loaded.tokenizer) if spec is not None else {}
-        return _finish(report, model, loaded.tokenizer, plan, staging, monitor, windows, None, spec, ValidateSpec(), device, progress)
+        return _finish(report, model, loaded.tokenizer, plan, staging, monitor, evaluator, ValidateSpec(), device,
+                       load_dense=dense_loader(model_source, dtype, device))
     except BaseException:
         staging.discard()
         raise

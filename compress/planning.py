@@ -130,7 +130,7 @@ def _in_memory_plan(recipe, device, monitor, progress) -> tuple[Plan, dict]:
     from compress.models.encoder import is_encoder
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
-    from compress.pipeline import _calibration_loader, new_plan, resolve_device, run_passes
+    from compress.pipeline import _calibration_loader, dense_loader, new_plan, resolve_device, run_passes
 
     device = resolve_device(device or recipe.device)
     with monitor.stage("load"):
@@ -143,7 +143,9 @@ def _in_memory_plan(recipe, device, monitor, progress) -> tuple[Plan, dict]:
     dense_counts, dense_widths = adapter.param_counts(), adapter.all_widths()
     ctx = PassContext(model=loaded.model, tokenizer=loaded.tokenizer,
                       calibration_loader=_calibration_loader(recipe, loaded.tokenizer),
-                      batch_size=recipe.calibration.batch_size if recipe.calibration else 16, progress=progress)
+                      batch_size=recipe.calibration.batch_size if recipe.calibration else 16, progress=progress,
+                      dense_loader=dense_loader(recipe.model.source, recipe.model.dtype, device,
+                                                recipe.model.trust_remote_code))
     plan = new_plan(recipe.model.source, loaded.model, adapter, dense_widths)
     run_passes(recipe, ctx, plan, monitor)
     return plan, _summary(dense_counts, get_adapter(loaded.model).param_counts(), plan)

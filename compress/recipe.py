@@ -43,6 +43,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from compress.calibration.suites import DEFAULT_SUITE, EVALUATION_SUITES
 from compress.errors import RecipeError
 from compress.schema import Seed, StrictModel
 
@@ -50,10 +51,12 @@ DEFAULT_MODEL = "smollm2-135m"
 DType = Literal["float32", "float16", "bfloat16"]
 EXPORT_FORMATS_AVAILABLE = ("safetensors", "onnx")
 EXPORT_FORMATS_PLANNED: tuple[str, ...] = ()
-DEFAULT_GENERATION_PROMPTS = (
+DEFAULT_GENERATION_PROMPTS = (  # one per kind of text of the evaluation suite
     "It was a truth universally acknowledged that",
-    "Captain Wentworth walked into the room and",
-    "The weather at Bath that morning was",
+    "Photosynthesis is the process by which",
+    "In his address to Congress, the President said that",
+    "def read_config(path):\n",
+    "A: Hi! How was your weekend?\nB:",
 )
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AUSTEN_PREFIX = "austen"
@@ -69,15 +72,16 @@ def austen_text_names() -> tuple[str, ...]:
     return ("calibration", *novels)
 
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_NOT_IN_RUN_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
 def check_run_name(value: str) -> str:
-    """A run name is one plain folder name (it becomes ``outputs/<name>``): letters, digits and
-    ``_ . + -``, not starting with a dot; raise ValueError otherwise."""
-    if not _RUN_NAME.match(value) or len(value) > 200:
-        raise ValueError(f"must be a plain name of letters, digits and _ . + - not starting with a dot, at most "
-                         f"200 long (it names the folder outputs/<name>); got {show_value(value)}")
+    """A run name names one folder (``outputs/<name>``): no path separator or control character,
+    not starting with a dot (so not ``.`` or ``..``), not blank, at most 200 characters; raise
+    ValueError otherwise."""
+    if _NOT_IN_RUN_NAME.search(value) or value.startswith(".") or not value.strip() or len(value) > 200:
+        raise ValueError(f"must be a plain name for the folder outputs/<name>: no / or \\, no control characters, "
+                         f"not starting with a dot, at most 200 characters; got {show_value(value)}")
     return value
 
 
@@ -182,7 +186,8 @@ class ModelSpec(_Strict):
 class CalibrationSpec(_Strict):
     """The text fed through the model to score what to prune."""
 
-    source: TextSource = Field("austen", description="austen, austen:<novel>, or a .txt/.jsonl file or folder; "
+    source: TextSource = Field("general", description="general (the embedded general-domain mix), "
+                               "general:<domain>:train, austen, austen:<novel>, or a .txt/.jsonl file or folder; "
                                "vision encoders: textile.")
     samples: int = Field(256, gt=0, description="Number of random windows (encoders: sentences or images).")
     seqlen: int = Field(128, gt=1, description="Tokens per window (text encoders: most tokens per sentence).")
@@ -214,22 +219,57 @@ class ExportSpec(_Strict):
 
 
 class EvaluateSpec(_Strict):
-    """Perplexity (and dense-vs-pruned agreement) on held-out text."""
+    """Perplexity, next-token accuracy and dense-vs-pruned agreement on held-out text.
 
-    datasets: list[TextSource] = Field(
-        default_factory=lambda: ["austen:persuasion", "austen:northangerabbey"],
+    Decoders are measured on a named suite of domains (default ``v2``: Persuasion and the test
+    split of every domain of the general corpus); ``datasets`` adds sources to it, or replaces it
+    when no ``suite`` is named.
+    """
+
+    suite: Optional[str] = Field(
+        None, description=f"A named evaluation suite ({', '.join(EVALUATION_SUITES)}); decoders default to "
+        f"{DEFAULT_SUITE} when datasets is not given.")
+    datasets: Optional[list[TextSource]] = Field(
+        None,
         min_length=1,
-        description="Text sources to measure perplexity on.",
+        description="Text sources to measure (added to the suite; alone when no suite is named).",
     )
     seqlen: int = Field(128, gt=1, description="Tokens per evaluation window.")
     max_windows: int = Field(256, gt=0, description="Non-overlapping windows from the start of each text.")
     batch_size: int = Field(8, gt=0, description="Windows per forward pass.")
-    dense: bool = Field(True, description="Also evaluate the dense model (needed for PPL ratios).")
-    agreement: bool = Field(True, description="Compare dense and pruned logits (top-1 agreement, mean KL).")
+    dense: bool = Field(True, description="Also evaluate the dense model (needed for PPL ratios; its figures are "
+                        "cached by model and data, so a second run measures only the compressed model).")
+    agreement: bool = Field(True, description="Count where dense and pruned agree on the top-1 token.")
+    kl: bool = Field(False, description="Also measure the mean KL(dense || pruned) per token; this runs the dense "
+                     "model beside the pruned one (on by itself when validate.max_mean_kl is set).")
+    continuation_tokens: int = Field(
+        48, ge=0, description="Greedy tokens the report shows per validate.generation_prompts prompt, with their "
+        "repeated 4-grams and the dense model's perplexity of them (0: none).")
     items: Optional[int] = Field(
         None, gt=1, description="Encoders: held-out sentences per text (default 1000, the first ones) or images "
         "(default: the whole textile test split; with items, the first items of the test and of the probe's train split).")
     pairs: int = Field(200, gt=0, description="Encoders: seeded input pairs for the Spearman rank agreement of similarities.")
+
+    @field_validator("suite")
+    @classmethod
+    def _known_suite(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in EVALUATION_SUITES:
+            raise ValueError(f"unknown suite {show_value(value)}; the suites are {', '.join(EVALUATION_SUITES)}")
+        return value
+
+    def sources(self, default: Optional[list[str]] = None) -> list[str]:
+        """The text sources to measure: the suite's, then ``datasets`` not already in it; without a
+        suite, ``datasets``; with neither, ``default`` (or the default suite)."""
+        if self.suite is not None:
+            suite = list(EVALUATION_SUITES[self.suite])
+            return suite + [d for d in self.datasets or [] if d not in suite]
+        if self.datasets:
+            return list(self.datasets)
+        return list(default) if default is not None else list(EVALUATION_SUITES[DEFAULT_SUITE])
+
+    def suite_name(self) -> Optional[str]:
+        """The suite measured: the named one, or the default when neither suite nor datasets is set."""
+        return self.suite if self.suite is not None else (None if self.datasets else DEFAULT_SUITE)
 
 
 class ValidateSpec(_Strict):
@@ -238,7 +278,10 @@ class ValidateSpec(_Strict):
     reload_max_abs_diff: Optional[float] = Field(
         1.0e-4, ge=0, description="Max |logit difference| between the in-memory and the reloaded export."
     )
-    max_ppl_ratio: Optional[float] = Field(None, gt=0, description="Max pruned/dense perplexity ratio.")
+    max_ppl_ratio: Optional[float] = Field(None, gt=0, description="Max pruned/dense perplexity ratio on the "
+                                           "worst evaluation domain.")
+    max_geomean_ppl_ratio: Optional[float] = Field(
+        None, gt=0, description="Max geometric mean over the evaluation domains of the pruned/dense perplexity ratio.")
     min_top1_agreement: Optional[float] = Field(
         None, ge=0, le=1, description="Min fraction of tokens where dense and pruned agree on the top-1 token."
     )
@@ -679,17 +722,15 @@ def _cross_field_problems(recipe: Recipe) -> list[RecipeProblem]:
     problems = []
     gates = recipe.validate
     evaluate = recipe.evaluate
-    if gates.max_ppl_ratio is not None and (evaluate is None or not evaluate.dense):
-        problems.append(
-            RecipeProblem(
-                ("validate", "max_ppl_ratio"),
-                "needs the dense perplexity: keep evaluate on and set evaluate.dense: true",
-            )
-        )
+    for gate in ("max_ppl_ratio", "max_geomean_ppl_ratio"):
+        if getattr(gates, gate) is not None and (evaluate is None or not evaluate.dense):
+            problems.append(RecipeProblem(("validate", gate), "needs the dense perplexity: keep evaluate on and set "
+                                          "evaluate.dense: true"))
     for gate in ("min_top1_agreement", "max_mean_kl"):
-        if getattr(gates, gate) is not None and (evaluate is None or not evaluate.agreement):
+        if getattr(gates, gate) is not None and (evaluate is None or not evaluate.agreement or not evaluate.dense):
             problems.append(
-                RecipeProblem(("validate", gate), "needs evaluate.agreement: true (and evaluate on)")
+                RecipeProblem(("validate", gate), "needs evaluate.agreement: true and evaluate.dense: true (and "
+                              "evaluate on)")
             )
     return problems
 
@@ -715,9 +756,9 @@ def pass_problems(recipe: Recipe, entries: list[PassEntry]) -> list[RecipeProble
 
 
 def _default_name(source_name: str) -> str:
-    """The recipe file's stem with characters a run name may not hold made ``-``."""
+    """The recipe file's stem, made a valid run name (no control characters or leading dots)."""
     stem = Path(source_name).stem if source_name and not source_name.startswith("<") else ""
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", stem).lstrip(".-")[:200] or "recipe"
+    return _NOT_IN_RUN_NAME.sub("-", stem).lstrip(".")[:200].strip() or "recipe"
 
 
 def _document_order(data: dict, problems: list[RecipeProblem]) -> list[RecipeProblem]:

@@ -8,8 +8,13 @@ section except ``recipe``/``model`` is optional: a missing section is left out o
      "layers": [{"index", "heads", "kv_heads", "intermediate", "dense_heads", "dense_kv_heads", "dense_intermediate"}],
      "passes": [{"name", "options", "wall_s", "peak_rss_mb", "details"}],
      "stages": [{"name", "wall_s", "peak_rss_mb"}],
-     "evaluation": {"seqlen", "max_windows", "datasets": {name: {"dense_ppl", "pruned_ppl", "ppl_ratio"}},
-                    "top1_agreement", "mean_kl"},
+     "evaluation": {"suite", "seqlen", "max_windows",
+                    "datasets": {name: {"source", "windows", "tokens", "dense_ppl", "pruned_ppl", "ppl_ratio",
+                                        "dense_accuracy", "pruned_accuracy", "top1_agreement", "mean_kl"}},
+                    "geomean_ppl_ratio", "worst_dataset", "worst_ppl_ratio", "dense_accuracy",
+                    "pruned_accuracy", "top1_agreement", "mean_kl", "dense_from_cache"},
+     "generations": {"max_new_tokens", "prompts": [{"prompt", "pruned_text", "pruned_repetition",
+                     "dense_ppl_of_pruned", "dense_text", "dense_repetition", "dense_ppl_of_dense"}], ...},
      "validation": {"passed", "gates": [{"name", "value", "threshold", "op", "passed"}]},
      "artifacts": {"dir", "files"}}
 """
@@ -132,6 +137,7 @@ def render_markdown(report: dict, plot_file: str | None = None) -> str:
         _header_section(report),
         _params_section(report.get("params")),
         _evaluation_section(report.get("evaluation")),
+        _generations_section(report.get("generations")),
         _validation_section(report.get("validation")),
         _onnx_section(report.get("onnx")),
         _layers_section(report.get("layers"), plot_file),
@@ -191,24 +197,47 @@ def _evaluation_section(evaluation: dict | None) -> list[str]:
         return _embedding_section(evaluation)
     lines = ["## Evaluation", ""]
     setup = [f"{key} {evaluation[key]}" for key in ("seqlen", "max_windows") if evaluation.get(key) is not None]
+    suite = f"suite {evaluation['suite']}: " if evaluation.get("suite") else ""
     if setup:
-        lines += [f"Perplexity over non-overlapping windows ({', '.join(setup)}).", ""]
+        lines += [f"{suite}perplexity over the first non-overlapping windows of each text ({', '.join(setup)}); "
+                  "accuracy = share of next tokens predicted exactly.", ""]
     datasets = evaluation.get("datasets") or {}
     if datasets:
-        table = MarkdownTable(["Dataset", "Dense PPL", "Pruned PPL", "Pruned / dense"], right_aligned=(1, 2, 3))
+        table = MarkdownTable(["Dataset", "Dense PPL", "Pruned PPL", "Pruned / dense", "Dense acc.", "Pruned acc.",
+                               "Top-1 agreement"], right_aligned=(1, 2, 3, 4, 5, 6))
         for name, result in datasets.items():
-            table.add_row(
-                name,
-                fmt_number(result.get("dense_ppl")),
-                fmt_number(result.get("pruned_ppl")),
-                fmt_number(result.get("ppl_ratio")),
-            )
+            table.add_row(name, fmt_number(result.get("dense_ppl")), fmt_number(result.get("pruned_ppl")),
+                          fmt_number(result.get("ppl_ratio")), fmt_percent(result.get("dense_accuracy")),
+                          fmt_percent(result.get("pruned_accuracy")), fmt_percent(result.get("top1_agreement")))
         lines += [*table.render(), ""]
+    if evaluation.get("geomean_ppl_ratio") is not None:
+        lines.append(f"- **PPL ratio, geometric mean over the datasets:** {fmt_number(evaluation['geomean_ppl_ratio'])}"
+                     f"; **worst:** {evaluation.get('worst_dataset')} {fmt_number(evaluation.get('worst_ppl_ratio'))}")
+    if evaluation.get("dense_from_cache") is not None:
+        lines.append("- **Dense figures:** " + ("from the cache (same model weights and windows)"
+                                                if evaluation["dense_from_cache"] else "measured in this run"))
     if evaluation.get("top1_agreement") is not None:
         lines.append(f"- **Top-1 agreement** (dense vs pruned): {fmt_percent(evaluation['top1_agreement'])}")
     if evaluation.get("mean_kl") is not None:
         lines.append(f"- **Mean KL** (dense ‖ pruned, per token): {fmt_number(evaluation['mean_kl'])}")
     return lines[:-1] if lines[-1] == "" else lines
+
+
+def _generations_section(generations: dict | None) -> list[str]:
+    """What a user sees: greedy continuations, their repeated 4-grams and the dense model's PPL of them."""
+    if not generations or not generations.get("prompts"):
+        return []
+    lines = ["## Generations", "", f"Greedy continuations ({generations.get('max_new_tokens')} tokens at most). "
+             "Repetition = share of 4-grams that repeat an earlier one; dense PPL = the dense model's perplexity "
+             "of the continuation (lower reads more like the dense model's text).", ""]
+    table = MarkdownTable(["Prompt", "Pruned continuation", "Repetition", "Dense PPL of it", "Dense continuation",
+                           "Dense repetition", "Dense PPL of it"], right_aligned=(2, 3, 5, 6))
+    for row in generations["prompts"]:
+        table.add_row(_inline(row.get("prompt") or "", 60), _inline(row.get("pruned_text") or "", 200),
+                      fmt_percent(row.get("pruned_repetition")), fmt_number(row.get("dense_ppl_of_pruned")),
+                      _inline(row.get("dense_text") or "", 200), fmt_percent(row.get("dense_repetition")),
+                      fmt_number(row.get("dense_ppl_of_dense")))
+    return lines + table.render()
 
 
 def _validation_section(validation: dict | None) -> list[str]:

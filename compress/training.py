@@ -102,6 +102,9 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     seed: int = 0
+    loss: str = "next_token"  # "next_token" | "kl": KL(teacher || model) per token (needs a teacher)
+    temperature: float = 1.0  # "kl": both distributions at this softmax temperature (loss scaled by T²)
+    bf16: bool = False  # forward passes under bfloat16 autocast (CPU: AMX/AVX-512 BF16; CUDA: tensor cores)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seqlen", "grad_accum"):
@@ -109,6 +112,8 @@ class TrainSpec:
                 raise CompressError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.warmup_steps < 0:
             raise CompressError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.loss not in ("next_token", "kl"):
+            raise CompressError(f"loss must be next_token or kl, got {self.loss!r}")
 
 
 @dataclass
@@ -258,6 +263,39 @@ class WindowSampler:
         self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
 
 
+DISTILL_CHUNK = 1024  # positions per KL chunk (bounds the float32 copies at chunk × vocab)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over positions of KL(teacher || model) at ``temperature`` (times T², so gradients keep
+    their scale): logits [b, t, vocab] of the model and of the teacher (no gradient)."""
+    vocab = logits.shape[-1]
+    rows, teacher_rows = logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], DISTILL_CHUNK):
+        part = slice(start, start + DISTILL_CHUNK)
+        logp = torch.log_softmax(rows[part].float() / temperature, dim=-1)
+        target = torch.log_softmax(teacher_rows[part].float() / temperature, dim=-1)
+        total = total + torch.nn.functional.kl_div(logp, target, log_target=True, reduction="sum")
+    return total * (temperature**2) / rows.shape[0]
+
+
+def training_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec, teacher: nn.Module | None) -> torch.Tensor:
+    """The loss of one micro-batch [b, t]: next-token cross-entropy, or KL to ``teacher``."""
+    device_type = batch.device.type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.bf16)
+    if train.loss == "next_token":
+        with autocast:
+            return model(input_ids=batch, labels=batch, use_cache=False).loss.float()
+    if teacher is None:
+        raise CompressError("loss: kl needs the dense model as teacher")
+    with torch.no_grad(), autocast:
+        target = teacher(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False).logits
+    with autocast:
+        logits = model(input_ids=batch, use_cache=False).logits
+    return distillation_loss(logits, target.to(logits.device), train.temperature)
+
+
 def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
     """Learning-rate factor of optimizer step ``s`` (0-based): ``(s + 1) / warmup`` during warm-up, then 1."""
 
@@ -396,6 +434,7 @@ def train_lora(
     description: str = "LoRA training",
     callback: Callable[[int, float], None] | None = None,
     hooks: TrainingHooks | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Attach LoRA to ``model`` and train it on random windows of the token stream ``ids`` [N].
 
@@ -411,6 +450,8 @@ def train_lora(
             fingerprint is ignored and overwritten.
         callback: ``callback(step, loss)`` after every optimizer step (and after its checkpoint).
         hooks: a :class:`TrainingHooks` whose state is checkpointed with the adapters.
+        teacher: with ``train.loss == "kl"``, the model whose next-token distributions are the
+            targets (e.g. the dense model; it stays in eval mode and gets no gradients).
     """
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if fingerprint is None:
@@ -424,7 +465,7 @@ def train_lora(
         modules = attach_lora(model, lora)
         try:
             result = _train_attached(model, ids, train, modules, fingerprint, checkpoint, checkpoint_every, device,
-                                     progress, description, callback, hooks or TrainingHooks())
+                                     progress, description, callback, hooks or TrainingHooks(), teacher)
         except BaseException:
             detach_lora(model)
             raise
@@ -434,7 +475,7 @@ def train_lora(
 
 
 def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoint, checkpoint_every, device,
-                    progress, description, callback, hooks: TrainingHooks) -> TrainResult:
+                    progress, description, callback, hooks: TrainingHooks, teacher=None) -> TrainResult:
     named = lora_parameters(model)
     for _, p in named:  # adapters train in float32 whatever the base dtype
         p.data = p.data.float()
@@ -482,7 +523,7 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
             total = 0.0
             for _ in range(train.grad_accum):
                 batch = sampler.next().to(device)
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                loss = training_loss(model, batch, train, teacher)
                 (loss / train.grad_accum).backward()
                 total += float(loss.detach()) / train.grad_accum
             if train.max_grad_norm is not None:

@@ -83,12 +83,17 @@ def failures_of(gates: list[Gate]) -> list[str]:
 
 
 def quality_gates(evaluation: dict | None, spec) -> list[Gate]:
-    """ppl_ratio (worst dataset), top1_agreement and mean_kl gates from an evaluation section."""
+    """ppl_ratio (worst dataset), geomean_ppl_ratio, top1_agreement and mean_kl gates from an
+    evaluation section."""
     if not evaluation:
         return []
     ratios = [d["ppl_ratio"] for d in evaluation["datasets"].values() if d.get("ppl_ratio") is not None]
+    worst = f" ({evaluation['worst_dataset']})" if evaluation.get("worst_dataset") else ""
     gates = [
-        Gate.check("ppl_ratio", max(ratios) if ratios else None, spec.max_ppl_ratio, "<=", "pruned / dense perplexity, worst dataset"),
+        Gate.check("ppl_ratio", max(ratios) if ratios else None, spec.max_ppl_ratio, "<=",
+                   f"pruned / dense perplexity, worst dataset{worst}"),
+        Gate.check("geomean_ppl_ratio", evaluation.get("geomean_ppl_ratio"), spec.max_geomean_ppl_ratio, "<=",
+                   "geometric mean over the datasets of pruned / dense perplexity"),
         Gate.check("top1_agreement", evaluation.get("top1_agreement"), spec.min_top1_agreement, ">=", "dense vs pruned next-token argmax"),
         Gate.check("mean_kl", evaluation.get("mean_kl"), spec.max_mean_kl, "<=", "mean KL(dense || pruned) per token"),
     ]
@@ -315,7 +320,7 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
     folder gets a ``FAILED`` marker.
     """
     from compress.models.loading import load_model
-    from compress.pipeline import RunResult, evaluate_pair, evaluation_windows, resolve_device
+    from compress.pipeline import RunResult, dense_loader, lm_evaluator, resolve_device
     from compress.recipe import EvaluateSpec, ValidateSpec
     from compress.report import write_report
 
@@ -330,17 +335,22 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
 
     loaded = load_model(str(folder), dtype="float32", device=device, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
-    windows = evaluation_windows(evaluate, tokenizer) if evaluate is not None else {}
+    evaluator = lm_evaluator(evaluate, spec, tokenizer, progress)
     gates: list[Gate] = []
-    if evaluate is not None and windows:
-        dense = None
-        if evaluate.dense or evaluate.agreement:
-            dense = load_model(report["model"], dtype="float32", device=device, progress=progress).model
-        report["evaluation"] = evaluate_pair(dense, model, windows, evaluate, progress)
+    if evaluator is not None:
+        load_dense = dense_loader(report["model"], "float32", device)
+        if evaluate.dense:
+            dense = load_dense()
+            evaluator.measure_dense(dense)
+            del dense
+        report["evaluation"] = evaluator.evaluate(model)
         gates += quality_gates(report["evaluation"], spec)
+        generations = evaluator.generations(model, tokenizer, list(spec.generation_prompts), load_dense)
+        if generations is not None:
+            report["generations"] = generations
     onnx_dir = folder / "onnx"
     if onnx_dir.is_dir():
-        check = next(iter(windows.values())) if windows else _random_windows(model, spec.onnx_windows)
+        check = evaluator.first_windows() if evaluator is not None else _random_windows(model, spec.onnx_windows)
         section, onnx_gates = validate_onnx(model, tokenizer, onnx_dir, spec, check, device)
         report.setdefault("onnx", {})["validation"] = section
         gates += onnx_gates

@@ -38,7 +38,7 @@ def evaluation_pixels(model, evaluate) -> torch.Tensor:
     """[n, 3, S, S]: the first ``items`` test images of the recipe's image source (textile), or
     seeded random images."""
     size = model.config.vision_config.image_size
-    sources = list(evaluate.datasets) if evaluate is not None else []
+    sources = evaluate.sources(default=["textile"]) if evaluate is not None else []
     if sources and sources != ["textile"]:
         raise CompressError(f"evaluate.datasets: a LLaVA model is evaluated on images: textile (got {sources})")
     if sources:

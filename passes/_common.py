@@ -95,7 +95,8 @@ class LoRATrainOptions(BaseModel):
         10, ge=0.0, description="Linear learning-rate warm-up: a number of steps, or a fraction of `steps` when below 1."
     )
     max_grad_norm: Optional[float] = Field(None, gt=0.0, description="Clip the adapters' gradient norm (null: no clipping).")
-    source: TextSource = Field("austen", description="Training text source (default: the calibration split).")
+    source: TextSource = Field("general", description="Training text source (default: the general corpus' "
+                               "calibration mix).")
     seed: Seed = Field(0, description="Seeds the adapter initialisation, dropout and the window draws.")
     target_modules: list[TargetRole] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_ROLES),
@@ -158,12 +159,12 @@ def target_names(ctx, roles: list[str]) -> list[list[str]]:
 
 def training_ids(ctx, source: str, pass_name: str):
     """[N] token ids of a text source, read with the model's tokenizer."""
-    from compress.calibration.sources import read_text, tokenize_text
+    from compress.calibration.token_cache import source_ids
     from compress.errors import CompressError
 
     if ctx.tokenizer is None:
         raise CompressError(f"{pass_name} needs the model's tokenizer to read its text source")
-    return tokenize_text(ctx.tokenizer, read_text(source))
+    return source_ids(ctx.tokenizer, source)
 
 
 def count_or_fraction(value):

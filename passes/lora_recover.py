@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
@@ -53,9 +54,11 @@ def block_ranks(importance: list[float], rank: int) -> list[int]:
 class LoraRecoverPass:
     """LoRA recovery fine-tuning: train low-rank adapters on text, then merge them into the weights.
 
-    Attaches peft LoRA to the decoder linears of the (pruned) model, trains it with AdamW on random
-    windows of a text source, and adds ``scaling · B @ A`` to each weight, so the model stays a plain
-    model. The factors are saved beside plan.json, so ``compress apply`` reproduces the weights.
+    Attaches peft LoRA to the decoder linears of the (pruned) model and trains it with AdamW on
+    random windows of a text source: by default by distillation, the KL from the dense model's
+    next-token distribution at every position (``loss: kl``), or on the text's own next tokens
+    (``loss: next_token``). Then it adds ``scaling · B @ A`` to each weight, so the model stays a
+    plain model. The factors are saved beside plan.json, so ``compress apply`` reproduces the weights.
     """
 
     kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
@@ -69,6 +72,12 @@ class LoraRecoverPass:
             "(CFSP coarse-to-fine), mean rank = rank, each at least 1.",
         )
         importance_samples: int = Field(32, ge=1, description="Windows measured for rank_by: block_importance.")
+        loss: Literal["kl", "next_token"] = Field(
+            "kl", description="'kl': distil the dense model (KL(dense || pruned) per token; the dense model is "
+            "loaded as teacher); 'next_token': cross-entropy on the text.")
+        temperature: float = Field(1.0, gt=0.0, description="loss: kl: softmax temperature of both models.")
+        bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
+                           "AMX or AVX-512 BF16 and on GPUs; the adapters and the merge stay float32).")
 
     def __init__(self, options: "LoraRecoverPass.Options"):
         self.options = options
@@ -86,7 +95,7 @@ class LoraRecoverPass:
 
     # -------------------------------------------------------------------------------- run
     def run(self, ctx) -> PlanStep:
-        from compress.training import LoRASpec, merge_lora, run_fingerprint, train_lora
+        from compress.training import LoRASpec, merge_lora, model_state_digest, run_fingerprint, train_lora
 
         o = self.options
         names = target_names(ctx, o.target_modules)
@@ -104,11 +113,14 @@ class LoraRecoverPass:
 
         lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=o.rank, alpha=o.alpha,
                         dropout=o.dropout, rank_pattern=rank_pattern)
-        train = o.train_spec()
-        fingerprint = run_fingerprint(ctx.model, ids, lora, train)
+        train = replace(o.train_spec(), loss=o.loss, temperature=o.temperature, bf16=o.bf16)
+        teacher = ctx.dense_model() if o.loss == "kl" else None
+        extra = {"teacher": model_state_digest(teacher)} if teacher is not None else None
+        fingerprint = run_fingerprint(ctx.model, ids, lora, train, extra)
         result = train_lora(ctx.model, ids, lora, train, checkpoint_dir=o.checkpoint_folder(fingerprint),
                             checkpoint_every=o.checkpoint_every, fingerprint=fingerprint, progress=ctx.progress,
-                            description="LoRA recovery")
+                            description="LoRA recovery" + (" (distillation)" if teacher is not None else ""),
+                            teacher=teacher)
         factors = merge_lora(ctx.model)
         head, tail = result.losses[:10], result.losses[-10:]
         details.update({

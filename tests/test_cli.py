@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from compress import __version__, registry
 from compress.cli import app
 from compress.errors import CompressError
-from compress.report import PLOT_PNG, REPORT_JSON, REPORT_MD, write_report
+from compress.report import PLOT_PNG, REPORT_JSON, REPORT_MD, fmt_number, write_report
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}
@@ -276,29 +276,27 @@ def test_inspect_renders_the_adapter_summary(monkeypatch):
         assert text in result.output
 
 
-def test_eval_prints_perplexity_per_source(monkeypatch):
-    import torch
+def test_eval_runs_for_real_and_matches_the_perplexity_function(tmp_path):
+    """`compress eval` on a tiny model (no fakes): its table and JSON equal perplexity() on the same windows."""
+    from compress.calibration.sources import read_text, sequential_windows, tokenize_text
+    from compress.evaluation.perplexity import perplexity
+    from compress.models.loading import load_model
+    from tests.conftest import tiny_smol_folder
 
-    fake_module(monkeypatch, "compress.models.loading", load_model=lambda source, **kw: FakeLoaded("model", "tok"))
-    fake_module(
-        monkeypatch, "compress.calibration.sources",
-        read_text=lambda source: "text of " + source,
-        tokenize_text=lambda tokenizer, text: torch.arange(1000),
-        sequential_windows=lambda ids, seqlen, max_windows, source=None: ids[: seqlen * 3].reshape(3, seqlen),
-    )
-    fake_module(
-        monkeypatch, "compress.evaluation.perplexity",
-        perplexity=lambda model, windows, batch_size=8, progress=True: types.SimpleNamespace(
-            ppl=42.5, nll=3.75, tokens=windows.shape[0] * (windows.shape[1] - 1)),
-    )
-    result = runner.invoke(
-        app,
-        ["eval", "m", "-d", "austen:persuasion", "-d", "austen:emma", "--seqlen", "16", "--device", "cpu"],
-        env=WIDE,
-    )
+    folder = tiny_smol_folder(tmp_path / "tiny")
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(folder), "-d", "austen:persuasion", "-d", "general:chat", "--seqlen", "16",
+                                 "--windows", "3", "--device", "cpu", "--json", str(out)], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert "austen:persuasion" in result.output and "austen:emma" in result.output
-    assert "42.50" in result.output and "45" in result.output  # 3 windows x 15 predicted tokens
+    assert "persuasion" in result.output and "chat" in result.output
+    figures = json.loads(out.read_text())["evaluation"]["datasets"]
+    loaded = load_model(str(folder), device="cpu", progress=False)
+    for name, source in (("persuasion", "austen:persuasion"), ("chat", "general:chat")):
+        windows = sequential_windows(tokenize_text(loaded.tokenizer, read_text(source)), 16, 3)
+        expected = perplexity(loaded.model, windows, batch_size=2, progress=False).ppl
+        assert figures[name]["windows"] == 3 and figures[name]["tokens"] == 45  # 3 windows x 15 predictions
+        assert figures[name]["pruned_ppl"] == pytest.approx(expected, rel=1e-5)
+        assert fmt_number(expected) in result.output
 
 
 def test_eval_rejects_unknown_text_before_loading(monkeypatch):

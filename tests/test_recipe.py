@@ -65,12 +65,14 @@ def test_minimal_recipe_gets_documented_defaults():
     assert recipe.model_source == DEFAULT_MODEL
     assert recipe.model_dtype == "float32" and recipe.model.dtype == "float32"
     assert recipe.device == "auto"
-    assert recipe.calibration.source == "austen" and recipe.calibration.samples == 256
+    assert recipe.calibration.source == "general" and recipe.calibration.samples == 256
     assert recipe.passes == []
     assert recipe.export.output == "outputs/llama-flap-50"
     assert recipe.output_dir == Path("outputs/llama-flap-50")
     assert recipe.export.formats == ["safetensors"]
-    assert recipe.evaluate is not None and recipe.evaluate.datasets == ["austen:persuasion", "austen:northangerabbey"]
+    assert recipe.evaluate is not None and recipe.evaluate.datasets is None and recipe.evaluate.suite_name() == "v2"
+    assert recipe.evaluate.sources() == ["austen:persuasion", "general:brown", "general:sotu", "general:wiki",
+                                         "general:pydocs", "general:pycode", "general:chat"]
     assert recipe.validate.reload_max_abs_diff == pytest.approx(1e-4)
     assert recipe.source_name == "recipes/llama-flap-50.yaml"
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from compress.calibration.suites import EVALUATION_SUITES
 from compress.errors import DataSourceError
 
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
@@ -55,20 +56,6 @@ GENERAL_MANIFEST = "manifest.json"
 GENERAL_SPLITS = ("train", "test")
 MIX_CHUNK_CHARS = 2000  # the calibration mix interleaves chunks of about this many characters
 AUSTEN_MIX_PART = "austen"  # the mix's Austen part (from the novels above, not a general domain)
-
-# Named evaluation suites. v2 = standard protocol v2: Austen continuity + every general test split
-# (the held-out, evaluation-only domain included). Each entry is a text source for read_text.
-EVALUATION_SUITES: dict[str, list[str]] = {
-    "v2": [
-        "austen:persuasion",
-        "general:brown",
-        "general:sotu",
-        "general:wiki",
-        "general:pydocs",
-        "general:pycode",
-        "general:chat",
-    ],
-}
 
 _ALLOWED_SOURCES = (
     f"'{GENERAL_PREFIX}' (= '{GENERAL_PREFIX}:train'), '{GENERAL_PREFIX}:<domain>[:train]', "
@@ -369,22 +356,55 @@ def _general_mix() -> str:
 # --------------------------------------------------------------------------------------------
 
 
+TOKENIZE_CHUNK_CHARS = 65536
+_CUT = re.compile(r"\S(\s)")  # a whitespace run that follows a non-whitespace character
+
+
+def text_chunks(text: str, size: int = TOKENIZE_CHUNK_CHARS) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters, each cut placed just before a
+    whitespace run that follows a non-whitespace character (never inside a word or a run of
+    whitespace); joined, the pieces are ``text``."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            match = _CUT.search(text, end)
+            end = match.start(1) if match else len(text)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                     verbose=False)["input_ids"]
+
+
+def _chunking_is_exact(tokenizer, pieces: list[str]) -> bool:
+    """Whether tokenising piece by piece gives the whole text's ids for this tokenizer, checked on
+    the first cuts (byte-level BPE pre-tokenisers never join a word to the whitespace before it;
+    SentencePiece tokenizers that add a prefix space at every call do, and are tokenised whole)."""
+    for left, right in zip(pieces[:3], pieces[1:4]):
+        tail, head = left[-2000:], right[:2000]
+        if _encode(tokenizer, tail + head) != _encode(tokenizer, tail) + _encode(tokenizer, head):
+            return False
+    return True
+
+
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """The token ids of ``text`` as one LongTensor [N], with no special tokens (no BOS/EOS).
 
-    The whole text goes to the tokenizer in one call, so the ids are exactly those of tokenising
-    the whole text (splitting it, even at paragraphs, can change the tokens at the cut for BPE
-    tokenizers whose pre-tokenizer groups runs of whitespace). ``verbose=False`` silences the
-    "sequence longer than the model's maximum" warning: the windows cut later are short.
+    The ids are those of tokenising the whole text in one call. Long texts are tokenised in pieces
+    cut before whitespace runs (:func:`text_chunks`) when the tokenizer gives the same ids that way
+    (checked on the first cuts; the pieces are faster and need a fraction of the memory of one
+    multi-megabyte call), else in one call. ``verbose=False`` silences the "sequence longer than
+    the model's maximum" warning: the windows cut later are short.
     """
-    encoded = tokenizer(
-        text,
-        add_special_tokens=False,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-        verbose=False,
-    )
-    ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+    pieces = text_chunks(text)
+    if len(pieces) > 1 and _chunking_is_exact(tokenizer, pieces):
+        ids = torch.tensor([i for piece in pieces for i in _encode(tokenizer, piece)], dtype=torch.long)
+    else:
+        ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
     if ids.numel() == 0:
         raise DataSourceError("the text tokenises to no tokens at all; give a source with some text in it")
     return ids

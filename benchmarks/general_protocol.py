@@ -1,0 +1,195 @@
+"""Decoder pruning on the standard protocol v2 (../shared/assets.md; suite v2 of compress).
+
+SmolLM2-135M (embedded), fp32, CPU. Calibration: random 128-token windows of a text source (the
+general mix by default; ``--calibration`` for another, e.g. ``austen`` or ``general:wiki:train``),
+seed 0. Evaluation: for each domain of suite v2 (Persuasion + the test split of every general
+domain, the held-out ``chat`` included) the perplexity at 128 tokens over the first 256
+non-overlapping windows, its ratio to the dense model, next-token accuracy and top-1 agreement;
+the headline is the geometric mean of the ratios, with the worst domain beside it.
+
+    python benchmarks/general_protocol.py --configs flap-50 flap-ls-50
+    python benchmarks/general_protocol.py --configs flap-50 --calibration austen --tag austen
+    python benchmarks/general_protocol.py --windows 64 --configs ...     # a quicker sweep (not v2)
+
+Each configuration runs in its own process (its peak RSS is its own); rows are appended to the
+JSON file given by ``--out`` (default bench-results/general_protocol.json) under the key
+``<config>@<calibration>[#tag]``, so several invocations build one table. The dense model's
+figures come from compress's evaluation cache after the first run. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "smollm2-135m"
+SEQLEN = 128
+CALIBRATION = {"source": "general", "samples": 256, "seqlen": 128, "seed": 0}
+DISTILL = {"source": "general", "seqlen": 128, "batch_size": 8}
+
+# name -> list of (pass, options) run in order; [] = the dense model
+CONFIGS: dict[str, list[tuple[str, dict]]] = {
+    "dense": [],
+    # FLAP and its parts
+    "flap-20": [("flap", {"ratio": 0.2})],
+    "flap-50": [("flap", {"ratio": 0.5})],
+    "flap-ls-20": [("flap", {"ratio": 0.2, "compensation": "least_squares"})],
+    "flap-ls-50": [("flap", {"ratio": 0.5, "compensation": "least_squares"})],
+    "flap-uniform-50": [("flap", {"ratio": 0.5, "allocator": "uniform"})],
+    "flap-bb-50": [("flap", {"ratio": 0.5, "allocator": "block_budget"})],
+    "flap-noskip-50": [("flap", {"ratio": 0.5, "skip_layers": []})],
+    "flap-seq-50": [("flap", {"ratio": 0.5, "sequential": True})],
+    "flap-ls-seq-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "sequential": True})],
+    "flap-ls-uniform-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "allocator": "uniform"})],
+    "flap-ls-bb-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "allocator": "block_budget"})],
+    "flap-ls-qh-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "gqa": "query_heads"})],
+    "flap-ls-damp1-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "ls_damp": 1.0})],
+    "flap-ls-damp1e-1-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "ls_damp": 0.1})],
+    "flap-ls-damp1e-3-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "ls_damp": 1e-3})],
+    "wanda_sp-50": [("wanda_sp", {"ratio": 0.5})],
+    "cfsp-50": [("cfsp", {"ratio": 0.5})],
+    "cfsp-ls-50": [("cfsp", {"ratio": 0.5, "compensation": "least_squares"})],
+    "cfsp-20": [("cfsp", {"ratio": 0.2})],
+    "cfsp-ls-20": [("cfsp", {"ratio": 0.2, "compensation": "least_squares"})],
+}
+
+
+def run_one(name: str, calibration: dict, windows: int, threads: int) -> dict:
+    """Load, prune and evaluate one configuration in this process."""
+    import torch
+
+    from compress.calibration.sources import random_windows
+    from compress.calibration.token_cache import source_ids
+    from compress.context import PassContext
+    from compress.evaluation.lm_evaluator import LMEvaluator
+    from compress.models.llama import get_adapter
+    from compress.models.loading import load_model
+    from compress.recipe import EvaluateSpec
+    from compress.registry import get_pass
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    loaded = load_model(MODEL, dtype="float32", device="cpu", progress=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    adapter = get_adapter(model)
+    dense_linear, dense_total = adapter.decoder_linear_params(), adapter.param_counts()["total"]
+    evaluator = LMEvaluator(EvaluateSpec(suite="v2", seqlen=SEQLEN, max_windows=windows, batch_size=8,
+                                         continuation_tokens=0), tokenizer, progress=False)
+    evaluator.measure_dense(model)
+
+    def calibration_windows() -> torch.Tensor:
+        return random_windows(source_ids(tokenizer, calibration["source"]), calibration["samples"],
+                              calibration["seqlen"], calibration["seed"])
+
+    ctx = PassContext(model=model, tokenizer=tokenizer, calibration_loader=calibration_windows, batch_size=16,
+                      progress=False)
+    step_times, step_details = [], []
+    for pass_name, options in CONFIGS[name]:
+        spec = get_pass(pass_name)
+        start = time.perf_counter()
+        step = spec.cls(spec.options(**options)).run(ctx)
+        step_times.append(round(time.perf_counter() - start, 1))
+        step_details.append({k: v for k, v in step.details.items() if isinstance(v, (int, float, str))})
+    prune_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    adapter = get_adapter(model)
+    start = time.perf_counter()
+    section = evaluator.evaluate(model)
+    return {
+        "config": name,
+        "passes": [{p: o} for p, o in CONFIGS[name]],
+        "calibration": calibration,
+        "decoder_linear": adapter.decoder_linear_params(),
+        "total_params": adapter.param_counts()["total"],
+        "pruning_ratio": 1 - adapter.decoder_linear_params() / dense_linear,
+        "total_ratio": 1 - adapter.param_counts()["total"] / dense_total,
+        "step_s": step_times,
+        "step_details": step_details,
+        "prune_s": round(sum(step_times), 1),
+        "prune_peak_rss_mb": round(prune_peak_mb, 1),
+        "eval_s": round(time.perf_counter() - start, 1),
+        "evaluation": section,
+    }
+
+
+def row_key(config: str, calibration: str, tag: str | None) -> str:
+    return f"{config}@{calibration}" + (f"#{tag}" if tag else "")
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """One line per row: per-domain PPL ratios, geometric mean, worst, mean accuracy, prune seconds."""
+    domains: list[str] = []
+    for row in rows.values():
+        for name in row["evaluation"]["datasets"]:
+            if name not in domains:
+                domains.append(name)
+    head = ["row", "ratio", *domains, "geomean", "worst", "acc.", "prune s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, row in rows.items():
+        e = row["evaluation"]
+        cells = [key, f"{row['pruning_ratio']:.0%}"]
+        for name in domains:
+            d = e["datasets"].get(name)
+            cells.append(f"{d['ppl_ratio']:.2f}" if d and d.get("ppl_ratio") else "—")
+        cells += [f"**{e['geomean_ppl_ratio']:.2f}**" if e.get("geomean_ppl_ratio") else "—",
+                  f"{e['worst_ppl_ratio']:.2f} ({e['worst_dataset']})" if e.get("worst_ppl_ratio") else "—",
+                  f"{e['pruned_accuracy']:.1%}", f"{row['prune_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="*", default=["dense", "flap-20", "flap-50"], help=f"of: {', '.join(CONFIGS)}")
+    parser.add_argument("--calibration", default=CALIBRATION["source"], help="calibration text source")
+    parser.add_argument("--samples", type=int, default=CALIBRATION["samples"])
+    parser.add_argument("--calib-seqlen", type=int, default=CALIBRATION["seqlen"])
+    parser.add_argument("--windows", type=int, default=256, help="evaluation windows per domain (v2: 256)")
+    parser.add_argument("--tag", help="suffix of the row key (variants of the same config)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only print the table of --out")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    calibration = {**CALIBRATION, "source": args.calibration, "samples": args.samples, "seqlen": args.calib_seqlen}
+
+    if args.one:
+        args.row_out.write_text(json.dumps(run_one(args.one, calibration, args.windows, args.threads)))
+        return
+    data = json.loads(args.out.read_text()) if args.out.is_file() else {"protocol": {}, "rows": {}}
+    if not args.table:
+        unknown = [c for c in args.configs if c not in CONFIGS]
+        if unknown:
+            parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        data["protocol"] = {"model": MODEL, "suite": "v2", "seqlen": SEQLEN, "windows": args.windows,
+                            "standard": args.windows == 256}
+        for name in args.configs:
+            row_file = args.out.with_suffix(f".{name}.row.json")
+            cmd = [sys.executable, __file__, "--one", name, "--row-out", str(row_file), "--threads", str(args.threads),
+                   "--calibration", args.calibration, "--samples", str(args.samples), "--calib-seqlen",
+                   str(args.calib_seqlen), "--windows", str(args.windows)]
+            subprocess.run(cmd, check=True)
+            row = json.loads(row_file.read_text())
+            row["windows"] = args.windows
+            row_file.unlink()
+            data["rows"][row_key(name, args.calibration, args.tag)] = row
+            args.out.write_text(json.dumps(data, indent=1))
+            e = row["evaluation"]
+            print(f"done {name}: geomean {e['geomean_ppl_ratio'] or math.nan:.3f}, worst {e['worst_dataset']} "
+                  f"{e['worst_ppl_ratio'] or math.nan:.3f}", flush=True)
+    print(markdown_table(data["rows"]))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
