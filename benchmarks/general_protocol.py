@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 MODEL = "smollm2-135m"
 SEQLEN = 128
 CALIBRATION = {"source": "general", "samples": 256, "seqlen": 128, "seed": 0}
-DISTILL = {"source": "general", "seqlen": 128, "batch_size": 8}
+LSD = {"compensation": "least_squares", "ls_prior": "dense", "ls_damp": "auto"}
+DISTILL = {"loss": "kl", "source": "general", "seqlen": 128, "batch_size": 8, "rank": 32, "alpha": 32.0,
+           "lr": 5e-4, "warmup_steps": 0.05, "bf16": True, "checkpoint_every": 0}
 
 # name -> list of (pass, options) run in order; [] = the dense model
 CONFIGS: dict[str, list[tuple[str, dict]]] = {
@@ -60,6 +62,41 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
     "cfsp-ls-50": [("cfsp", {"ratio": 0.5, "compensation": "least_squares"})],
     "cfsp-20": [("cfsp", {"ratio": 0.2})],
     "cfsp-ls-20": [("cfsp", {"ratio": 0.2, "compensation": "least_squares"})],
+    # least squares toward the dense weights, its ridge chosen per consumer on held-out windows
+    "flap-lsd-50": [("flap", {"ratio": 0.5, **LSD})],
+    "flap-lsd-20": [("flap", {"ratio": 0.2, **LSD})],
+    "flap-lsz-auto-50": [("flap", {"ratio": 0.5, "compensation": "least_squares", "ls_damp": "auto"})],
+    "cfsp-lsd-50": [("cfsp", {"ratio": 0.5, **LSD})],
+    "cfsp-lsd-seq-50": [("cfsp", {"ratio": 0.5, "sequential": True, **LSD})],
+    "cfsp-ls-seq-50": [("cfsp", {"ratio": 0.5, "sequential": True, "compensation": "least_squares"})],
+    "cfsp-lsd-global-seq-50": [("cfsp", {"ratio": 0.5, "sequential": True, "allocator": "global", **LSD})],
+    "cfsp-lsd-attn-seq-50": [("cfsp", {"ratio": 0.5, "sequential": True, "attention": True, **LSD})],
+    "cfsp-lsd-seq-20": [("cfsp", {"ratio": 0.2, "sequential": True, **LSD})],
+    "cfsp-lsd-20": [("cfsp", {"ratio": 0.2, **LSD})],
+    "cfsp-lsd-search-seq-50": [("cfsp", {"ratio": 0.5, "sequential": True, "allocator": "search", **LSD})],
+    "cfsp-lsd-search-seq-20": [("cfsp", {"ratio": 0.2, "sequential": True, "allocator": "search", **LSD})],
+    "flap-lsd-seq-50": [("flap", {"ratio": 0.5, "sequential": True, **LSD})],
+    "flap-lsd-uniform-50": [("flap", {"ratio": 0.5, "allocator": "uniform", **LSD})],
+    "flap-lsd-uniform-seq-50": [("flap", {"ratio": 0.5, "allocator": "uniform", "sequential": True, **LSD})],
+    "flap-ls-uniform-seq-50": [("flap", {"ratio": 0.5, "allocator": "uniform", "sequential": True,
+                                         "compensation": "least_squares"})],
+    "flap-lsd-qh-seq-50": [("flap", {"ratio": 0.5, "gqa": "query_heads", "sequential": True, **LSD})],
+    # the search allocator (Týr-the-Pruner style)
+    "flap-lsd-search-seq-50": [("flap", {"ratio": 0.5, "allocator": "search", "sequential": True, **LSD})],
+    "flap-search-50": [("flap", {"ratio": 0.5, "allocator": "search"})],
+    "flap-search-20": [("flap", {"ratio": 0.2, "allocator": "search"})],
+    "flap-lsd-search-50": [("flap", {"ratio": 0.5, "allocator": "search", **LSD})],
+    "flap-lsd-search-20": [("flap", {"ratio": 0.2, "allocator": "search", **LSD})],
+    "cfsp-lsd-search-50": [("cfsp", {"ratio": 0.5, "allocator": "search", "attention": True, **LSD})],
+    # recovery by distillation (KL to the dense model on the general mix, LoRA merged)
+    **{f"flap-50+distill{n}": [("flap", {"ratio": 0.5}), ("lora_recover", {**DISTILL, "steps": n})]
+       for n in (100, 200, 500)},
+    **{f"flap-lsd-50+distill{n}": [("flap", {"ratio": 0.5, **LSD}), ("lora_recover", {**DISTILL, "steps": n})]
+       for n in (100, 200, 500)},
+    **{f"flap-lsd-search-50+distill{n}": [("flap", {"ratio": 0.5, "allocator": "search", **LSD}),
+                                          ("lora_recover", {**DISTILL, "steps": n})] for n in (100, 200, 500)},
+    "flap-50+recover-ce200": [("flap", {"ratio": 0.5}), ("lora_recover", {"loss": "next_token", "steps": 200,
+                                                                          "source": "general"})],
 }
 
 
@@ -73,6 +110,7 @@ def run_one(name: str, calibration: dict, windows: int, threads: int) -> dict:
     from compress.evaluation.lm_evaluator import LMEvaluator
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
+    from compress.pipeline import HELDOUT_SEED_OFFSET, HELDOUT_WINDOWS
     from compress.recipe import EvaluateSpec
     from compress.registry import get_pass
 
@@ -90,15 +128,21 @@ def run_one(name: str, calibration: dict, windows: int, threads: int) -> dict:
         return random_windows(source_ids(tokenizer, calibration["source"]), calibration["samples"],
                               calibration["seqlen"], calibration["seed"])
 
+    def heldout_windows() -> torch.Tensor:  # as compress run draws them
+        return random_windows(source_ids(tokenizer, calibration["source"]), HELDOUT_WINDOWS, calibration["seqlen"],
+                              calibration["seed"] + HELDOUT_SEED_OFFSET)
+
     ctx = PassContext(model=model, tokenizer=tokenizer, calibration_loader=calibration_windows, batch_size=16,
-                      progress=False)
+                      progress=False, heldout_loader=heldout_windows,
+                      dense_loader=lambda: load_model(MODEL, dtype="float32", device="cpu", progress=False).model)
     step_times, step_details = [], []
     for pass_name, options in CONFIGS[name]:
         spec = get_pass(pass_name)
         start = time.perf_counter()
         step = spec.cls(spec.options(**options)).run(ctx)
         step_times.append(round(time.perf_counter() - start, 1))
-        step_details.append({k: v for k, v in step.details.items() if isinstance(v, (int, float, str))})
+        step_details.append({k: v for k, v in step.details.items() if isinstance(v, (int, float, str, dict))})
+        ctx.release_dense()
     prune_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     adapter = get_adapter(model)
     start = time.perf_counter()

@@ -22,6 +22,9 @@ class PassContext:
         progress: show progress bars.
         dense_loader: returns the dense (unpruned) model, e.g. as a distillation teacher; called
             at most once, the model is kept.
+        heldout_loader: returns held-out windows of the calibration source [m, seqlen] (another
+            seed, never the calibration windows themselves), for choices made on data the
+            statistics did not see.
     """
 
     model: Any
@@ -31,8 +34,10 @@ class PassContext:
     progress: bool = True
     batches_loader: Callable[[], list[dict]] | None = None
     dense_loader: Callable[[], Any] | None = None
+    heldout_loader: Callable[[], torch.Tensor] | None = None
     _calibration: torch.Tensor | None = field(default=None, repr=False)
     _dense: Any = field(default=None, repr=False)
+    _heldout: torch.Tensor | None = field(default=None, repr=False)
     _batches: list[dict] | None = field(default=None, repr=False)
 
     def adapter(self):
@@ -49,6 +54,16 @@ class PassContext:
                 raise CompressError("this pass needs calibration data; add a `calibration:` section to the recipe")
             self._calibration = self.calibration_loader()
         return self._calibration
+
+    def heldout_ids(self) -> torch.Tensor:
+        """[m, seqlen] held-out calibration windows (drawn once)."""
+        if self._heldout is None:
+            if self.heldout_loader is None:
+                from compress.errors import CompressError
+
+                raise CompressError("this pass needs held-out calibration windows; add a `calibration:` section")
+            self._heldout = self.heldout_loader()
+        return self._heldout
 
     def dense_model(self):
         """The dense model (eval mode, no gradients), loaded once."""

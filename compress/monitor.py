@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import psutil
 
+from compress.memory import release_memory
+
 
 class _RssSampler(threading.Thread):
     """Samples this process's RSS every ``interval`` seconds and keeps the maximum."""
@@ -30,10 +32,16 @@ class _RssSampler(threading.Thread):
 
 
 class StageMonitor:
-    """Records ``{"name", "wall_s", "peak_rss_mb"}`` for each ``with monitor.stage(name):`` block."""
+    """Records ``{"name", "wall_s", "peak_rss_mb"}`` for each ``with monitor.stage(name):`` block.
 
-    def __init__(self):
+    With ``trim``, each stage ends by handing the heap pages it freed back to the OS
+    (:func:`compress.memory.release_memory`), so one stage's garbage does not add to the next
+    stage's peak resident memory.
+    """
+
+    def __init__(self, trim: bool = True):
         self.stages: list[dict] = []
+        self.trim = trim
 
     @contextmanager
     def stage(self, name: str):
@@ -44,6 +52,8 @@ class StageMonitor:
         try:
             yield record
         finally:
+            if self.trim:
+                release_memory()
             record["wall_s"] = round(time.perf_counter() - start, 3)
             record["peak_rss_mb"] = round(sampler.stop() / 2**20, 1)
             self.stages.append(record)

@@ -140,6 +140,27 @@ def _calibration_loader(recipe, tokenizer):
     return load
 
 
+HELDOUT_WINDOWS = 32  # held-out calibration windows (choices made on data the statistics did not see)
+HELDOUT_SEED_OFFSET = 1_000_003  # their draw's seed: calibration.seed + this
+
+
+def _heldout_loader(recipe, tokenizer):
+    """Held-out windows of the calibration source: ``HELDOUT_WINDOWS`` random windows drawn with
+    seed ``calibration.seed + HELDOUT_SEED_OFFSET`` (a draw independent of the calibration one)."""
+    if recipe.calibration is None:
+        return None
+    from compress.calibration.sources import random_windows
+    from compress.calibration.token_cache import source_ids
+
+    c = recipe.calibration
+
+    def load() -> torch.Tensor:
+        return random_windows(source_ids(tokenizer, c.source), HELDOUT_WINDOWS, c.seqlen,
+                              (c.seed + HELDOUT_SEED_OFFSET) % (2**32), source=c.source, field="calibration")
+
+    return load
+
+
 def lm_evaluator(evaluate, validate, tokenizer, progress: bool):
     """The decoder ``evaluate`` section's evaluator (None when evaluation is off). KL is measured
     when asked for, or when a gate needs it."""
@@ -213,7 +234,7 @@ def run_recipe(recipe, *, output: Path | None = None, dry_run: bool = False, dev
 
         ctx = PassContext(model=model, tokenizer=tokenizer, calibration_loader=_calibration_loader(recipe, tokenizer),
                           batch_size=recipe.calibration.batch_size if recipe.calibration else 16, progress=progress,
-                          dense_loader=load_dense)
+                          dense_loader=load_dense, heldout_loader=_heldout_loader(recipe, tokenizer))
         if recipe.calibration is not None and any(getattr(get_pass(e.name).cls, "needs_calibration", False) for e in recipe.passes):
             with monitor.stage("calibration data"):
                 ctx.calibration_ids()

@@ -130,7 +130,14 @@ def _in_memory_plan(recipe, device, monitor, progress) -> tuple[Plan, dict]:
     from compress.models.encoder import is_encoder
     from compress.models.llama import get_adapter
     from compress.models.loading import load_model
-    from compress.pipeline import _calibration_loader, dense_loader, new_plan, resolve_device, run_passes
+    from compress.pipeline import (
+        _calibration_loader,
+        _heldout_loader,
+        dense_loader,
+        new_plan,
+        resolve_device,
+        run_passes,
+    )
 
     device = resolve_device(device or recipe.device)
     with monitor.stage("load"):
@@ -145,7 +152,8 @@ def _in_memory_plan(recipe, device, monitor, progress) -> tuple[Plan, dict]:
                       calibration_loader=_calibration_loader(recipe, loaded.tokenizer),
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 16, progress=progress,
                       dense_loader=dense_loader(recipe.model.source, recipe.model.dtype, device,
-                                                recipe.model.trust_remote_code))
+                                                recipe.model.trust_remote_code),
+                      heldout_loader=_heldout_loader(recipe, loaded.tokenizer))
     plan = new_plan(recipe.model.source, loaded.model, adapter, dense_widths)
     run_passes(recipe, ctx, plan, monitor)
     return plan, _summary(dense_counts, get_adapter(loaded.model).param_counts(), plan)

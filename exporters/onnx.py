@@ -27,6 +27,7 @@ Files written into ``out_dir`` (the caller owns atomicity): ``model.onnx`` (grap
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import shutil
@@ -288,7 +289,9 @@ class OnnxExport:
 def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportOptions = OnnxExportOptions()) -> OnnxExport:
     """Trace ``model`` (eval mode, on the CPU) into ``out_dir``/model.onnx with external weights.
 
-    The model is not modified: a CPU copy is traced (in float16 when ``options.fp16``).
+    The model is not modified. A float32 dense-block model on the CPU is traced as it is (its
+    attention implementation set to sdpa for the trace and restored); otherwise a CPU copy is traced
+    (float16 when ``options.fp16``; MoE blocks swapped for their static form).
     """
     import onnx
 
@@ -296,7 +299,9 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = decoder_io_spec(model, options)
     dtype = torch.float16 if options.fp16 else torch.float32
-    traced = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    traced = model if _traceable_as_is(model, dtype) else copy.deepcopy(model).to(device="cpu", dtype=dtype)
+    was_training, attention = traced.training, traced.config._attn_implementation
+    traced.eval()
     _make_static(traced)
     # The SDPA path exports to plain MatMul/Softmax; "eager" would too but keeps an extra repeat_kv copy.
     traced.config._attn_implementation = "sdpa"
@@ -319,7 +324,12 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
                 verbose=False,
             )
             program.save(raw, external_data=True)
-        del program, wrapper, traced
+        del program, wrapper
+        if traced is model:
+            traced.config._attn_implementation = attention
+            traced.train(was_training)
+        del traced
+        gc.collect()
         proto = onnx.load(str(raw), load_external_data=True)
         if options.slim:
             proto = _slim(proto)
@@ -341,6 +351,14 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     files = [ONNX_FILE, DATA_FILE, SPEC_FILE] + _write_tokenizer(tokenizer, out_dir)
     size = sum((out_dir / f).stat().st_size for f in (ONNX_FILE, DATA_FILE))
     return OnnxExport(folder=out_dir, files=files, spec=spec, nodes=nodes, bytes=size)
+
+
+def _traceable_as_is(model: nn.Module, dtype: torch.dtype) -> bool:
+    """True when tracing ``model`` itself changes nothing in it: on the CPU, in ``dtype``, no MoE."""
+    from compress.models.moe import is_moe_model
+
+    parameter = next(model.parameters())
+    return parameter.device.type == "cpu" and parameter.dtype == dtype and not is_moe_model(model)
 
 
 def _make_static(model: nn.Module) -> None:

@@ -43,15 +43,26 @@ class StructuredOptions(BaseModel):
         "o_proj/down_proj on the kept inputs to reproduce the dense output on calibration data (ridge, "
         "closed form in float64) and adds the intercept as a bias; 'none' leaves the consumers as sliced.",
     )
-    ls_damp: float = Field(
-        1e-2, gt=0, description="least_squares: ridge strength relative to the mean diagonal of X^T X."
+    ls_damp: Union[Annotated[float, Field(gt=0)], Literal["auto"]] = Field(
+        1e-2, description="least_squares: ridge strength relative to the mean diagonal of X^T X, or 'auto': per "
+        "consumer, the strength (0 to inf) whose refit best reconstructs the dense output on held-out "
+        "calibration windows."
+    )
+    search_evaluations: int = Field(240, ge=1, description="search allocator: candidate allocations tried.")
+    search_windows: int = Field(8, ge=1, le=32, description="search allocator: held-out calibration windows the "
+                                "KL is measured on.")
+    ls_prior: Literal["zero", "dense"] = Field(
+        "zero", description="least_squares: the ridge pulls the refit weights toward 'zero' or toward the "
+        "'dense' weights (an infinite ridge toward dense is FLAP's bias compensation)."
     )
 
 
-AllocatorName = Literal["uniform", "global", "block_budget"]
+AllocatorName = Literal["uniform", "global", "block_budget", "search"]
 ALLOCATOR_HELP = (
     "'uniform': every layer loses the same share; 'global': FLAP's standardised global threshold over all "
-    "layers; 'block_budget': CFSP's per-block budget from how much each block changes the hidden state."
+    "layers; 'block_budget': CFSP's per-block budget from how much each block changes the hidden state; "
+    "'search': start from 'global' and move budget between sublayers while the KL to the dense model on "
+    "held-out calibration windows falls (Týr-the-Pruner; search_evaluations tries)."
 )
 
 
@@ -66,7 +77,10 @@ def pruner_settings(options: StructuredOptions, **method) -> PrunerSettings:
         round_to=options.round_to,
         skip_layers=tuple(options.skip_layers),
         compensation=options.compensation,
-        ls_damp=options.ls_damp,
+        ls_damp=None if options.ls_damp == "auto" else options.ls_damp,
+        ls_prior=options.ls_prior,
+        search_evaluations=options.search_evaluations,
+        search_windows=options.search_windows,
         block_metric=options.block_metric,
         block_temperature=options.block_temperature,
     )

@@ -48,7 +48,7 @@ class CfspPass:
 
     def settings(self) -> PrunerSettings:
         o = self.options
-        aggregation = "mean_z" if o.allocator == "global" else "sum"
+        aggregation = "mean_z" if o.allocator in ("global", "search") else "sum"
         return pruner_settings(o, aggregation=aggregation, allocator=o.allocator, sequential=o.sequential,
                                prune_attention=o.attention)
 

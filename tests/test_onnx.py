@@ -113,9 +113,23 @@ def test_export_json_sizes_the_cache_without_the_torch_config(kv_varying_export)
     assert [e["name"] for e in data["inputs"]] == spec.input_names
 
 
-def test_the_exported_model_is_not_modified(kv_varying_llama, kv_varying_export):
+def test_the_exported_model_is_not_modified(kv_varying_llama, kv_varying_export, tmp_path):
     assert next(kv_varying_llama.parameters()).dtype == torch.float32
     assert kv_varying_llama.model.layers[2].self_attn.k_proj.out_features == 8
+    # A float32 CPU model is traced in place: afterwards it computes exactly what it did before.
+    batch = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = kv_varying_llama(input_ids=batch).logits
+    kv_varying_llama.config._attn_implementation = "eager"
+    kv_varying_llama.train()
+    state = {k: v.clone() for k, v in kv_varying_llama.state_dict().items()}
+    export_onnx(kv_varying_llama, None, tmp_path / "again")
+    assert kv_varying_llama.training and kv_varying_llama.config._attn_implementation == "eager"
+    kv_varying_llama.eval()
+    kv_varying_llama.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        assert torch.equal(kv_varying_llama(input_ids=batch).logits, before)
+    assert all(torch.equal(v, state[k]) for k, v in kv_varying_llama.state_dict().items())
 
 
 @pytest.mark.parametrize("family,cuts", [("qwen3", non_uniform_cuts), ("mistral", kv_varying_cuts)])

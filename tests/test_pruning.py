@@ -188,7 +188,7 @@ def test_without_compensation_the_mean_output_moves():
     [
         ("flap", {"ratio": 0.5}),
         ("flap", {"ratio": 0.3, "gqa": "kv_groups", "sequential": True}),
-        ("flap", {"ratio": 0.5, "structure": "ul-um", "metric": "wifn"}),
+        ("flap", {"ratio": 0.3, "structure": "ul-um", "metric": "wifn"}),  # skips 2 of 4 layers: 0.6 each
         ("wanda_sp", {"ratio": 0.4}),
         ("magnitude_sp", {"ratio": 0.4, "gqa": "kv_groups"}),
     ],

@@ -29,22 +29,31 @@ class LayerRunner:
         input_ids: [n, seqlen] calibration windows.
         batch_size: windows per block forward.
         progress: show a progress bar over blocks.
+        heldout_ids: [m, seqlen'] held-out windows run after the calibration batches; while one of
+            their batches runs, ``in_heldout`` is True (hooks use it to keep their statistics apart).
     """
 
-    def __init__(self, adapter, input_ids: torch.Tensor, batch_size: int = 16, progress: bool = True):
+    def __init__(self, adapter, input_ids: torch.Tensor, batch_size: int = 16, progress: bool = True,
+                 heldout_ids: torch.Tensor | None = None):
         self.adapter = adapter
         self.batch_size = batch_size
         self.progress = progress
         device = next(adapter.model.parameters()).device
         self.input_ids = input_ids.to(device)
+        self.heldout_ids = heldout_ids.to(device) if heldout_ids is not None else None
         self.hidden: list[torch.Tensor] = []  # per batch: [b, seqlen, hidden] inputs of the current block
         self.block_kwargs: list[dict] = []  # per batch: the keyword arguments the decoder passes its blocks
+        self.calibration_batches = 0  # batches before this index are calibration, the rest held out
+        self.in_heldout = False
         self.next_layer = 0
 
     @torch.no_grad()
     def capture_inputs(self) -> None:
         """Record block 0's inputs for every batch by running the decoder up to block 0."""
-        batches = ({"input_ids": batch} for batch in self.input_ids.split(self.batch_size))
+        batches = [{"input_ids": batch} for batch in self.input_ids.split(self.batch_size)]
+        self.calibration_batches = len(batches)
+        if self.heldout_ids is not None:
+            batches += [{"input_ids": batch} for batch in self.heldout_ids.split(self.batch_size)]
         for hidden, kwargs in capture_block_inputs(self.adapter, batches):
             self.hidden.append(hidden)
             self.block_kwargs.append(kwargs)
@@ -57,10 +66,12 @@ class LayerRunner:
             self.capture_inputs()
         block = self.adapter.layers[layer_index]
         for b, (hidden, kwargs) in enumerate(zip(self.hidden, self.block_kwargs)):
+            self.in_heldout = b >= self.calibration_batches
             out = block(hidden, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             if update:
                 self.hidden[b] = out
+        self.in_heldout = False
         if update:
             self.next_layer = layer_index + 1
 

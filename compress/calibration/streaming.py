@@ -115,6 +115,7 @@ class StreamingRunner:
         self.device = torch.device(device)
         self.progress = progress
         self.block_kwargs: list[dict] = []
+        self.in_heldout = False  # as LayerRunner's: out of core runs no held-out windows
 
     @torch.no_grad()
     def capture_inputs(self) -> None:

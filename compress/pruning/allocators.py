@@ -29,6 +29,19 @@ def allocate_uniform(layers: list[LayerUnits], ratio: float) -> list[tuple[int, 
     return counts
 
 
+def uniform_share(totals: list[int], skipped: set[int], ratio: float) -> float:
+    """The share each pruned layer loses so that the layers of ``totals`` (decoder-linear parameters
+    per layer) lose ``ratio`` of the total, when the ``skipped`` layers lose nothing."""
+    pruned = sum(t for i, t in enumerate(totals) if i not in skipped)
+    if pruned <= 0:
+        raise ValueError("every layer is skipped: nothing can be pruned")
+    share = ratio * sum(totals) / pruned
+    if share >= 1.0:
+        raise ValueError(f"ratio {ratio} leaves nothing in the layers that are not skipped (each would lose "
+                         f"{share:.0%}); lower the ratio or skip fewer layers")
+    return share
+
+
 def _keep_target(layers: list[LayerUnits], ratio: float) -> float:
     """Parameters the prunable units may keep: (1 - p)·total minus what no unit can remove."""
     total = sum(lu.total_params for lu in layers)

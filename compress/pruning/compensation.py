@@ -4,18 +4,25 @@ When channels of a consumer's input (o_proj: head outputs, down_proj: MLP channe
 the consumer's output changes. ``least_squares_refit`` chooses new weights for the kept columns and
 a bias so that, on the calibration activations X, the pruned consumer reproduces the dense one:
 
-    minimise_{W', c}  sum_t || W' x_t[K] + c - W x_t ||^2  +  lambda ||W'||^2
+    minimise_{W', c}  sum_t || W' x_t[K] + c - W x_t ||^2  +  lambda ||W' - P||^2
 
-With x~ = [x[K]; 1] this is ridge regression with a closed form built from the accumulated
-augmented second moment G = sum_t [x_t; 1][x_t; 1]^T (float64), so no activations are stored:
+with the prior P = 0 (plain ridge) or P = W[:, K] (ridge toward the dense weights). With
+x~ = [x[K]; 1] this has a closed form built from the accumulated augmented second moment
+G = sum_t [x_t; 1][x_t; 1]^T (float64), so no activations are stored:
 
-    [W'^T; c] = (G[K1, K1] + lambda D)^-1 G[K1, :n] W^T,    K1 = K plus the constant row,
+    [W'^T; c] = (G[K1, K1] + lambda D)^-1 (G[K1, :n] W^T + lambda D [P^T; 0]),    K1 = K and the constant row,
 
 D = identity on the weight rows, 0 on the bias row; lambda = damp * mean(diag(G[K, K])).
+Toward the dense weights, damp = inf gives W' = W[:, K] and c = W[:, removed] · mean(x[removed]):
+FLAP's bias compensation; damp = 0 the unregularised refit. :func:`choose_damp` picks damp per
+consumer by the reconstruction error on held-out windows (:func:`refit_error`, exact from their
+Gram), since a refit that fits the calibration text too closely is what fails on other text.
 The existing bias of the consumer stays and c is added to it, as FLAP's bias compensation is.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -42,15 +49,20 @@ class GramStats:
         return int(self.matrix[-1, -1])
 
 
-def least_squares_refit(weight: torch.Tensor, gram: GramStats, keep: list[int], damp: float = 1e-2
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+DAMP_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, math.inf)  # choose_damp's candidates
+
+
+def least_squares_refit(weight: torch.Tensor, gram: GramStats, keep: list[int], damp: float = 1e-2,
+                        prior: str = "zero") -> tuple[torch.Tensor, torch.Tensor]:
     """New consumer weights for the kept input channels and the bias to add.
 
     Args:
         weight: the dense consumer weight W [out, n].
         gram: the augmented second moment of the consumer's input (n channels).
         keep: kept input channel indices (ascending), |K| = k.
-        damp: ridge strength relative to the mean diagonal of G[K, K].
+        damp: ridge strength relative to the mean diagonal of G[K, K] (``math.inf`` with the dense
+            prior: FLAP's bias compensation).
+        prior: "zero" (ridge toward 0) or "dense" (ridge toward W[:, K]).
     Returns:
         (W' [out, k] float64, c [out] float64).
     """
@@ -59,12 +71,59 @@ def least_squares_refit(weight: torch.Tensor, gram: GramStats, keep: list[int], 
         raise ValueError(f"weight has {weight.shape[1]} input channels, the statistics {n}")
     if gram.tokens == 0:
         raise ValueError("no calibration tokens were recorded for this consumer")
+    if prior not in ("zero", "dense"):
+        raise ValueError(f"unknown prior {prior!r}")
     G = gram.matrix
-    rows = torch.tensor(list(keep) + [n], dtype=torch.long, device=G.device)
-    system = G.index_select(0, rows).index_select(1, rows).clone()
+    W = weight.detach().to(device=G.device, dtype=torch.float64)
+    keep_t = torch.tensor(list(keep), dtype=torch.long, device=G.device)
     k = len(keep)
+    if math.isinf(damp):
+        if prior != "dense":
+            raise ValueError("an infinite ridge toward zero removes the consumer; use prior 'dense'")
+        removed = torch.ones(n, dtype=torch.bool, device=G.device)
+        removed[keep_t] = False
+        mean = G[-1, :n] / gram.tokens
+        return W[:, keep_t].contiguous(), W[:, removed] @ mean[removed]
+    rows = torch.cat([keep_t, torch.tensor([n], device=G.device)])
+    system = G.index_select(0, rows).index_select(1, rows).clone()
     ridge = damp * system.diagonal()[:k].mean().clamp_min(1e-12)
     system.diagonal()[:k] += ridge
-    target = G.index_select(0, rows)[:, :n] @ weight.detach().to(device=G.device, dtype=torch.float64).T  # [k+1, out]
+    target = G.index_select(0, rows)[:, :n] @ W.T  # [k+1, out]
+    if prior == "dense":
+        target[:k] += ridge * W[:, keep_t].T
     solution = torch.linalg.solve(system, target)
     return solution[:k].T.contiguous(), solution[k].contiguous()
+
+
+def refit_error(weight: torch.Tensor, gram: GramStats, keep: list[int], refit: torch.Tensor,
+                intercept: torch.Tensor) -> float:
+    """sum_t || W' x_t[K] + c - W x_t ||^2 over the tokens ``gram`` summarises, exactly, from the
+    Gram alone: tr(A^T G[K1,K1] A) - 2 tr(A^T G[K1,:n] W^T) + tr(W G[:n,:n] W^T), A = [W'^T; c]."""
+    n = gram.channels
+    G = gram.matrix
+    W = weight.detach().to(device=G.device, dtype=torch.float64)
+    rows = torch.tensor(list(keep) + [n], dtype=torch.long, device=G.device)
+    A = torch.cat([refit.to(G).T, intercept.to(G)[None, :]], dim=0)  # [k+1, out]
+    G_rows = G.index_select(0, rows)
+    quadratic = (A * (G_rows.index_select(1, rows) @ A)).sum()
+    cross = (A * (G_rows[:, :n] @ W.T)).sum()
+    constant = (W.T * (G[:n, :n] @ W.T)).sum()
+    return float(quadratic - 2 * cross + constant)
+
+
+def choose_damp(weight: torch.Tensor, gram: GramStats, heldout: GramStats, keep: list[int], prior: str = "dense",
+                grid: tuple[float, ...] = DAMP_GRID) -> tuple[float, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The damp of ``grid`` whose refit (fitted on ``gram``) reconstructs the dense output best on
+    the held-out tokens ``heldout``; returns (damp, W', c, held-out error per damp). Ties: the
+    larger damp (the refit closer to the prior)."""
+    errors: dict[str, float] = {}
+    best = None
+    for damp in grid:
+        if math.isinf(damp) and prior != "dense":
+            continue
+        refit, intercept = least_squares_refit(weight, gram, keep, damp, prior)
+        error = refit_error(weight, heldout, keep, refit, intercept)
+        errors[str(damp)] = error
+        if best is None or error <= best[0]:
+            best = (error, damp, refit, intercept)
+    return best[1], best[2], best[3], errors

@@ -25,6 +25,8 @@ class ConsumerStats:
     mlp_reference: ReferenceFluctuation | None = None
     attn_gram: "GramStats | None" = None  # least-squares compensation only
     mlp_gram: "GramStats | None" = None
+    attn_heldout: "GramStats | None" = None  # least squares with ls_damp auto: held-out windows' Gram
+    mlp_heldout: "GramStats | None" = None
 
 
 @dataclass

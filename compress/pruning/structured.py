@@ -22,10 +22,12 @@ from compress.pruning.allocators import (
     allocate_global_reference,
     allocate_uniform,
     round_channels,
+    uniform_share,
 )
 from compress.pruning.block_importance import BlockDistance, measure_block_importance
-from compress.pruning.compensation import GramStats, least_squares_refit
+from compress.pruning.compensation import GramStats, choose_damp, least_squares_refit
 from compress.pruning.scores import ConsumerStats, LayerScores
+from compress.pruning.search import SearchResult, SearchSettings, search_allocation
 from compress.pruning.surgeon import REFIT_ARTIFACT, apply_layer_plan
 from compress.pruning.units import LayerUnits, build_layer_units, kept_heads
 
@@ -39,7 +41,8 @@ class PrunerSettings:
     aggregation: str = "mean_z"  # "mean_z" | "sum"
     allocator: str = "global"  # "global" | "uniform" | "block_budget"
     compensation: str = "bias"  # "bias" | "least_squares" | "none"
-    ls_damp: float = 1e-2  # least_squares: ridge strength relative to the mean diagonal of X^T X
+    ls_damp: float | None = 1e-2  # least_squares: ridge strength (relative to mean diag X^T X); None = auto
+    ls_prior: str = "zero"  # least_squares: ridge toward "zero" or toward the "dense" weights
     min_heads: int = 1
     min_channels: int = 1
     round_to: int = 1
@@ -50,6 +53,9 @@ class PrunerSettings:
     prune_attention: bool = True  # False: attention units are all kept (MLP-only pruning)
     block_metric: str = "angular"  # block_budget: "angular" | "cosine" | "mse"
     block_temperature: float = 0.075  # block_budget: sigmoid temperature on the mean token distance
+    search_evaluations: int = 240  # search: candidate allocations tried
+    search_windows: int = 8  # search: held-out windows the KL is measured on
+    search_seed: int = 0
 
 
 class StructuredPruner:
@@ -58,6 +64,9 @@ class StructuredPruner:
         self.settings = settings
         self.block_importance: list[float] = []  # block_budget: one per layer, from the dense pass
         self.refit: dict[str, torch.Tensor] = {}  # least_squares: consumer weights, see REFIT_ARTIFACT
+        self.chosen_damps: dict[str, float] = {}  # ls_damp auto: "{layer}.{consumer}" -> the damp held-out data chose
+        self.search: SearchResult | None = None  # allocator search: what the search did
+        self.share = settings.ratio  # uniform: what every pruned layer loses (set by run from skip_layers)
 
     # ------------------------------------------------------------------ statistics
     def _new_stats(self, adapter, layer_index: int) -> ConsumerStats:
@@ -66,6 +75,7 @@ class StructuredPruner:
         mlp_in = adapter.mlp_consumer(layer_index).in_features
         reference = self.settings.reference_statistics
         gram = self.settings.compensation == "least_squares"
+        heldout = gram and self.needs_heldout
         return ConsumerStats(
             attn=ChannelStats(attn_in, device),
             mlp=ChannelStats(mlp_in, device),
@@ -73,7 +83,14 @@ class StructuredPruner:
             mlp_reference=ReferenceFluctuation(mlp_in, device) if reference else None,
             attn_gram=GramStats(attn_in, device) if gram else None,
             mlp_gram=GramStats(mlp_in, device) if gram else None,
+            attn_heldout=GramStats(attn_in, device) if heldout else None,
+            mlp_heldout=GramStats(mlp_in, device) if heldout else None,
         )
+
+    @property
+    def needs_heldout(self) -> bool:
+        """Held-out calibration windows are run too (ls_damp auto chooses the ridge on them)."""
+        return self.settings.compensation == "least_squares" and self.settings.ls_damp is None
 
     def observe_block(self, runner: LayerRunner, layer_index: int, update: bool) -> ConsumerStats:
         """Run one block on the calibration set, recording its consumers' input statistics."""
@@ -82,18 +99,21 @@ class StructuredPruner:
         targets = {"attn": adapter.attention_consumer(layer_index), "mlp": adapter.mlp_consumer(layer_index)}
 
         def record(name: str, x: torch.Tensor) -> None:
+            if runner.in_heldout:
+                getattr(stats, f"{name}_heldout").update(x)
+                return
             getattr(stats, name).update(x)
             for extra in (getattr(stats, f"{name}_reference"), getattr(stats, f"{name}_gram")):
                 if extra is not None:
                     extra.update(x)
 
         measure_block = update and self.settings.allocator == "block_budget"
-        before = list(runner.hidden) if measure_block else []
+        before = list(runner.hidden[:runner.calibration_batches]) if measure_block else []
         with input_hooks(targets, record):
             runner.run_block(layer_index, update=update)
         if measure_block:
             distance = BlockDistance(self.settings.block_metric)
-            for x_in, x_out in zip(before, runner.hidden):
+            for x_in, x_out in zip(before, runner.hidden[:runner.calibration_batches]):
                 distance.update(x_in, x_out)
             self.block_importance.append(distance.value)
         return stats
@@ -163,7 +183,13 @@ class StructuredPruner:
         if plan.keep_channels is not None:
             pieces.append(("down_proj", adapter.mlp_consumer(i), stats.mlp_gram, plan.keep_channels, "down_proj_bias"))
         for name, consumer, gram, channels, bias_field in pieces:
-            weight, intercept = least_squares_refit(consumer.weight, gram, channels, self.settings.ls_damp)
+            if self.settings.ls_damp is None:
+                heldout = stats.attn_heldout if name == "o_proj" else stats.mlp_heldout
+                damp, weight, intercept, _ = choose_damp(consumer.weight, gram, heldout, channels, self.settings.ls_prior)
+                self.chosen_damps[f"{i}.{name}"] = damp
+            else:
+                weight, intercept = least_squares_refit(consumer.weight, gram, channels, self.settings.ls_damp,
+                                                        self.settings.ls_prior)
             self.refit[f"{i}.{name}"] = weight.to(dtype=consumer.weight.dtype).cpu()
             setattr(plan, bias_field, LayerPlan.bias_values(intercept))
 
@@ -172,7 +198,10 @@ class StructuredPruner:
 
     def _step(self, plans: list[LayerPlan]) -> PlanStep:
         artifacts = {REFIT_ARTIFACT: dict(self.refit)} if self.refit else {}
-        return PlanStep(pass_name="", options={}, layers=plans, artifacts=artifacts)
+        details = {"ls_damp_chosen": dict(self.chosen_damps)} if self.chosen_damps else {}
+        if self.search is not None:
+            details.update(self.search.details())
+        return PlanStep(pass_name="", options={}, layers=plans, artifacts=artifacts, details=details)
 
     # ------------------------------------------------------------------ drivers
     def run(self, ctx) -> PlanStep:
@@ -182,16 +211,22 @@ class StructuredPruner:
         bad = [i for i in s.skip_layers if not -adapter.num_layers <= i < adapter.num_layers]
         if bad:
             raise CompressError(f"skip_layers: {bad} out of range for a model with {adapter.num_layers} layers")
+        self.share = self.uniform_ratio(adapter) if s.allocator == "uniform" else s.ratio
         streaming = getattr(ctx, "streaming", None)
         if streaming is not None:  # out of core (compress.outofcore): blocks are read, pruned and written one by one
             return streaming.run(self)
         if not self.scorer.needs_activations:
             return self._run_data_free(adapter, ctx)
-        runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
+        runner = self._runner(adapter, ctx)
         runner.capture_inputs()
         if s.allocator == "uniform":
             return self._run_layerwise(adapter, runner)
         return self._run_global(adapter, runner, ctx)
+
+    def _runner(self, adapter, ctx) -> LayerRunner:
+        heldout = ctx.heldout_ids() if self.needs_heldout else None
+        return LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress,
+                           heldout_ids=heldout)
 
     def _run_data_free(self, adapter, ctx) -> PlanStep:
         if self.settings.allocator == "block_budget":
@@ -200,10 +235,24 @@ class StructuredPruner:
             )
         all_units = [self.layer_units(adapter, i, self.scorer(adapter, i, None)) for i in range(adapter.num_layers)]
         counts = self.allocate(all_units)
+        if self.settings.allocator == "search":
+            counts = self._search(adapter, all_units, None, counts, ctx)
         plans = [self.layer_plan(adapter, u, a, m, None) for u, (a, m) in zip(all_units, counts)]
         for plan in plans:
             self._apply(adapter, plan)
         return self._step(plans)
+
+    def uniform_ratio(self, adapter) -> float:
+        """The share every pruned layer loses under the uniform allocator: ``ratio`` of the whole
+        decoder, spread over the layers that are not skipped."""
+        totals = [sum(linear.weight.numel() for linear in {**adapter.attention_linears(i),
+                                                          **adapter.mlp_linears(i)}.values())
+                  for i in range(adapter.num_layers)]
+        skipped = {i % adapter.num_layers for i in self.settings.skip_layers}
+        try:
+            return uniform_share(totals, skipped, self.settings.ratio)
+        except ValueError as error:
+            raise CompressError(f"ratio: {error}") from None
 
     def _run_layerwise(self, adapter, runner: LayerRunner) -> PlanStep:
         """Uniform allocation decides each layer alone, so layers are pruned as they are reached;
@@ -212,7 +261,7 @@ class StructuredPruner:
         for i in runner.blocks("scoring layers"):
             stats = self.observe_block(runner, i, update=not self.settings.sequential)
             units = self.layer_units(adapter, i, self.scorer(adapter, i, stats))
-            (attn_keep, mlp_keep), = allocate_uniform([units], self.settings.ratio)
+            (attn_keep, mlp_keep), = allocate_uniform([units], self.share)
             plan = self.layer_plan(adapter, units, attn_keep, mlp_keep, stats)
             self._apply(adapter, plan)
             if self.settings.sequential:
@@ -222,8 +271,8 @@ class StructuredPruner:
 
     def allocate(self, all_units: list[LayerUnits]) -> list[tuple[int, int]]:
         s = self.settings
-        if s.allocator == "uniform":
-            return allocate_uniform(all_units, s.ratio)
+        if s.allocator == "uniform":  # each layer alone (one or all of them): the share set by run()
+            return allocate_uniform(all_units, self.share)
         if s.allocator == "block_budget":
             try:
                 return allocate_block_budget(all_units, s.ratio, self.block_importance, s.block_temperature, s.round_to)
@@ -231,7 +280,18 @@ class StructuredPruner:
                 raise CompressError(f"ratio: {error}") from None
         if s.reference_threshold:
             return allocate_global_reference(all_units, s.ratio)
-        return allocate_global(all_units, s.ratio)
+        return allocate_global(all_units, s.ratio)  # "search" starts from it
+
+    def _search(self, adapter, all_units, all_stats, start, ctx) -> list[tuple[int, int]]:
+        """Refine the global allocation ``start`` by search (see compress.pruning.search)."""
+        s = self.settings
+        windows = ctx.heldout_ids()[: s.search_windows]
+        self.search = search_allocation(adapter, all_units, all_stats, start, windows,
+                                        SearchSettings(evaluations=s.search_evaluations, seed=s.search_seed),
+                                        compensate=s.compensation != "none" and all_stats is not None,
+                                        batch_size=ctx.batch_size,
+                                        progress=ctx.progress)
+        return self.search.counts
 
     def _run_global(self, adapter, runner: LayerRunner, ctx) -> PlanStep:
         """Score every layer on the dense model, allocate globally, then slice. With
@@ -244,6 +304,8 @@ class StructuredPruner:
             all_stats.append(stats)
             all_units.append(self.layer_units(adapter, i, self.scorer(adapter, i, stats)))
         counts = self.allocate(all_units)
+        if self.settings.allocator == "search":
+            counts = self._search(adapter, all_units, all_stats, counts, ctx)
         plans = []
         if not self.settings.sequential:
             for units, (a, m), stats in zip(all_units, counts, all_stats):
@@ -252,7 +314,7 @@ class StructuredPruner:
                 self._apply(adapter, plan)
             return self._step(plans)
 
-        runner = LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress)
+        runner = self._runner(adapter, ctx)
         runner.capture_inputs()
         for i in runner.blocks("re-scoring on pruned inputs"):
             stats = self.observe_block(runner, i, update=False)
