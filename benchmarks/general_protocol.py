@@ -81,6 +81,10 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
     "flap-ls-uniform-seq-50": [("flap", {"ratio": 0.5, "allocator": "uniform", "sequential": True,
                                          "compensation": "least_squares"})],
     "flap-lsd-qh-seq-50": [("flap", {"ratio": 0.5, "gqa": "query_heads", "sequential": True, **LSD})],
+    "flap-lsd-uniform-seq-20": [("flap", {"ratio": 0.2, "allocator": "uniform", "sequential": True, **LSD})],
+    "flap-lsd-seq-20": [("flap", {"ratio": 0.2, "sequential": True, **LSD})],
+    "flap-lsd-uniform-qh-seq-50": [("flap", {"ratio": 0.5, "allocator": "uniform", "gqa": "query_heads",
+                                             "sequential": True, **LSD})],
     # the search allocator (Týr-the-Pruner style)
     "flap-lsd-search-seq-50": [("flap", {"ratio": 0.5, "allocator": "search", "sequential": True, **LSD})],
     "flap-search-50": [("flap", {"ratio": 0.5, "allocator": "search"})],

@@ -166,3 +166,14 @@ def test_auto_damp_is_recorded_and_the_plan_replays(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=TEST).logits, replayed(input_ids=TEST).logits)
     assert compare_logits(tiny_model(), model, TEST).mean_kl > 0
+
+
+@pytest.mark.parametrize("allocator", ["search", "global", "uniform"])
+def test_sequential_least_squares_with_auto_damp_under_every_allocator(allocator):
+    """A sequential global run refits in its second sweep (the first keeps no Gram matrices and runs no
+    held-out windows); the layer-wise one refits as it goes: both choose a damp for every consumer."""
+    model = tiny_model(num_hidden_layers=6)
+    step = prune(model, ratio=0.4, allocator=allocator, search_evaluations=10, sequential=True,
+                 compensation="least_squares", ls_damp="auto", ls_prior="dense")
+    pruned_layers = {p.index for p in step.layers if p.keep_channels is not None or p.keep_heads is not None}
+    assert pruned_layers and {int(k.split(".")[0]) for k in step.details["ls_damp_chosen"]} == pruned_layers

@@ -69,12 +69,12 @@ class StructuredPruner:
         self.share = settings.ratio  # uniform: what every pruned layer loses (set by run from skip_layers)
 
     # ------------------------------------------------------------------ statistics
-    def _new_stats(self, adapter, layer_index: int) -> ConsumerStats:
+    def _new_stats(self, adapter, layer_index: int, refit: bool = True) -> ConsumerStats:
         device = adapter.attention_consumer(layer_index).weight.device
         attn_in = adapter.attention_consumer(layer_index).in_features
         mlp_in = adapter.mlp_consumer(layer_index).in_features
         reference = self.settings.reference_statistics
-        gram = self.settings.compensation == "least_squares"
+        gram = refit and self.settings.compensation == "least_squares"
         heldout = gram and self.needs_heldout
         return ConsumerStats(
             attn=ChannelStats(attn_in, device),
@@ -92,15 +92,19 @@ class StructuredPruner:
         """Held-out calibration windows are run too (ls_damp auto chooses the ridge on them)."""
         return self.settings.compensation == "least_squares" and self.settings.ls_damp is None
 
-    def observe_block(self, runner: LayerRunner, layer_index: int, update: bool) -> ConsumerStats:
-        """Run one block on the calibration set, recording its consumers' input statistics."""
+    def observe_block(self, runner: LayerRunner, layer_index: int, update: bool, refit: bool = True) -> ConsumerStats:
+        """Run one block on the calibration set, recording its consumers' input statistics (without
+        ``refit``, not the Gram matrices a least-squares refit needs: a sweep whose statistics only
+        score, e.g. the first of a sequential run, saves their memory)."""
         adapter = runner.adapter
-        stats = self._new_stats(adapter, layer_index)
+        stats = self._new_stats(adapter, layer_index, refit)
         targets = {"attn": adapter.attention_consumer(layer_index), "mlp": adapter.mlp_consumer(layer_index)}
 
         def record(name: str, x: torch.Tensor) -> None:
             if runner.in_heldout:
-                getattr(stats, f"{name}_heldout").update(x)
+                heldout = getattr(stats, f"{name}_heldout")
+                if heldout is not None:
+                    heldout.update(x)
                 return
             getattr(stats, name).update(x)
             for extra in (getattr(stats, f"{name}_reference"), getattr(stats, f"{name}_gram")):
@@ -217,14 +221,15 @@ class StructuredPruner:
             return streaming.run(self)
         if not self.scorer.needs_activations:
             return self._run_data_free(adapter, ctx)
-        runner = self._runner(adapter, ctx)
+        # A sequential global run refits in its second sweep: the first needs no held-out windows.
+        runner = self._runner(adapter, ctx, heldout=s.allocator == "uniform" or not s.sequential)
         runner.capture_inputs()
         if s.allocator == "uniform":
             return self._run_layerwise(adapter, runner)
         return self._run_global(adapter, runner, ctx)
 
-    def _runner(self, adapter, ctx) -> LayerRunner:
-        heldout = ctx.heldout_ids() if self.needs_heldout else None
+    def _runner(self, adapter, ctx, heldout: bool = True) -> LayerRunner:
+        heldout = ctx.heldout_ids() if heldout and self.needs_heldout else None
         return LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress,
                            heldout_ids=heldout)
 
@@ -300,7 +305,7 @@ class StructuredPruner:
         all_stats, all_units = [], []
         self.block_importance = []
         for i in runner.blocks("scoring layers"):
-            stats = self.observe_block(runner, i, update=True)
+            stats = self.observe_block(runner, i, update=True, refit=not self.settings.sequential)
             all_stats.append(stats)
             all_units.append(self.layer_units(adapter, i, self.scorer(adapter, i, stats)))
         counts = self.allocate(all_units)
