@@ -35,8 +35,10 @@ MODEL = "smollm2-135m"
 SEQLEN = 128
 CALIBRATION = {"source": "general", "samples": 256, "seqlen": 128, "seed": 0}
 LSD = {"compensation": "least_squares", "ls_prior": "dense", "ls_damp": "auto"}
+# --distill: lora_recover's options for the recovery rows (steps set by --distill; warm-up in steps, so the
+# first 100 steps of a 500-step run are the 100-step run, and one run gives every row)
 DISTILL = {"loss": "kl", "source": "general", "seqlen": 128, "batch_size": 8, "rank": 32, "alpha": 32.0,
-           "lr": 5e-4, "warmup_steps": 0.05, "bf16": True, "checkpoint_every": 0}
+           "lr": 5e-4, "warmup_steps": 10, "bf16": True, "checkpoint_every": 0}
 
 # name -> list of (pass, options) run in order; [] = the dense model
 CONFIGS: dict[str, list[tuple[str, dict]]] = {
@@ -92,20 +94,14 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
     "flap-lsd-search-50": [("flap", {"ratio": 0.5, "allocator": "search", **LSD})],
     "flap-lsd-search-20": [("flap", {"ratio": 0.2, "allocator": "search", **LSD})],
     "cfsp-lsd-search-50": [("cfsp", {"ratio": 0.5, "allocator": "search", "attention": True, **LSD})],
-    # recovery by distillation (KL to the dense model on the general mix, LoRA merged)
-    **{f"flap-50+distill{n}": [("flap", {"ratio": 0.5}), ("lora_recover", {**DISTILL, "steps": n})]
-       for n in (100, 200, 500)},
-    **{f"flap-lsd-50+distill{n}": [("flap", {"ratio": 0.5, **LSD}), ("lora_recover", {**DISTILL, "steps": n})]
-       for n in (100, 200, 500)},
-    **{f"flap-lsd-search-50+distill{n}": [("flap", {"ratio": 0.5, "allocator": "search", **LSD}),
-                                          ("lora_recover", {**DISTILL, "steps": n})] for n in (100, 200, 500)},
     "flap-50+recover-ce200": [("flap", {"ratio": 0.5}), ("lora_recover", {"loss": "next_token", "steps": 200,
                                                                           "source": "general"})],
 }
 
 
-def run_one(name: str, calibration: dict, windows: int, threads: int) -> dict:
-    """Load, prune and evaluate one configuration in this process."""
+def run_one(name: str, calibration: dict, windows: int, threads: int, distill: list[int]) -> list[dict]:
+    """Load, prune and evaluate one configuration in this process; with ``distill`` (step counts),
+    then distil it (lora_recover's training with ``DISTILL``) and evaluate after each count too."""
     import torch
 
     from compress.calibration.sources import random_windows
@@ -151,7 +147,7 @@ def run_one(name: str, calibration: dict, windows: int, threads: int) -> dict:
     adapter = get_adapter(model)
     start = time.perf_counter()
     section = evaluator.evaluate(model)
-    return {
+    row = {
         "config": name,
         "passes": [{p: o} for p, o in CONFIGS[name]],
         "calibration": calibration,
@@ -166,6 +162,36 @@ def run_one(name: str, calibration: dict, windows: int, threads: int) -> dict:
         "eval_s": round(time.perf_counter() - start, 1),
         "evaluation": section,
     }
+    return [row] + (distilled_rows(row, model, ctx, evaluator, distill) if distill else [])
+
+
+def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int]) -> list[dict]:
+    """Distil ``model`` for max(checkpoints) steps and evaluate it (adapters attached) after each count."""
+    from compress.registry import get_pass
+    from compress.training import LoRASpec, train_lora
+    from passes._common import target_names, training_ids
+
+    options = get_pass("lora_recover").options(**{**DISTILL, "steps": max(checkpoints)})
+    names = target_names(ctx, options.target_modules)
+    lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=options.rank,
+                    alpha=options.alpha, dropout=options.dropout)
+    from dataclasses import replace
+
+    train = replace(options.train_spec(), loss="kl", temperature=options.temperature, bf16=options.bf16)
+    rows, started = [], time.perf_counter()
+
+    def callback(step: int, loss: float) -> None:
+        if step in checkpoints:
+            trained = time.perf_counter() - started
+            section = evaluator.evaluate(model)
+            rows.append({**base, "config": f"{base['config']}+distill{step}",
+                         "distill": {**DISTILL, "steps": step, "train_s": round(trained, 1), "last_loss": loss},
+                         "evaluation": section})
+            model.train()
+
+    train_lora(model, training_ids(ctx, options.source, "lora_recover"), lora, train, progress=False,
+               callback=callback, teacher=ctx.dense_model())
+    return rows
 
 
 def row_key(config: str, calibration: str, tag: str | None) -> str:
@@ -202,6 +228,8 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=CALIBRATION["seqlen"])
     parser.add_argument("--windows", type=int, default=256, help="evaluation windows per domain (v2: 256)")
     parser.add_argument("--tag", help="suffix of the row key (variants of the same config)")
+    parser.add_argument("--distill", type=int, nargs="*", default=[],
+                        help="also distil each config and add a row after each of these step counts")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only print the table of --out")
@@ -211,7 +239,8 @@ def main() -> None:
     calibration = {**CALIBRATION, "source": args.calibration, "samples": args.samples, "seqlen": args.calib_seqlen}
 
     if args.one:
-        args.row_out.write_text(json.dumps(run_one(args.one, calibration, args.windows, args.threads)))
+        rows = run_one(args.one, calibration, args.windows, args.threads, sorted(args.distill))
+        args.row_out.write_text(json.dumps(rows if args.distill else rows[0]))
         return
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"protocol": {}, "rows": {}}
     if not args.table:
@@ -225,16 +254,18 @@ def main() -> None:
             row_file = args.out.with_suffix(f".{name}.row.json")
             cmd = [sys.executable, __file__, "--one", name, "--row-out", str(row_file), "--threads", str(args.threads),
                    "--calibration", args.calibration, "--samples", str(args.samples), "--calib-seqlen",
-                   str(args.calib_seqlen), "--windows", str(args.windows)]
+                   str(args.calib_seqlen), "--windows", str(args.windows),
+                   "--distill", *[str(n) for n in args.distill]]
             subprocess.run(cmd, check=True)
-            row = json.loads(row_file.read_text())
-            row["windows"] = args.windows
+            written = json.loads(row_file.read_text())
+            for row in written if isinstance(written, list) else [written]:
+                row["windows"] = args.windows
+                data["rows"][row_key(row["config"], args.calibration, args.tag)] = row
+                e = row["evaluation"]
+                print(f"done {row['config']}: geomean {e['geomean_ppl_ratio'] or math.nan:.3f}, worst "
+                      f"{e['worst_dataset']} {e['worst_ppl_ratio'] or math.nan:.3f}", flush=True)
             row_file.unlink()
-            data["rows"][row_key(name, args.calibration, args.tag)] = row
             args.out.write_text(json.dumps(data, indent=1))
-            e = row["evaluation"]
-            print(f"done {name}: geomean {e['geomean_ppl_ratio'] or math.nan:.3f}, worst {e['worst_dataset']} "
-                  f"{e['worst_ppl_ratio'] or math.nan:.3f}", flush=True)
     print(markdown_table(data["rows"]))
     print(f"\nJSON: {args.out}")
 
