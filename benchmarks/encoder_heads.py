@@ -69,7 +69,7 @@ def pass_entry(config: str, ratio: float) -> dict:
 
 def run_row(model: str, config: str, ratio: float | None) -> dict:
     """Run one recipe (``ratio`` None: the dense model through the same pipeline); its report."""
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     spec = MODELS[model]

@@ -48,7 +48,7 @@ def main() -> None:
     from compress.calibration.runner import LayerRunner
     from compress.calibration.sources import random_windows, read_text, sequential_windows, tokenize_text
     from compress.evaluation.perplexity import perplexity
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
     from compress.models.loading import load_model
     from compress.pruning.scores import FluctuationScorer
     from compress.pruning.structured import PrunerSettings, StructuredPruner

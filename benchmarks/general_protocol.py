@@ -87,6 +87,8 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
     "flap-lsd-seq-20": [("flap", {"ratio": 0.2, "sequential": True, **LSD})],
     "flap-lsd-uniform-qh-seq-50": [("flap", {"ratio": 0.5, "allocator": "uniform", "gqa": "query_heads",
                                              "sequential": True, **LSD})],
+    "flap-lsd-uniform-qh-seq-20": [("flap", {"ratio": 0.2, "allocator": "uniform", "gqa": "query_heads",
+                                             "sequential": True, **LSD})],
     # the search allocator (Týr-the-Pruner style)
     "flap-lsd-search-seq-50": [("flap", {"ratio": 0.5, "allocator": "search", "sequential": True, **LSD})],
     "flap-search-50": [("flap", {"ratio": 0.5, "allocator": "search"})],
@@ -108,9 +110,9 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
     from compress.calibration.token_cache import source_ids
     from compress.context import PassContext
     from compress.evaluation.lm_evaluator import LMEvaluator
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
     from compress.models.loading import load_model
-    from compress.pipeline import HELDOUT_SEED_OFFSET, HELDOUT_WINDOWS
+    from compress.kinds.decoder import HELDOUT_SEED_OFFSET, HELDOUT_WINDOWS
     from compress.recipe import EvaluateSpec
     from compress.registry import get_pass
 

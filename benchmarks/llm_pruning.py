@@ -86,7 +86,7 @@ def run_one(name: str, threads: int) -> dict:
     from compress.calibration.sources import random_windows, read_text, sequential_windows, tokenize_text
     from compress.context import PassContext
     from compress.evaluation.perplexity import perplexity
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
     from compress.models.loading import load_model
     from compress.registry import get_pass
 

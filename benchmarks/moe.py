@@ -235,7 +235,7 @@ def usage_entropy(folder: Path, tokenizer, windows: torch.Tensor) -> float:
     """Mean over MoE layers of the entropy (bits) of the share of routed tokens per expert, on
     ``windows``: log2(E) when every expert gets the same share."""
     from compress.models.loading import load_model
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
     from compress.pruning.experts import collect_expert_stats
 
     model = load_model(str(folder), progress=False).model.eval()
@@ -249,7 +249,7 @@ def usage_entropy(folder: Path, tokenizer, windows: torch.Tensor) -> float:
 
 def prune_rows(folder: Path, record: dict, scores, ratios) -> list[dict]:
     """Prune the cached MoE with each score at each ratio through a recipe; one row each."""
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
     from transformers import AutoTokenizer
 

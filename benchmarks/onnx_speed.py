@@ -62,7 +62,7 @@ TARGET = {"variant": "flap-50", "workload": "prefill_8x128", "device": "cpu", "m
 # ===================================================================================== build
 def model_shape(model) -> dict:
     """Everything the analytic FLOP count needs, read from the modules (pruned widths included)."""
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
 
     adapter = get_adapter(model)
     return {

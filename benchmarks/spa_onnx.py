@@ -88,7 +88,7 @@ def session(path: Path, threads: int = 2):
 
 def run_timed(data: dict) -> dict:
     """Run a recipe given as a dict; returns its report with ``prune_s`` (wall seconds)."""
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     start = time.perf_counter()
@@ -188,7 +188,7 @@ def run_minilm(rows: list[dict], configs: list[str]) -> None:
                     times.append((time.perf_counter() - start) * 1000 / 4)
             rows.append({
                 "model": "all-MiniLM-L6-v2", "config": name, "ratio": ratio,
-                "params_removed": report["params"]["ratio"],
+                "params_removed": report["params"]["pruning_ratio"],
                 "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
                 "dense_ms": statistics.median(dense_ms), "pruned_ms": statistics.median(pruned_ms),
                 "speedup": statistics.median(dense_ms) / statistics.median(pruned_ms),
@@ -268,7 +268,7 @@ def run_smollm2(rows: list[dict], configs: list[str]) -> None:
                 onnx_file = out / "model.onnx"
                 report = cached_report(out, onnx_file, lambda: spa_prune(folder / "model.onnx", out, ratio=ratio,
                                                                          **CONFIGS[name]))
-                removed = report["params"]["ratio"]
+                removed = report["params"]["pruning_ratio"]
             measured = out / "perplexity.json"
             if measured.is_file():
                 ppl = json.loads(measured.read_text())

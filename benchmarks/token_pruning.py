@@ -59,7 +59,7 @@ MODELS = {
 
 def run_row(model: str, config: str | None, ratio: float | None) -> dict:
     """Run one recipe (``config`` None: the dense model through the same pipeline); its report."""
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     spec = MODELS[model]

@@ -472,7 +472,7 @@ def run_job_attempt(task: dict) -> dict:
     try:
         if task.get("cwd") and Path(task["cwd"]).is_dir():
             os.chdir(task["cwd"])  # relative recipe paths resolve as in the process that loaded the batch
-        from compress.pipeline import run_recipe
+        from compress.run import run_recipe
         from compress.report import to_jsonable
 
         recipe = parse_recipe(task["recipe"], task["source"])
@@ -687,7 +687,7 @@ def finished_report(job: BatchJob) -> Optional[dict]:
     folder has its recipe.yaml) was made from this same recipe; None otherwise."""
     import yaml
 
-    from compress.validation import RECIPE_COPY
+    from compress.run.runner import RECIPE_COPY
 
     try:
         report = json.loads((job.output_dir / REPORT_JSON).read_text(encoding="utf-8"))

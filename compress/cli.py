@@ -88,18 +88,12 @@ def _device_option(value: Optional[str]) -> Optional[str]:
     """Validate ``--device`` (auto, cpu, cuda, cuda:N), resolve ``auto``, and refuse CUDA without a GPU."""
     if value is None:
         return None
-    from compress.recipe import normalize_device, resolve_device
+    from compress.devices import resolve_device
 
     try:
-        device = resolve_device(normalize_device(value))
-    except ValueError as error:
+        return resolve_device(value)
+    except CompressError as error:
         raise typer.BadParameter(str(error)) from None
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise typer.BadParameter(f"{device} asked for, but no CUDA GPU is visible; use cpu or auto")
-    return device
 
 
 def _data_option(values: list[str]) -> list[str]:
@@ -192,7 +186,7 @@ def _memory_overrides(recipe: Any, max_memory: Optional[str], offload_dir: Optio
         raise CompressError("--offload-dir is only used out of core: add --max-memory (or max_memory in the recipe)")
     recipe = recipe.with_overrides(max_memory=size, offload_dir=offload_dir)
     if recipe.max_memory is not None:
-        from compress.outofcore_pipeline import check_out_of_core
+        from compress.kinds.decoder_streamed import check_out_of_core
 
         check_out_of_core(recipe)
     return recipe
@@ -238,7 +232,7 @@ def run_command(
 
     parsed = _memory_overrides(load_recipe(recipe), max_memory, offload_dir)
     if dry_run:
-        from compress.pipeline import dry_run_lines
+        from compress.run.describe import dry_run_lines
 
         console = _stdout()
         for line in dry_run_lines(parsed.with_overrides(device=device), output=output, overwrite=overwrite):
@@ -250,7 +244,7 @@ def run_command(
         if parsed.max_memory is not None and parsed.evaluate is not None:
             _stdout().print("[yellow]out of core: the evaluation and its gates are skipped (they need the whole "
                             "model); run compress eval on the output where it fits[/yellow]")
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
 
     result = run_recipe(parsed, output=output, dry_run=False, device=device, progress=not quiet, overwrite=overwrite)
     _finish(result, quiet)
@@ -276,14 +270,14 @@ def plan_command(
     Data-free passes (magnitude_sp; spa with magnitude importance) read no calibration text.
     Replay the plan with [bold]compress apply PLAN --model M -o DIR[/bold].
     """
-    from compress.planning import make_plan
     from compress.recipe import load_recipe
+    from compress.run.planfile import write_plan
 
     parsed = _memory_overrides(load_recipe(recipe), max_memory, offload_dir)
     if not quiet:
         where = escape(parsed.source_name)
         _stdout().print(f"planning [bold]{escape(parsed.name)}[/bold] ({where}): {_recipe_outline(parsed)}")
-    result = make_plan(parsed, output, device=device, progress=not quiet, overwrite=overwrite)
+    result = write_plan(parsed, output, device=device, progress=not quiet, overwrite=overwrite)
     if not quiet:
         _stdout().print(plan_summary_table(result.summary))
     _stdout().print(f"plan: [bold]{escape(str(result.path))}[/bold]")
@@ -425,21 +419,10 @@ def apply_command(
     """
     if not plan.is_file():
         raise PlanError(f"plan file not found: {plan}")
-    from compress.pipeline import apply_plan_file
-    from compress.recipe import resolve_device
+    from compress.run import apply_plan_file
 
-    cap = _size_option(max_memory)
-    if cap is not None:
-        from compress.outofcore_pipeline import apply_out_of_core
-
-        result = apply_out_of_core(plan, model, output, max_memory=cap, dtype=dtype.value, device=device,
-                                   progress=not quiet, overwrite=overwrite)
-        _finish(result, quiet)
-        return
-    result = apply_plan_file(
-        plan, model, output, device=device or resolve_device("auto"), dtype=dtype.value, progress=not quiet, evaluate=not no_eval,
-        overwrite=overwrite,
-    )
+    result = apply_plan_file(plan, model, output, device=device, dtype=dtype.value, progress=not quiet,
+                             evaluate=not no_eval, overwrite=overwrite, max_memory=_size_option(max_memory))
     _finish(result, quiet)
 
 
@@ -462,7 +445,7 @@ def validate_command(
     Gates come from the recipe (given, or the copy a run saves in its folder), else the defaults.
     The folder's report is updated; a failing folder gets a [bold]FAILED[/bold] file and the command exits 3.
     """
-    from compress.validation import validate_artifact
+    from compress.run.validate import validate_artifact
 
     result = validate_artifact(target, device=device, progress=not quiet)
     _finish(result, quiet)
@@ -520,14 +503,31 @@ def summary_table(report: dict) -> Table:
     table.add_column("dense", justify="right")
     table.add_column("pruned", justify="right")
     table.add_column("pruned / dense", justify="right")
+    from compress.report import prunable_part
+
     params = report.get("params") or {}
     dense, pruned = params.get("dense") or {}, params.get("pruned") or {}
-    for label, key in (("decoder-linear params", "decoder_linear"), ("total params", "total")):
+    part_key, part_label = prunable_part(params)
+    for label, key in (([(f"{part_label.lower()} params", part_key)] if part_key else []) + [("total params", "total")]):
         if key in dense or key in pruned:
             share = pruned[key] / dense[key] if dense.get(key) and key in pruned else None
             table.add_row(label, fmt_count(dense.get(key)), fmt_count(pruned.get(key)), fmt_percent(share))
+    heads = params.get("heads")
+    if heads:
+        target = f" (target {fmt_percent(heads['target_ratio'])})" if heads.get("target_ratio") is not None else ""
+        table.add_row("attention heads", fmt_count(heads.get("dense")), fmt_count(heads.get("pruned")),
+                      f"{fmt_percent(1 - heads['ratio'])} kept{target}")
     evaluation = report.get("evaluation") or {}
-    for name, result in (evaluation.get("datasets") or {}).items():
+    if evaluation.get("kind") == "embeddings":  # encoders: agreement of the embeddings, per dataset
+        for name, result in (evaluation.get("datasets") or {}).items():
+            table.add_row(f"embedding cosine {escape(str(name))} (mean / min)", "",
+                          f"{fmt_number(result.get('mean_cosine'))} / {fmt_number(result.get('min_cosine'))}",
+                          f"Spearman {fmt_number(result.get('spearman'))}")
+            if result.get("probe_accuracy") is not None:
+                table.add_row(f"probe accuracy {escape(str(name))}", fmt_percent(result.get("probe_dense_accuracy")),
+                              fmt_percent(result.get("probe_accuracy")),
+                              f"refitted {fmt_percent(result.get('probe_retrained_accuracy'))}")
+    for name, result in (evaluation.get("datasets") or {}).items() if evaluation.get("kind") is None else ():
         table.add_row(
             f"PPL {escape(str(name))}", fmt_number(result.get("dense_ppl")), fmt_number(result.get("pruned_ppl")),
             fmt_number(result.get("ppl_ratio")),
@@ -554,10 +554,10 @@ def summary_table(report: dict) -> Table:
     if generation.get("prompts"):
         same = sum(bool(p.get("identical")) for p in generation["prompts"])
         table.add_row("ONNX greedy generations identical", "", f"{same} / {len(generation['prompts'])}", "")
-    if "pruning_ratio" in params:
+    if "pruning_ratio" in params and part_key:
         target = params.get("target_ratio")
         note = f" (target {fmt_percent(target)})" if target is not None else ""
-        table.add_row("pruning ratio", "", fmt_percent(params["pruning_ratio"]) + note, "")
+        table.add_row(f"pruning ratio ({part_label.lower()})", "", fmt_percent(params["pruning_ratio"]) + note, "")
     if "total_ratio" in params:
         table.add_row("total-parameter ratio", "", fmt_percent(params["total_ratio"]), "")
     streamed = report.get("out_of_core")
@@ -698,7 +698,7 @@ def inspect_command(
         OnnxGroupsView(model, all_groups).print(_stdout())
         return
 
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
     from compress.models.loading import load_model
 
     loaded = load_model(model, dtype=dtype.value, device=device or "cpu", trust_remote_code=trust_remote_code)
@@ -810,7 +810,7 @@ class OnnxGroupsView(GroupsView):
 
     def __init__(self, path: str, show_all: bool):
         from compress.pruning.groups import describe
-        from passes.spa.grouping import find_groups, load_onnx
+        from compress.models.onnx_graph.grouping import find_groups, load_onnx
 
         groups, graph = find_groups(load_onnx(path))
         self.path = path
@@ -991,8 +991,9 @@ def eval_command(
     run pruned).
     """
     from compress.models.loading import load_model
-    from compress.pipeline import lm_evaluator
-    from compress.recipe import EvaluateSpec, resolve_device
+    from compress.kinds.decoder import lm_evaluator
+    from compress.devices import resolve_device
+    from compress.recipe import EvaluateSpec
 
     from compress.calibration.suites import EVALUATION_SUITES
 

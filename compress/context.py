@@ -41,7 +41,7 @@ class PassContext:
     _batches: list[dict] | None = field(default=None, repr=False)
 
     def adapter(self):
-        from compress.models.llama import get_adapter
+        from compress.models.adapters import get_adapter
 
         return get_adapter(self.model)
 

@@ -58,7 +58,8 @@ class StreamingModel:
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
         import compress  # noqa: F401  (registers pruned_llama with the Auto classes)
-        from compress.models.llama import LlamaFamilyAdapter, get_adapter
+        from compress.models.adapters import get_adapter
+        from compress.models.llama import LlamaFamilyAdapter
 
         self.folder = Path(folder)
         self.dtype = dtype

@@ -44,6 +44,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from compress.calibration.suites import DEFAULT_SUITE, EVALUATION_SUITES
+from compress.devices import check_device_name, resolve_device
 from compress.errors import RecipeError
 from compress.schema import Seed, StrictModel
 
@@ -58,7 +59,6 @@ DEFAULT_GENERATION_PROMPTS = (  # one per kind of text of the evaluation suite
     "def read_config(path):\n",
     "A: Hi! How was your weekend?\nB:",
 )
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AUSTEN_PREFIX = "austen"
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a larger file is refused before it is parsed
 IMAGE_SOURCES = ("textile",)  # labelled images for vision encoders (compress.calibration.images)
@@ -87,19 +87,7 @@ def check_run_name(value: str) -> str:
 
 def normalize_device(value: str) -> str:
     """Return ``value`` if it names a device a recipe may ask for; raise ValueError otherwise."""
-    text = str(value).strip()
-    if not DEVICE_PATTERN.match(text):
-        raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {show_value(value)})")
-    return text
-
-
-def resolve_device(device: str) -> str:
-    """Turn ``auto`` into ``cuda`` when a GPU is visible, else ``cpu``; other names pass through."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device_name(value)
 
 
 def general_text_names() -> tuple[str, ...]:

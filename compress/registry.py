@@ -3,6 +3,10 @@
 A pass module calls :func:`register_pass` on its class; the recipe names the pass by that name.
 Each pass declares a pydantic ``Options`` model, so the recipe loader can validate a pass's options
 (and name the YAML path of a bad one) before anything heavy runs.
+
+Passes are found as plugins: every entry point of the group ``compress.passes`` (the built-in
+ones are declared in pyproject.toml) is loaded the first time a pass is looked up, so the core
+never imports a method by name.
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ class PassSpec:
     cls: type
     options: type[BaseModel]
     summary: str
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The model kinds the pass works on (see compress.kinds)."""
+        return tuple(getattr(self.cls, "kinds", ()))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(getattr(self.cls, "needs_calibration", False))
 
 
 _REGISTRY: dict[str, PassSpec] = {}
@@ -38,8 +51,20 @@ def register_pass(name: str) -> Callable[[type], type]:
     return decorate
 
 
+ENTRY_POINT_GROUP = "compress.passes"
+_loaded = False
+
+
 def _load_builtin_passes() -> None:
-    import passes  # noqa: F401  (importing the package registers every built-in pass)
+    """Load every pass plugin once (loading a pass class registers it)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
 
 
 def available_passes() -> dict[str, PassSpec]:

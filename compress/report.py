@@ -157,17 +157,34 @@ def _header_section(report: dict) -> list[str]:
     return lines
 
 
+PRUNABLE_PARTS = (("decoder_linear", "Decoder linears"), ("encoder_linear", "Encoder linears"))
+
+
+def prunable_part(params: dict) -> tuple[str | None, str]:
+    """(key, label) of the prunable part the report counts: decoder or encoder linears (None: only totals)."""
+    dense = params.get("dense") or {}
+    return next(((key, label) for key, label in PRUNABLE_PARTS if key in dense), (None, "parameters"))
+
+
 def _params_section(params: dict | None) -> list[str]:
     if not params:
         return []
     dense, pruned = params.get("dense") or {}, params.get("pruned") or {}
+    key, label = prunable_part(params)
     table = MarkdownTable(["Parameters", "Dense", "Pruned", "Kept"], right_aligned=(1, 2, 3))
-    for label, key in (("Decoder linears", "decoder_linear"), ("Total", "total")):
-        kept = _fraction(pruned.get(key), dense.get(key))
-        table.add_row(label, fmt_count(dense.get(key)), fmt_count(pruned.get(key)), fmt_percent(kept))
+    for row_label, row_key in ([(label, key)] if key else []) + [("Total", "total")]:
+        kept = _fraction(pruned.get(row_key), dense.get(row_key))
+        table.add_row(row_label, fmt_count(dense.get(row_key)), fmt_count(pruned.get(row_key)), fmt_percent(kept))
+    heads = params.get("heads")
+    if heads:
+        table.add_row("Attention heads", fmt_count(heads.get("dense")), fmt_count(heads.get("pruned")),
+                      fmt_percent(_fraction(heads.get("pruned"), heads.get("dense"))))
     lines = ["## Parameters", "", *table.render(), ""]
-    lines.append(f"- **Pruning ratio** (decoder linears removed): {fmt_percent(params.get('pruning_ratio'))}")
+    if key:
+        lines.append(f"- **Pruning ratio** ({label.lower()} removed): {fmt_percent(params.get('pruning_ratio'))}")
     lines.append(f"- **Total-parameter ratio** (all parameters removed): {fmt_percent(params.get('total_ratio'))}")
+    if heads and heads.get("target_ratio") is not None:
+        lines.append(f"- **Heads removed:** {fmt_percent(heads.get('ratio'))} (target {fmt_percent(heads['target_ratio'])})")
     if params.get("target_ratio") is not None:
         lines.append(f"- **Target ratio:** {fmt_percent(params['target_ratio'])}")
     return lines
@@ -268,6 +285,12 @@ def _onnx_section(onnx: dict | None) -> list[str]:
     if onnx.get("kv_heads"):
         lines.append(f"- **KV heads per layer:** {_inline(onnx['kv_heads'])}")
     validation = onnx.get("validation") or {}
+    if validation.get("output_cosine_to_dense") is not None:
+        lines.append(f"- **First output vs the dense graph** on synthetic inputs: cosine "
+                     f"{validation['output_cosine_to_dense']:.4f}")
+    if validation.get("dense_ms") is not None:
+        lines.append(f"- **ONNX Runtime (CPU, median of 5):** dense {validation['dense_ms']:.1f} ms, pruned "
+                     f"{validation['pruned_ms']:.1f} ms")
     if validation.get("provider"):
         lines.append(f"- **Validated with:** ONNX Runtime {validation['provider']}")
     parity = validation.get("parity") or {}

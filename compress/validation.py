@@ -1,5 +1,5 @@
-"""Validation gates: the exported artifact against the in-memory model, and the compressed model
-against the dense one.
+"""The decoder checks behind the gates: the ONNX export against the in-memory model, and the
+compressed model against the dense one (gates themselves: :mod:`compress.gates`).
 
 A gate is a measured value, a threshold and a comparison; a failed gate is a failure of the run
 (exit 3), never a warning. Three families:
@@ -14,7 +14,7 @@ A gate is a measured value, a threshold and a comparison; a failed gate is a fai
   transformers' ``generate`` token for token (must be 1).
 * **Quality** (compressed vs dense on the evaluation texts): ``ppl_ratio``, ``top1_agreement``,
   ``mean_kl``.
-* **Reload** (in :mod:`compress.pipeline`): the safetensors export reloaded equals the in-memory model.
+* **Reload** (each model kind's reload check): the safetensors export reloaded equals the in-memory model.
 
 On CUDA (``onnxruntime-gpu`` and a GPU) ONNX Runtime runs with ``CUDAExecutionProvider`` and
 ``use_tf32=0``, PyTorch with TF32 off, and the tolerances are multiplied by ``onnx_cuda_factor``.
@@ -23,10 +23,7 @@ On CUDA (``onnxruntime-gpu`` and a GPU) ONNX Runtime runs with ``CUDAExecutionPr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,51 +32,10 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
+from compress.gates import Gate
 
-FAILED_MARKER = "FAILED"
-RECIPE_COPY = "recipe.yaml"
-
-
-# ------------------------------------------------------------------------------------- gates
-@dataclass
-class Gate:
-    """One check: ``value op threshold`` must hold. ``detail`` says what was measured, in words."""
-
-    name: str
-    value: Any
-    threshold: Any
-    op: str
-    passed: bool
-    detail: str = ""
-
-    @classmethod
-    def check(cls, name: str, value, threshold, op: str, detail: str = "") -> "Gate | None":
-        """A gate, or None when it is off (no threshold) or nothing was measured."""
-        if threshold is None or value is None:
-            return None
-        if op == "<=":
-            passed = value <= threshold
-        elif op == ">=":
-            passed = value >= threshold
-        elif op == "==":
-            passed = value == threshold
-        else:
-            raise ValueError(f"unknown comparison {op!r}")
-        if isinstance(value, float) and math.isnan(value):
-            passed = False
-        return cls(name, value, threshold, op, bool(passed), detail)
-
-    def failure_message(self) -> str:
-        value = f"{self.value:.6g}" if isinstance(self.value, float) else str(self.value)
-        text = f"{self.name} = {value} (must be {self.op} {self.threshold})"
-        return f"{text}: {self.detail}" if self.detail else text
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def failures_of(gates: list[Gate]) -> list[str]:
-    return [g.failure_message() for g in gates if not g.passed]
+__all__ = ["Closeness", "Gate", "check_graph", "generation_parity", "logits_parity", "quality_gates",
+           "tf32_disabled", "validate_onnx"]
 
 
 def quality_gates(evaluation: dict | None, spec) -> list[Gate]:
@@ -282,107 +238,3 @@ def validate_onnx(model, tokenizer, folder: Path, spec, windows: torch.Tensor, d
                 detail += "; differ for: " + "; ".join(repr(p) for p in differing)
             gates.append(Gate.check("onnx_generation_identical", identical, 1.0, ">=", detail))
     return section, [g for g in gates if g is not None]
-
-
-# ------------------------------------------------------------------------------------- markers
-def mark_result(folder: Path, failures: list[str]) -> None:
-    """Write ``FAILED`` (one failure per line) into a failed artifact; remove a stale one otherwise."""
-    marker = Path(folder) / FAILED_MARKER
-    if failures:
-        marker.write_text("validation failed:\n" + "\n".join(failures) + "\n", encoding="utf-8")
-    else:
-        marker.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------------- standalone
-def _artifact_target(target: Path):
-    """(artifact folder, recipe or None) for ``compress validate RECIPE|DIR``."""
-    from compress.recipe import load_recipe
-
-    target = Path(target)
-    if target.is_file():
-        recipe = load_recipe(target)
-        folder = recipe.output_dir
-        if not folder.is_dir():
-            raise CompressError(f"{target}: its output folder {folder} does not exist; run the recipe first")
-        return folder, recipe
-    if not target.is_dir():
-        raise CompressError(f"no such recipe file or artifact folder: {target}")
-    copy = target / RECIPE_COPY
-    return target, (load_recipe(copy) if copy.is_file() else None)
-
-
-def validate_artifact(target: Path, *, device: str | None = None, progress: bool = True):
-    """``compress validate``: re-run the ONNX and quality gates on a finished artifact folder.
-
-    Thresholds come from the recipe (given, or the copy the run saved in the folder), else the
-    defaults. The folder's report.json/report.md get the new ``validation`` section; a failing
-    folder gets a ``FAILED`` marker.
-    """
-    from compress.models.loading import load_model
-    from compress.pipeline import RunResult, dense_loader, lm_evaluator, resolve_device
-    from compress.recipe import EvaluateSpec, ValidateSpec
-    from compress.report import write_report
-
-    folder, recipe = _artifact_target(target)
-    report_path = folder / "report.json"
-    if not report_path.is_file() or not (folder / "config.json").is_file():
-        raise CompressError(f"{folder} is not a compress artifact (report.json and config.json are needed)")
-    report = _read_report(report_path)
-    spec = recipe.validate if recipe is not None else ValidateSpec()
-    evaluate = recipe.evaluate if recipe is not None else EvaluateSpec()
-    device = resolve_device(device or (recipe.device if recipe is not None else "auto"))
-
-    loaded = load_model(str(folder), dtype="float32", device=device, progress=progress)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    evaluator = lm_evaluator(evaluate, spec, tokenizer, progress)
-    gates: list[Gate] = []
-    if evaluator is not None:
-        load_dense = dense_loader(report["model"], "float32", device)
-        if evaluate.dense:
-            dense = load_dense()
-            evaluator.measure_dense(dense)
-            del dense
-        report["evaluation"] = evaluator.evaluate(model)
-        gates += quality_gates(report["evaluation"], spec)
-        generations = evaluator.generations(model, tokenizer, list(spec.generation_prompts), load_dense)
-        if generations is not None:
-            report["generations"] = generations
-    onnx_dir = folder / "onnx"
-    if onnx_dir.is_dir():
-        check = evaluator.first_windows() if evaluator is not None else _random_windows(model, spec.onnx_windows)
-        section, onnx_gates = validate_onnx(model, tokenizer, onnx_dir, spec, check, device)
-        report.setdefault("onnx", {})["validation"] = section
-        gates += onnx_gates
-    previous = [g for g in (report.get("validation") or {}).get("gates", []) if g["name"] == "reload_max_abs_diff"]
-    all_gates = previous + [g.to_dict() for g in gates]
-    failures = [Gate(**g).failure_message() for g in all_gates if not g["passed"]]
-    report["validation"] = {"passed": not failures, "gates": all_gates, "device": device, "revalidated": True}
-    _rewrite_report(folder, report, write_report)
-    mark_result(folder, failures)
-    return RunResult(output_dir=folder, report=report, passed=not failures, failures=failures)
-
-
-def _read_report(path: Path) -> dict:
-    """A run's report.json (a mapping with the dense model's source); CompressError otherwise."""
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise CompressError(f"{path}: not a readable report ({error}); run the recipe again") from None
-    if not isinstance(report, dict) or not isinstance(report.get("model"), str):
-        raise CompressError(f"{path}: not a compress report (no \"model\" entry); run the recipe again")
-    return report
-
-
-def _random_windows(model, count: int, length: int = 64) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    return torch.randint(0, vocab, (count, length), generator=generator)
-
-
-def _rewrite_report(folder: Path, report: dict, write_report) -> None:
-    """Write the report files into a scratch folder, then move each over the old one."""
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".report-") as scratch:
-        write_report(Path(scratch), report)
-        for path in Path(scratch).iterdir():
-            os.replace(path, folder / path.name)

@@ -199,7 +199,7 @@ def _token_id(model: nn.Module, name: str) -> int | None:
 
 def decoder_io_spec(model: nn.Module, options: OnnxExportOptions = OnnxExportOptions()) -> DecoderIOSpec:
     """The I/O contract of ``model``'s graph, with per-layer KV heads read from its modules."""
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
 
     adapter = get_adapter(model)
     return DecoderIOSpec(

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from compress.errors import CompressError
 from compress.models import pruned_llama
 from compress.models.pruned_llama import ATTENTION_LINEARS, LINEAR_NAMES, MLP_LINEARS, PrunedLlamaConfig
 
@@ -398,10 +399,11 @@ def export_safetensors(model: PreTrainedModel, tokenizer, out_dir: Path) -> dict
     "config_class": name of the config class written, "stock_config_reason": why a uniform model
     still needed PrunedLlamaConfig (None otherwise)}.
     """
-    from compress.models.moe import export_moe_safetensors, is_moe_model
+    from compress.models.moe import is_moe_model
 
-    if is_moe_model(model):  # Mixtral / Qwen-MoE: stock config, or pruned_moe for per-layer counts
-        return export_moe_safetensors(model, tokenizer, out_dir)
+    if is_moe_model(model):
+        raise CompressError(f"{type(model).__name__} is a mixture-of-experts model: export it with "
+                            "exporters.moe.export_moe_safetensors")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = read_layout(model)

@@ -1,4 +1,2 @@
-"""Built-in passes. Importing this package registers each of them by name."""
-
-from passes import baselines, cfsp, flap, head_routing, heads, lora_recover, loraprune, moe_experts, tokens  # noqa: F401
-from passes.spa import prune as spa  # noqa: F401
+"""Built-in passes, one module (or package) per method. compress finds them through the
+``compress.passes`` entry points declared in pyproject.toml (see compress.registry)."""

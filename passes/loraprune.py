@@ -53,7 +53,7 @@ class LoraPruneHooks(TrainingHooks):
         self._last_scores: torch.Tensor | None = None
 
     def on_train_begin(self, model) -> None:
-        from compress.models.llama import get_adapter
+        from compress.models.adapters import get_adapter
 
         self.adapter = get_adapter(model)
         self.masks.attach(self.adapter)  # before the scorer's hooks: those read the masked inputs

@@ -151,7 +151,7 @@ class MoeExpertsPass:
     @staticmethod
     def replay(model, step: PlanStep) -> None:
         """``compress apply``: keep the recorded experts (ids as the step saw the model) and top-k."""
-        from compress.models.llama import get_adapter
+        from compress.models.adapters import get_adapter
         from compress.pruning.experts import ExpertSurgeon
 
         adapter = get_adapter(model)

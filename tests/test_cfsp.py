@@ -10,8 +10,8 @@ from test_pruning import CALIBRATION, achieved_ratio, run_pass
 
 from compress.calibration.stats import ChannelStats
 from compress.errors import CompressError
-from compress.models.llama import get_adapter
-from compress.pipeline import apply_plan
+from compress.models.adapters import get_adapter
+from compress.run import apply_plan
 from compress.plan import Plan
 from compress.pruning.allocators import allocate_block_budget, block_keep_ratios
 from compress.pruning.block_importance import measure_block_importance, token_distance

@@ -171,7 +171,8 @@ def test_dry_run_prints_the_description_and_runs_nothing(tmp_path, monkeypatch):
     def run_recipe(*args, **kwargs):
         raise AssertionError("a dry run must not run the pipeline")
 
-    fake_module(monkeypatch, "compress.pipeline", dry_run_lines=dry_run_lines, run_recipe=run_recipe)
+    fake_module(monkeypatch, "compress.run.describe", dry_run_lines=dry_run_lines)
+    fake_module(monkeypatch, "compress.run", run_recipe=run_recipe)
     result = runner.invoke(app, ["run", str(write_recipe(tmp_path)), "--dry-run", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "recipe toy" in result.output and "pass 1 toyprune" in result.output
@@ -186,7 +187,7 @@ def test_run_prints_summary_and_passes_overrides(tmp_path, monkeypatch):
                      overwrite=overwrite)
         return FakeRunResult(output_dir=output, report=sample_report(), passed=True)
 
-    fake_module(monkeypatch, "compress.pipeline", run_recipe=run_recipe, describe_recipe=None)
+    fake_module(monkeypatch, "compress.run", run_recipe=run_recipe)
     arguments = ["run", str(write_recipe(tmp_path)), "-o", str(tmp_path / "out"), "--device", "cpu"]
     result = runner.invoke(app, arguments, env=WIDE)
     assert result.exit_code == 0, result.output
@@ -203,7 +204,7 @@ def test_run_failed_gate_exits_3_with_each_failure(tmp_path, monkeypatch):
         report["validation"]["passed"] = False
         return FakeRunResult(tmp_path / "out", report, passed=False, failures=["ppl_ratio = 1.745 (must be <= 1.5)"])
 
-    fake_module(monkeypatch, "compress.pipeline", run_recipe=run_recipe, describe_recipe=None)
+    fake_module(monkeypatch, "compress.run", run_recipe=run_recipe)
     result = runner.invoke(app, ["run", str(write_recipe(tmp_path)), "--quiet"])
     assert result.exit_code == 3
     assert "gate failed: ppl_ratio = 1.745 (must be <= 1.5)" in result.output
@@ -214,7 +215,7 @@ def test_user_errors_from_the_pipeline_are_one_line(tmp_path, monkeypatch):
     def run_recipe(recipe, **kwargs):
         raise CompressError("model source 'x' not found")
 
-    fake_module(monkeypatch, "compress.pipeline", run_recipe=run_recipe, describe_recipe=None)
+    fake_module(monkeypatch, "compress.run", run_recipe=run_recipe)
     result = runner.invoke(app, ["run", str(write_recipe(tmp_path))])
     assert result.exit_code == 2
     assert "error: model source 'x' not found" in result.output
@@ -228,18 +229,18 @@ def test_apply_calls_the_pipeline(tmp_path, monkeypatch):
     calls = {}
 
     def apply_plan_file(plan_path, model_source, output, *, device=None, dtype="float32", progress=True, evaluate=True,
-                        overwrite=False):
+                        overwrite=False, max_memory=None):
         calls.update(plan=plan_path, model=model_source, output=output, device=device, evaluate=evaluate,
-                     overwrite=overwrite)
+                     overwrite=overwrite, max_memory=max_memory)
         return FakeRunResult(output, sample_report(), passed=True)
 
-    fake_module(monkeypatch, "compress.pipeline", apply_plan_file=apply_plan_file)
+    fake_module(monkeypatch, "compress.run", apply_plan_file=apply_plan_file)
     out = tmp_path / "out2"
     arguments = ["apply", str(plan), "--model", "smollm2-135m", "-o", str(out), "--device", "cpu", "--no-eval"]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert calls == {"plan": plan, "model": "smollm2-135m", "output": out, "device": "cpu", "evaluate": False,
-                     "overwrite": False}
+                     "overwrite": False, "max_memory": None}
 
 
 def test_apply_missing_plan_exits_2(tmp_path):
@@ -255,25 +256,27 @@ class FakeLoaded:
     tokenizer: object
 
 
-def test_inspect_renders_the_adapter_summary(monkeypatch):
-    summary = {
-        "architecture": "LlamaForCausalLM", "family": "llama", "layers": 2, "hidden_size": 576, "head_dim": 64,
-        "params": {"total": 1000, "embedding": 200, "decoder_linear": 700, "attention": 300, "mlp": 400,
-                   "norms": 100, "lm_head": 0},
-        "groups": [{"kind": "query_head", "per_layer": 9, "cost_params": 73728, "description": "q rows + o columns"}],
-        "layer_widths": [{"index": 0, "heads": 9, "kv_heads": 3, "intermediate": 1536},
-                         {"index": 1, "heads": 6, "kv_heads": 3, "intermediate": 768}],
-    }
-    loads = []
-    fake_module(monkeypatch, "compress.models.loading",
-                load_model=lambda source, **kw: loads.append((source, kw)) or FakeLoaded("model", "tok"))
-    fake_module(monkeypatch, "compress.models.llama",
-                get_adapter=lambda model: types.SimpleNamespace(summary=lambda: summary))
-    result = runner.invoke(app, ["inspect", "smollm2-135m", "--device", "cpu"], env=WIDE)
+def test_inspect_runs_for_real_on_a_pruned_folder(tmp_path):
+    """`compress inspect` on a tiny decoder pruned to per-layer widths (no fakes): the parameter counts
+    and the per-layer widths it prints are the adapter's."""
+    from compress.models.adapters import get_adapter
+    from compress.models.loading import load_model
+    from compress.run import apply_plan
+    from compress.plan import LayerPlan, Plan, PlanStep
+    from exporters.safetensors import export_safetensors
+    from tests.conftest import tiny_smol_folder
+
+    folder = tiny_smol_folder(tmp_path / "tiny")
+    loaded = load_model(str(folder), device="cpu", progress=False)
+    plan = Plan(steps=[PlanStep("manual", {}, [LayerPlan(index=1, keep_channels=list(range(40)))])])
+    apply_plan(loaded.model, plan)
+    export_safetensors(loaded.model, loaded.tokenizer, tmp_path / "pruned")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "pruned"), "--device", "cpu"], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert loads[0][0] == "smollm2-135m" and loads[0][1]["device"] == "cpu"
-    for text in ("LlamaForCausalLM", "decoder linears", "700", "70.0%", "tied", "query_head", "73,728", "768"):
-        assert text in result.output
+    counts = get_adapter(loaded.model).param_counts()
+    for text in ("LlamaForCausalLM", f"{counts['total']:,}", f"{counts['decoder_linear']:,}", "width per layer",
+                 "40", "96"):
+        assert text in result.output, text
 
 
 def test_eval_runs_for_real_and_matches_the_perplexity_function(tmp_path):

@@ -7,8 +7,8 @@ import torch
 from test_pruning import CALIBRATION, run_pass
 
 from compress.evaluation.compare import compare_logits
-from compress.models.llama import get_adapter
-from compress.pipeline import apply_plan
+from compress.models.adapters import get_adapter
+from compress.run import apply_plan
 from compress.plan import Plan
 from compress.pruning.compensation import GramStats, least_squares_refit
 from compress.pruning.surgeon import REFIT_ARTIFACT

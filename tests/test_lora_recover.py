@@ -10,7 +10,7 @@ import torch
 
 import passes.lora_recover  # noqa: F401  (registers the pass)
 from compress.context import PassContext
-from compress.pipeline import apply_plan
+from compress.run import apply_plan
 from compress.plan import Plan
 from compress.registry import get_pass
 from compress.training import (
@@ -275,7 +275,7 @@ def test_the_recover_recipe_validates():
 @pytest.mark.slow
 def test_recipe_run_and_apply_reproduce_the_recovered_weights(tmp_path):
     """End to end: flap + lora_recover through run_recipe, then `compress apply` on the dense model."""
-    from compress.pipeline import apply_plan_file, run_recipe
+    from compress.run import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
 
     folder = tiny_smol_folder(tmp_path / "tiny-smol")

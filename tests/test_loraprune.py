@@ -10,8 +10,8 @@ import torch
 
 import passes.loraprune  # noqa: F401  (registers the pass)
 from compress.context import PassContext
-from compress.models.llama import get_adapter
-from compress.pipeline import apply_plan
+from compress.models.adapters import get_adapter
+from compress.run import apply_plan
 from compress.plan import Plan
 from compress.pruning.lora_importance import (
     LoraGradientScorer,
@@ -318,7 +318,7 @@ def test_recipe_run_reloads_and_apply_reproduces_the_artifact(tmp_path):
     """End to end: loraprune through run_recipe (reload gate), then `compress apply` on the dense model."""
     from transformers import AutoModelForCausalLM
 
-    from compress.pipeline import apply_plan_file, run_recipe
+    from compress.run import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
 
     folder = tiny_smol_folder(tmp_path / "tiny-smol")

@@ -22,9 +22,9 @@ from transformers import (
 
 from compress.context import PassContext
 from compress.errors import CompressError, PlanError
-from compress.models.llama import get_adapter
+from compress.models.adapters import get_adapter
 from compress.models.moe import MoeAdapter
-from compress.pipeline import apply_plan
+from compress.run import apply_plan
 from compress.plan import Plan
 from compress.pruning.experts import (
     ExpertStats,
@@ -495,7 +495,7 @@ def test_replay_refuses_a_model_with_other_expert_counts(tmp_path):
 
 
 def test_non_uniform_counts_export_with_a_per_layer_config(tmp_path):
-    from exporters.safetensors import export_safetensors
+    from exporters.moe import export_moe_safetensors as export_safetensors
 
     model = tiny_moe("mixtral")
     with torch.no_grad():  # make layer 1's scores much more peaked than layer 0's
@@ -509,7 +509,7 @@ def test_non_uniform_counts_export_with_a_per_layer_config(tmp_path):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_export_reloads_with_stock_transformers(family, tmp_path):
-    from exporters.safetensors import export_safetensors
+    from exporters.moe import export_moe_safetensors as export_safetensors
 
     model = tiny_moe(family, **({"norm_topk_prob": False} if family == "qwen2_moe" else {}))
     with warnings.catch_warnings():
@@ -541,7 +541,7 @@ def tiny_moe_folder(folder, family: str):
 @pytest.mark.parametrize("family,own_source", [("mixtral", False), ("qwen2_moe", True)])
 def test_recipe_run_reloads_and_apply_reproduces_the_artifact_bit_for_bit(family, own_source, tmp_path):
     """The pass scores on the recipe's calibration windows, or on its own `source` of demonstrations."""
-    from compress.pipeline import apply_plan_file, run_recipe
+    from compress.run import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
 
     folder = tiny_moe_folder(tmp_path / "tiny-moe", family)

@@ -15,13 +15,13 @@ from test_onnx import FP32_ATOL, FP32_RTOL, assert_prefill_and_cached_decode_mat
 from transformers import AutoModelForCausalLM
 
 from compress.errors import CompressError
-from compress.models.llama import get_adapter
+from compress.models.adapters import get_adapter
 from compress.models.moe import MoeAdapter
 from compress.models.moe_static import StaticMoeBlock, static_moe_blocks
 from compress.models.pruned_moe import PrunedMixtralConfig, PrunedQwen3MoeConfig, pruned_moe_classes
 from compress.onnx_runtime import OrtDecoder
 from exporters.onnx import OnnxExportOptions, export_onnx
-from exporters.safetensors import export_safetensors
+from exporters.moe import export_moe_safetensors as export_safetensors
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 NO_SLIM = OnnxExportOptions(slim=False)  # onnxslim adds seconds and is covered by the recipe run
@@ -194,7 +194,7 @@ def test_remote_code_loads_without_the_compress_package(tmp_path):
 # ----------------------------------------------------------------------------- recipe
 def test_recipe_with_global_allocator_exports_safetensors_and_onnx_and_passes_its_gates(tmp_path):
     from compress.models.loading import load_model
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     from transformers import AutoTokenizer

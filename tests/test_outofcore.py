@@ -16,7 +16,7 @@ from compress.checkpoint import CheckpointReader, ShardedWriter, StreamedTensor,
 from compress.cli import app
 from compress.errors import CompressError, RecipeError
 from compress.memory import MemoryBudget, parse_size
-from compress.pipeline import run_recipe
+from compress.run import run_recipe
 from compress.recipe import parse_recipe
 from conftest import tiny_model, tiny_smol_folder
 

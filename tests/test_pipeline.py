@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import compress  # noqa: F401  (registers pruned_llama)
 from compress.errors import CompressError
-from compress.pipeline import apply_plan_file, run_recipe
+from compress.run import apply_plan_file, run_recipe
 from compress.recipe import parse_recipe
 from conftest import tiny_model
 
@@ -98,7 +98,7 @@ def test_onnx_export_is_validated_in_the_run_and_again_by_validate(tiny_folder, 
     from typer.testing import CliRunner
 
     from compress.cli import app
-    from compress.validation import validate_artifact
+    from compress.run.validate import validate_artifact
 
     out = tmp_path / "out"
     recipe = recipe_for(tiny_folder, out, export={"output": str(out), "formats": ["safetensors", "onnx"]},

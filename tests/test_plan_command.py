@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import compress  # noqa: F401  (registers pruned_llama)
 from compress.cli import app
 from compress.errors import RecipeError
-from compress.pipeline import apply_plan_file, run_recipe
+from compress.run import apply_plan_file, run_recipe
 from compress.recipe import parse_recipe
 from conftest import assert_same_safetensors, tiny_smol_folder
 

@@ -10,8 +10,8 @@ import torch
 from compress.calibration.runner import LayerRunner, input_hooks
 from compress.calibration.stats import ChannelStats
 from compress.context import PassContext
-from compress.models.llama import get_adapter
-from compress.pipeline import apply_plan
+from compress.models.adapters import get_adapter
+from compress.run import apply_plan
 from compress.plan import LayerPlan, Plan, PlanStep
 from compress.pruning.allocators import allocate_global, allocate_uniform
 from compress.pruning.scores import LayerScores

@@ -10,7 +10,7 @@ import torch
 
 from compress.context import PassContext
 from compress.evaluation import compare_logits
-from compress.models.llama import get_adapter
+from compress.models.adapters import get_adapter
 from compress.pruning.compensation import GramStats, choose_damp, least_squares_refit, refit_error
 from compress.pruning.scores import FluctuationScorer
 from compress.pruning.search import KLFitness, MaskedAllocation, propose
@@ -152,7 +152,7 @@ def test_refit_error_is_the_direct_reconstruction_error_and_the_dense_prior_limi
 
 
 def test_auto_damp_is_recorded_and_the_plan_replays(tmp_path):
-    from compress.pipeline import apply_plan
+    from compress.run import apply_plan
     from compress.plan import Plan
 
     model = tiny_model()

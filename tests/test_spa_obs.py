@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from passes.spa.grouping import find_groups
+from compress.models.onnx_graph.grouping import find_groups
 from passes.spa.obs import damped, refit_kept_columns, unit_saliency
 from tests.test_spa import conv_model, mlp_model, onnx_recipe, run, tiny_llama_export  # noqa: F401 (fixture)
 
@@ -59,7 +59,7 @@ def output_error(dense: onnx.ModelProto, pruned: onnx.ModelProto, count: int = 2
 
 @pytest.mark.parametrize("hessian", ["synthetic", "identity"])
 def test_obs_pass_compensation_lowers_the_output_error(tmp_path, hessian):
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
 
     dense = mlp_model(activation="Identity")  # linear: the synthetic Hessian is the real one
     errors, plans = {}, {}
@@ -82,7 +82,7 @@ def test_obs_pass_compensation_lowers_the_output_error(tmp_path, hessian):
 
 
 def test_obs_prunes_a_cnn_with_synthetic_images(tmp_path):
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
 
     result = run_recipe(onnx_recipe(tmp_path, conv_model(), importance="obs", samples=8, batch_size=4),
                         progress=False)
@@ -101,7 +101,7 @@ def test_obs_prunes_a_cnn_with_synthetic_images(tmp_path):
 
 def test_calibration_text_on_a_graph_without_tokens_is_refused(tmp_path):
     from compress.errors import CompressError
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
 
     with pytest.raises(CompressError, match="input_ids"):
         run_recipe(onnx_recipe(tmp_path, conv_model(), importance="obs", hessian="calibration"), progress=False)
@@ -130,9 +130,10 @@ def test_obs_on_an_exported_decoder_refits_on_the_synthetic_tokens(tmp_path, tin
     """On a random-weight decoder the heads are nearly independent, so the refit has little to
     recover out of sample; on the seeded synthetic tokens it was fit to, the first pruned
     consumer's output error must drop."""
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
     from passes.spa.activations import consumer_inputs
-    from passes.spa.prune import OnnxPassContext, SpaPass
+    from compress.models.onnx_graph import OnnxPassContext
+    from passes.spa.prune import SpaPass
 
     _, dense = tiny_llama_export
     options = dict(ratio=0.25, importance="obs", samples=16, seqlen=16, seed=5)
@@ -163,7 +164,7 @@ def test_compress_apply_replays_an_onnx_plan_with_its_refit_consumers(tmp_path):
     from typer.testing import CliRunner
 
     from compress.cli import app
-    from compress.pipeline import run_recipe
+    from compress.run import run_recipe
 
     recipe = onnx_recipe(tmp_path, conv_model(), importance="obs", samples=8, batch_size=4)
     assert run_recipe(recipe, progress=False).passed

@@ -1,4 +1,4 @@
-"""SPA's ONNX grouping (``passes.spa.grouping.find_groups``) against its torch twin (torch-pruning's
+"""SPA's ONNX grouping (``compress.models.onnx_graph.grouping.find_groups``) against its torch twin (torch-pruning's
 DependencyGraph, ``compress.pruning.torch_groups``) on the same small torch models.
 
 Each model is exported with ``torch.onnx.export(dynamo=True, opset_version=18)`` and ``.optimize()``;
@@ -28,8 +28,8 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.pruning.torch_groups import prune_torch_model, torch_groups
-from passes.spa.grouping import find_groups
-from passes.spa.surgery import prune_onnx
+from compress.models.onnx_graph.grouping import find_groups
+from compress.models.onnx_graph.surgery import prune_onnx
 
 
 class CNN(nn.Module):

@@ -405,7 +405,7 @@ def test_recipe_with_token_merge_exports_gates_and_replays(tmp_path, one_thread)
     from transformers import AutoTokenizer
 
     from compress.models.loading import PACKAGED_ENCODERS
-    from compress.pipeline import apply_plan_file, run_recipe
+    from compress.run import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
     from test_heads import tiny_bert
 

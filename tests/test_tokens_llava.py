@@ -177,7 +177,7 @@ def test_llava_recipe_runs_and_its_plan_replays(tmp_path, one_thread):
     with random weights), the gates pass, and `compress apply` reproduces the folder."""
     pytest.importorskip("conformal_clip_data")
 
-    from compress.pipeline import apply_plan_file, run_recipe
+    from compress.run import apply_plan_file, run_recipe
     from compress.recipe import parse_recipe
 
     folder = tmp_path / "tiny-llava"

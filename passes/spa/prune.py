@@ -8,7 +8,6 @@ slices and kept units), so the cut can be read back without the scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compress.schema import Seed
 from compress.recipe import TextSource
 
+from compress.models.onnx_graph import OnnxPassContext
 from compress.plan import PlanStep
 from compress.registry import register_pass
 
@@ -29,16 +29,6 @@ TOKEN_INPUTS = {  # graph input -> its feed for [batch, seq] token ids (no paddi
     "token_type_ids": lambda ids: np.zeros(ids.shape, np.int64),
     "position_ids": lambda ids: np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1)),
 }
-
-
-@dataclass
-class OnnxPassContext:
-    """What a pass on an ONNX model sees: the model (weights loaded) and where it came from."""
-
-    model: object  # onnx.ModelProto, replaced by each pass
-    source: Path
-    progress: bool = True
-    shapes_before: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def select_groups(groups, granularity: str) -> list:
@@ -246,7 +236,7 @@ class SpaPass:
     def compensate(self, selected, keep, shapes, tensors, inputs, hessians) -> dict[str, torch.Tensor]:
         """The consumers refit to their kept columns (dense shapes): initializer name -> tensor."""
         from passes.spa.obs import compensate
-        from passes.spa.surgery import kept_indices
+        from compress.models.onnx_graph.surgery import kept_indices
 
         consumer_axes = {(s.tensor, s.axis) for g in selected for s in g.slices if s.role == "consumer"}
         kept = {key: torch.from_numpy(index) for key, index in kept_indices(selected, keep, shapes).items()
@@ -259,8 +249,8 @@ class SpaPass:
         the recorded ones; the refit consumers come from the step's ``refit`` artifact."""
         from compress.errors import PlanError
         from compress.pruning.groups import ChannelGroup
-        from passes.spa.grouping import find_groups
-        from passes.spa.surgery import prune_onnx
+        from compress.models.onnx_graph.grouping import find_groups
+        from compress.models.onnx_graph.surgery import prune_onnx
 
         options = cls.Options(**step.options)
         groups, graph = find_groups(ctx.model, tuple(options.resizable_io))
@@ -297,8 +287,8 @@ class SpaPass:
 
         from compress.errors import CompressError
         from compress.pruning.units import UnitSet
-        from passes.spa.grouping import find_groups
-        from passes.spa.surgery import prune_onnx
+        from compress.models.onnx_graph.grouping import find_groups
+        from compress.models.onnx_graph.surgery import prune_onnx
 
         o = self.options
         groups, graph = find_groups(ctx.model, tuple(o.resizable_io))

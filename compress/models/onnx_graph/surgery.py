@@ -20,8 +20,8 @@ from onnx import helper, numpy_helper
 
 from compress.errors import CompressError
 from compress.pruning.groups import ChannelGroup
-from passes.spa.atoms import find, leaves
-from passes.spa.graph import GraphAtoms
+from compress.models.onnx_graph.atoms import find, leaves
+from compress.models.onnx_graph.graph import GraphAtoms
 
 
 def _check_keep(groups: dict[int, ChannelGroup], keep: dict[int, list[int]]) -> None:

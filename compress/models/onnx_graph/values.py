@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from passes.spa.atoms import Atom
+from compress.models.onnx_graph.atoms import Atom
 
 
 @dataclass(frozen=True)

@@ -13,24 +13,23 @@ from pathlib import Path
 
 import onnx
 
+from compress.errors import CompressError
 from compress.pruning.groups import ChannelGroup, ParamSlice
-from passes.spa.atoms import Atom, find, leaves
-from passes.spa.graph import RESIZABLE_IO, GraphAtoms
+from compress.models.onnx_graph.atoms import Atom, find, leaves
+from compress.models.onnx_graph.graph import RESIZABLE_IO, GraphAtoms
 
 
 WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """The model's graph without loading external weight data (shapes only)."""
-    from compress.errors import CompressError
-
+def load_onnx(path: str | Path, weights: bool = False) -> onnx.ModelProto:
+    """The model's graph, without its external weight data (shapes only) unless ``weights``."""
     path = Path(path)
     if not path.is_file():
         raise CompressError(f"{path}: ONNX file not found")
     try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a damaged or non-ONNX file
+        return onnx.load(str(path), load_external_data=weights)
+    except Exception as exc:  # a damaged or non-ONNX file, or missing external data
         raise CompressError(f"{path}: not a readable ONNX model ({exc})") from None
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from passes.spa.atoms import (
+from compress.models.onnx_graph.atoms import (
     Atom,
     AtomConflict,
     dim_leaves,
@@ -25,7 +25,7 @@ from passes.spa.atoms import (
     take_leaves,
     unify_dims,
 )
-from passes.spa.values import DimRef, Element, Lit, evaluate, literal_values
+from compress.models.onnx_graph.values import DimRef, Element, Lit, evaluate, literal_values
 
 Dims = list[list[Atom]]  # per axis, its atoms (outermost first)
 

@@ -1,0 +1,44 @@
+"""``compress run --dry-run``: what a run would do, in the words of its model kind, after the
+checks that need no weights (:mod:`compress.preflight`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.kinds import kind_class
+from compress.kinds.base import ONNX_SUBDIR
+from compress.preflight import preflight
+
+
+def describe_recipe(recipe, output: Path | None = None, kind: str = "decoder") -> list[str]:
+    """What ``run`` would do with a model of ``kind``, one line per step."""
+    out = Path(output) if output else Path(recipe.export.output)
+    cls = kind_class(kind, recipe.max_memory is not None)
+    lines = [
+        f"recipe    {recipe.name}",
+        f"model     {recipe.model.source} ({recipe.model.dtype}, device {recipe.device}, seed {recipe.seed})",
+    ]
+    if recipe.calibration is not None:
+        c = recipe.calibration
+        lines.append(f"calibrate {c.source}: {c.samples} {cls.calibration_unit} × {c.seqlen} tokens, seed {c.seed}, "
+                     f"batch {c.batch_size}")
+    for i, entry in enumerate(recipe.passes):
+        opts = ", ".join(f"{k}={v}" for k, v in entry.options.model_dump().items())
+        lines.append(f"pass {i + 1}    {entry.name}: {opts}")
+    lines.append(f"export    {', '.join(recipe.export.formats)} → {out}")
+    if "onnx" in recipe.export.formats:
+        o = recipe.export.onnx
+        lines.append(f"onnx      opset {o.opset}, {'fp16' if o.fp16 else 'fp32'}, slim {'on' if o.slim else 'off'} "
+                     f"→ {out / ONNX_SUBDIR}")
+    if recipe.evaluate is not None:
+        lines.append(f"evaluate  {cls.describe_evaluation(recipe.evaluate)}")
+    lines.append(f"validate  {'; '.join(cls.describe_gates(recipe.validate, recipe.export.formats))}")
+    return lines
+
+
+def dry_run_lines(recipe, output: Path | None = None, overwrite: bool = False) -> list[str]:
+    """What ``run --dry-run`` prints: the recipe's steps, then what the checks that need no
+    weights found (they raise on a missing model, a pass that does not fit it, a refused output)."""
+    out = Path(output) if output else Path(recipe.export.output)
+    checked = preflight(recipe, out, overwrite=overwrite)
+    return describe_recipe(recipe, out, checked.kind) + checked.lines()
