@@ -164,7 +164,7 @@ class BatchJob:
         return Path(self.recipe.export.output)
 
     def recipe_data(self) -> dict[str, Any]:
-        """The recipe as plain data, as the pipeline saves it in the folder (recipe.yaml)."""
+        """The recipe as plain data, as the runner saves it in the folder (recipe.yaml)."""
         return self.recipe.to_dict()
 
     def outline(self) -> str:

@@ -1,6 +1,6 @@
 """The ``compress`` command line: run recipes, list passes, inspect and evaluate models, replay plans.
 
-Heavy modules (torch, transformers, the pipeline) are imported inside each command, so
+Heavy modules (torch, transformers, the runner) are imported inside each command, so
 ``compress --help`` stays quick. Every :class:`~compress.errors.CompressError` raised by a command
 is caught in one place (:class:`CompressGroup`) and printed as ``error: <message>`` on stderr with
 the error's exit code (2 for bad input, 3 for a failed gate) — never a traceback.

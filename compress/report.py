@@ -1,6 +1,6 @@
 """The run report: ``report.json`` (everything), ``report.md`` (readable tables), ``kept_widths.png``.
 
-The report is a plain dict built by the pipeline (shape below); this module only writes it. Every
+The report is a plain dict built by the runner (compress/run) (shape below); this module only writes it. Every
 section except ``recipe``/``model`` is optional: a missing section is left out of the markdown.
 
     {"recipe", "model", "created", "device", "dtype", "seed",

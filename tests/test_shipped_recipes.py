@@ -40,3 +40,12 @@ def test_shipped_recipe_parses_and_dry_runs(path, tmp_path):
             return
     assert result.exit_code == 0, result.output
     assert "checked   model is" in result.output
+
+
+def test_out_of_core_dry_run_says_how_the_model_is_held(tmp_path):
+    path = RECIPES[0].parent / "llama-flap-20-outofcore.yaml"
+    result = CliRunner().invoke(app, ["run", str(path), "--dry-run", "-o", str(tmp_path / "out")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "memory    out of core under 1.00 GiB" in result.output
+    assert "peak RSS ≤ max_memory" in result.output

@@ -37,6 +37,11 @@ class ModelKind:
         return "none for this kind of model"
 
     @classmethod
+    def describe_execution(cls, recipe) -> str | None:
+        """The dry run's ``memory`` line (how the model is held), or None for in memory."""
+        return None
+
+    @classmethod
     def describe_gates(cls, validate, formats) -> list[str]:
         """The dry run's ``validate`` line: the gates that are checked."""
         return [f"reload max|Δ| ≤ {validate.reload_max_abs_diff}"]

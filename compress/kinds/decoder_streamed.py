@@ -100,6 +100,11 @@ class StreamedDecoderKind(DecoderKind):
         return "skipped out of core (it needs the whole model): compress eval the output"
 
     @classmethod
+    def describe_execution(cls, recipe) -> str | None:
+        where = f"on disk in {recipe.offload_dir}" if recipe.offload_dir else "in RAM, on disk if they do not fit"
+        return f"out of core under {format_size(int(recipe.max_memory))}; activations {where}"
+
+    @classmethod
     def describe_gates(cls, v, formats) -> list[str]:
         return ["reload structure (config.json vs the written tensors)", "peak RSS ≤ max_memory"]
 
@@ -322,21 +327,4 @@ def written_structure(folder: Path) -> tuple[bool, str]:
     return True, f"config.json ({type(config).__name__}) rebuilds exactly the {len(written)} written tensors"
 
 
-def describe_out_of_core(recipe, lines: list[str]) -> list[str]:
-    """The dry run's lines adjusted for an out-of-core run: the memory line before the export, the
-    evaluation marked as skipped, the gates that are checked."""
-    where = f"on disk in {recipe.offload_dir}" if recipe.offload_dir else "in RAM, on disk if they do not fit"
-    cap = format_size(int(recipe.max_memory))
-    adjusted = []
-    for line in lines:
-        if line.startswith("export"):
-            adjusted.append(f"memory    out of core under {cap}; activations {where}")
-        if line.startswith("evaluate"):
-            line = "evaluate  skipped out of core (it needs the whole model): compress eval the output"
-        if line.startswith("validate"):
-            line = f"validate  reload structure (config.json vs the written tensors); peak RSS ≤ {cap}"
-        adjusted.append(line)
-    return adjusted
-
-
-__all__ = ["StreamedDecoderKind", "StreamingContext", "check_out_of_core", "describe_out_of_core"]
+__all__ = ["StreamedDecoderKind", "StreamingContext", "check_out_of_core"]

@@ -25,6 +25,9 @@ def describe_recipe(recipe, output: Path | None = None, kind: str = "decoder") -
     for i, entry in enumerate(recipe.passes):
         opts = ", ".join(f"{k}={v}" for k, v in entry.options.model_dump().items())
         lines.append(f"pass {i + 1}    {entry.name}: {opts}")
+    execution = cls.describe_execution(recipe)
+    if execution:
+        lines.append(f"memory    {execution}")
     lines.append(f"export    {', '.join(recipe.export.formats)} → {out}")
     if "onnx" in recipe.export.formats:
         o = recipe.export.onnx
