@@ -132,6 +132,18 @@ def test_onnx_export_is_validated_in_the_run_and_again_by_validate(tiny_folder, 
     assert "onnx_logits_allclose" in (out / "FAILED").read_text()
     assert json.loads((out / "report.json").read_text())["validation"]["passed"] is False
 
+    # weights of the graph changed behind its back: the parity gates fail at the recipe's own tolerances
+    import numpy as np
+
+    data = out / "onnx" / "model.onnx.data"
+    weights = np.fromfile(data, dtype=np.float32)
+    weights[len(weights) // 2:] *= 1.5
+    weights.tofile(data)
+    damaged = validate_artifact(out, progress=False)
+    assert not damaged.passed
+    failed = {g["name"] for g in json.loads((out / "report.json").read_text())["validation"]["gates"] if not g["passed"]}
+    assert {"onnx_logits_allclose", "onnx_present_allclose"} <= failed, failed
+
 
 def test_a_failing_run_leaves_no_output_folder(tmp_path):
     recipe = recipe_for(tmp_path / "missing-model", tmp_path / "out")

@@ -116,3 +116,24 @@ def test_the_core_imports_no_pass_module():
     offenders = {name: sorted(t for t in targets if t.startswith("passes."))
                  for name, targets in graph.items() if name.startswith("compress.")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def run_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_importing_the_package_and_the_cli_loads_neither_torch_nor_transformers():
+    assert run_python("import sys, compress, compress.cli, compress.registry, compress.errors; "
+                      "print('torch' in sys.modules, 'transformers' in sys.modules)") == "False False"
+
+
+def test_the_pruned_classes_are_registered_whichever_is_imported_first():
+    check = ("from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+             "print('pruned_llama' in CONFIG_MAPPING)")
+    assert run_python("import compress; " + check) == "True"
+    assert run_python("import transformers, compress; " + check) == "True"
