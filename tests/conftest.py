@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-initialised decoders (fast) and the real SmolLM2 (marked slow)."""
+"""Shared fixtures: tiny random-initialised decoders (fast) and the real SmolLM2 (tests marked real)."""
 
 from __future__ import annotations
 

