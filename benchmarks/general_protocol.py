@@ -222,6 +222,25 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def crosscal_table(rows: dict[str, dict], config: str) -> str:
+    """Rows ``config@<calibration>`` as calibration source × evaluation domain: the PPL ratio of each
+    domain when the pass calibrates on one source; a method that overfits its calibration text shows
+    a low ratio on its own domain's column and high ones elsewhere."""
+    picked = {key.split("@", 1)[1]: row for key, row in rows.items()
+              if key.split("@", 1)[0] == config and "#" not in key}
+    if not picked:
+        return f"(no rows of {config})"
+    domains = list(next(iter(picked.values()))["evaluation"]["datasets"])
+    head = ["calibrated on", *domains, "geomean", "worst"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for calibration, row in picked.items():
+        e = row["evaluation"]
+        cells = [calibration] + [f"{e['datasets'][d]['ppl_ratio']:.2f}" for d in domains]
+        cells += [f"**{e['geomean_ppl_ratio']:.2f}**", f"{e['worst_ppl_ratio']:.2f} ({e['worst_dataset']})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=["dense", "flap-20", "flap-50"], help=f"of: {', '.join(CONFIGS)}")
@@ -235,6 +254,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only print the table of --out")
+    parser.add_argument("--rows", nargs="*", help="--table: only these row keys, in this order")
+    parser.add_argument("--crosscal", help="--table: the cross-calibration table of this config instead")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,7 +289,11 @@ def main() -> None:
                       f"{e['worst_dataset']} {e['worst_ppl_ratio'] or math.nan:.3f}", flush=True)
             row_file.unlink()
             args.out.write_text(json.dumps(data, indent=1))
-    print(markdown_table(data["rows"]))
+    if args.crosscal:
+        print(crosscal_table(data["rows"], args.crosscal))
+        return
+    rows = {key: data["rows"][key] for key in args.rows if key in data["rows"]} if args.rows else data["rows"]
+    print(markdown_table(rows))
     print(f"\nJSON: {args.out}")
 
 
