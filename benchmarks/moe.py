@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import sys
 import time
@@ -309,7 +310,7 @@ def main() -> None:
     print(json.dumps(record, indent=2))
     rows = [] if args.build_only else prune_rows(folder, record, args.scores, args.ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"moe": {"folder": str(folder), **record}, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"moe": {"folder": os.path.relpath(folder, ROOT), **record}, "rows": rows}, indent=2))
     print(f"\nJSON: {args.out}")
 
 

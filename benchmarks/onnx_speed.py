@@ -444,7 +444,7 @@ def main() -> None:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         params = meta["shape"]["params"]
         variants[name] = {
-            "folder": str(folder),
+            "folder": os.path.relpath(folder, ROOT),
             "pass": meta["pass"],
             "options": meta["options"],
             "params_total": params["total"],
@@ -548,7 +548,7 @@ def main() -> None:
         "settings": {
             "variants": args.variants, "device": args.device, "threads": args.threads, "repeats": args.repeats,
             "decode_repeats": args.decode_repeats, "warmup": args.warmup, "seqlen": args.seqlen, "batch": args.batch,
-            "decode_mode": args.decode_mode, "iobinding": iobinding, "cache_dir": str(args.cache_dir),
+            "decode_mode": args.decode_mode, "iobinding": iobinding, "cache_dir": os.path.relpath(args.cache_dir, ROOT),
         },
         "environment": {**environment(provider, args.threads, args.device),
                         "loadavg_before": [round(x, 2) for x in load_before],

@@ -62,7 +62,7 @@ def run_child(arguments: list[str], log: Path, env: dict | None = None) -> dict:
                                  env={**os.environ, **(env or {})})
         _pid, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
-    return {"command": "compress " + " ".join(arguments), "exit_code": child.returncode,
+    return {"command": ("compress " + " ".join(arguments)).replace(f"{ROOT}/", ""), "exit_code": child.returncode,
             "wall_s": round(time.perf_counter() - start, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "log": str(log.relative_to(ROOT))}
 
