@@ -12,6 +12,8 @@ import datetime as _dt
 from typing import TYPE_CHECKING, ClassVar
 
 from compress.context import PassContext
+from compress.gates import Gate
+from compress.models.loading import load_model
 
 if TYPE_CHECKING:  # the run state is built by compress.run, which imports the kinds
     from compress.plan import Plan, PlanStep
@@ -53,6 +55,23 @@ class ModelKind:
     def load(self) -> None:
         """Load the model (and its tokenizer or processor) into ``state``."""
         raise NotImplementedError
+
+    def load_pretrained(self) -> None:
+        """The load stage of a transformers model: the model and its tokenizer (or processor)."""
+        s = self.state
+        with s.stage("load"):
+            loaded = load_model(s.source, dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code,
+                                progress=s.progress)
+        s.model, s.tokenizer = loaded.model, loaded.tokenizer
+
+    def gate_reload(self, measure, detail: str) -> float:
+        """The reload check: ``measure()`` (max |Δ| between the in-memory model and the export reloaded
+        from disk) in its stage, gated by ``validate.reload_max_abs_diff``."""
+        s = self.state
+        with s.stage("reload check"):
+            diff = measure()
+        s.gate(Gate.check("reload_max_abs_diff", diff, s.validate.reload_max_abs_diff, "<=", detail))
+        return diff
 
     def reference(self) -> None:
         """Before any pass: dense counts, and what the evaluation compares against."""

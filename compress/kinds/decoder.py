@@ -18,7 +18,7 @@ from compress.models.adapters import get_adapter
 from compress.models.loading import load_model, transformers_progress
 from compress.registry import get_pass
 from compress.replay import apply_plan
-from compress.validation import Gate, quality_gates, validate_onnx
+from compress.validation import quality_gates, validate_onnx
 
 RELOAD_CHECK_WINDOWS = 4
 HELDOUT_WINDOWS = 32  # held-out calibration windows (choices made on data the statistics did not see)
@@ -133,12 +133,8 @@ class DecoderKind(ModelKind):
 
     # -------------------------------------------------------------------------- before passes
     def load(self) -> None:
-        s = self.state
-        with s.stage("load"):
-            loaded = load_model(s.source, dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code,
-                                progress=s.progress)
-        s.model, s.tokenizer = loaded.model, loaded.tokenizer
-        self.adapter = get_adapter(s.model)
+        self.load_pretrained()
+        self.adapter = get_adapter(self.state.model)
 
     def reference(self) -> None:
         s = self.state
@@ -197,13 +193,18 @@ class DecoderKind(ModelKind):
         }
 
     def export(self) -> None:
+        s = self.state
+        with s.stage("export"):
+            exported = self.write_weights()
+            plan_files = s.plan.save(s.folder / "plan.json")
+        s.files += sorted(exported.get("files", [])) + plan_files
+
+    def write_weights(self) -> dict:
+        """Write the model's safetensors, config and tokenizer into the output; ``{"files": [...]}``."""
         from exporters.safetensors import export_safetensors
 
         s = self.state
-        with s.stage("export"):
-            exported = export_safetensors(s.model, s.tokenizer, s.folder)
-            plan_files = s.plan.save(s.folder / "plan.json")
-        s.files += sorted(exported.get("files", [])) + plan_files
+        return export_safetensors(s.model, s.tokenizer, s.folder)
 
     def check_windows(self) -> torch.Tensor:
         if self.evaluator is not None:
@@ -213,10 +214,8 @@ class DecoderKind(ModelKind):
 
     def reload_check(self) -> None:
         s = self.state
-        with s.stage("reload check"):
-            diff = reload_max_abs_diff(s.model, s.folder, self.check_windows(), s.device)
-        s.gate(Gate.check("reload_max_abs_diff", diff, s.validate.reload_max_abs_diff, "<=",
-                          "in-memory model vs the safetensors export reloaded with from_pretrained"))
+        self.gate_reload(lambda: reload_max_abs_diff(s.model, s.folder, self.check_windows(), s.device),
+                         "in-memory model vs the safetensors export reloaded with from_pretrained")
 
     def onnx(self) -> None:
         s = self.state
@@ -268,11 +267,8 @@ class MoeDecoderKind(DecoderKind):
     name = "moe"
     words = "mixture-of-experts decoder"
 
-    def export(self) -> None:
+    def write_weights(self) -> dict:
         from exporters.moe import export_moe_safetensors
 
         s = self.state
-        with s.stage("export"):
-            exported = export_moe_safetensors(s.model, s.tokenizer, s.folder)
-            plan_files = s.plan.save(s.folder / "plan.json")
-        s.files += sorted(exported.get("files", [])) + plan_files
+        return export_moe_safetensors(s.model, s.tokenizer, s.folder)

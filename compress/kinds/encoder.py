@@ -18,7 +18,7 @@ from compress.evaluation.probe import fit_logistic_probe
 from compress.gates import Gate
 from compress.kinds.base import ONNX_SUBDIR, ModelKind, base_header, target_ratio
 from compress.models.encoder import EncoderAdapter
-from compress.models.loading import load_model, transformers_progress
+from compress.models.loading import transformers_progress
 from compress.replay import apply_plan
 
 ENCODER_DEFAULT_DATASETS = ["austen:persuasion", "austen:northangerabbey"]  # held-out sentences when unset
@@ -102,12 +102,8 @@ class EncoderKind(ModelKind):
         self.dense: DenseReference | None = None
 
     def load(self) -> None:
-        s = self.state
-        with s.stage("load"):
-            loaded = load_model(s.source, dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code,
-                                progress=s.progress)
-        s.model, s.tokenizer = loaded.model, loaded.tokenizer
-        self.adapter = EncoderAdapter(s.model)
+        self.load_pretrained()
+        self.adapter = EncoderAdapter(self.state.model)
 
     def reference(self) -> None:
         s, e = self.state, self.state.evaluate
@@ -196,10 +192,8 @@ class EncoderKind(ModelKind):
 
     def reload_check(self) -> None:
         s = self.state
-        with s.stage("reload check"):
-            diff = reload_max_abs_diff(s.model, s.folder, self.check_inputs(), s.device)
-        s.gate(Gate.check("reload_max_abs_diff", diff, s.validate.reload_max_abs_diff, "<=",
-                          "in-memory encoder vs the safetensors export reloaded with AutoModel (last_hidden_state)"))
+        self.gate_reload(lambda: reload_max_abs_diff(s.model, s.folder, self.check_inputs(), s.device),
+                         "in-memory encoder vs the safetensors export reloaded with AutoModel (last_hidden_state)")
 
     def onnx(self) -> None:
         s = self.state

@@ -15,7 +15,7 @@ import torch
 from compress.errors import CompressError, PlanError
 from compress.gates import Gate
 from compress.kinds.base import ModelKind, base_header
-from compress.models.loading import load_model, transformers_progress
+from compress.models.loading import transformers_progress
 from compress.pruning.token_schedule import install_llava_token_pruning
 
 PROMPT = "Describe the image."
@@ -109,12 +109,8 @@ class VlmKind(ModelKind):
         self.pixels = self.dense = None
 
     def load(self) -> None:
-        s = self.state
-        with s.stage("load"):
-            loaded = load_model(s.source, dtype=s.dtype, device=s.device, trust_remote_code=s.trust_remote_code,
-                                progress=s.progress)
-        s.model, s.tokenizer = loaded.model, loaded.tokenizer
-        self.dense_tokens = int(s.model.config.image_seq_length)
+        self.load_pretrained()
+        self.dense_tokens = int(self.state.model.config.image_seq_length)
 
     def reference(self) -> None:
         s, e = self.state, self.state.evaluate
@@ -162,11 +158,9 @@ class VlmKind(ModelKind):
         from exporters.vlm import sample_pixels
 
         s = self.state
-        with s.stage("reload check"):
-            diff = reload_max_abs_diff(s.model, s.tokenizer, s.folder, sample_pixels(s.model, batch=4, seed=1))
-        s.report["reload_max_abs_diff"] = diff
-        s.gate(Gate.check("reload_max_abs_diff", diff, s.validate.reload_max_abs_diff, "<=",
-                          "reloaded vs in-memory next-token log-probabilities (4 seeded images)"))
+        s.report["reload_max_abs_diff"] = self.gate_reload(
+            lambda: reload_max_abs_diff(s.model, s.tokenizer, s.folder, sample_pixels(s.model, batch=4, seed=1)),
+            "reloaded vs in-memory next-token log-probabilities (4 seeded images)")
 
     def onnx(self) -> None:
         s = self.state
