@@ -436,23 +436,33 @@ def test_local_executor_runs_real_jobs_in_worker_processes(tmp_path, tiny_folder
     assert finished_report(good) is not None  # a rerun would skip it: the saved recipe.yaml matches
 
 
-def test_ray_executor_runs_two_tiny_jobs_on_a_local_cluster(tmp_path, tiny_folder):
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One small local Ray runtime for the module: one CPU (so one worker process, started once and
+    reused by every task), no dashboard, worker logs kept out of the test output."""
     ray = pytest.importorskip("ray")
-    write_yaml(tmp_path / "base.yaml", tiny_recipe(tiny_folder))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_runs_jobs_as_ray_tasks_and_reports_a_failing_one(tmp_path, tiny_folder, ray_runtime):
+    """A tiny recipe passes and one with no model fails, each attempt a Ray task on the caller's
+    runtime; both results come back (evaluation is off: the figures come from the parameter counts)."""
+    write_yaml(tmp_path / "recipes" / "good.yaml", tiny_recipe(tiny_folder, evaluate=None))
+    write_yaml(tmp_path / "recipes" / "lost.yaml", tiny_recipe(tmp_path / "no-such-model", evaluate=None))
     path = write_yaml(tmp_path / "batch.yaml", {
-        "output": str(tmp_path / "out"), "executor": "ray", "resources": {"cpus": 1},
-        "grid": {"base": "base.yaml", "passes": ["magnitude_sp", "wanda_sp"], "ratios": [0.25]},
+        "output": str(tmp_path / "out"), "executor": "ray", "retries": 0, "resources": {"cpus": 1},
+        "jobs": [{"recipe": "recipes/good.yaml"}, {"recipe": "recipes/lost.yaml"}],
     })
     batch = load_batch(path)
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        outcome = run_batch(batch, progress=False)
-        assert ray.is_initialized()  # Ray was started by the caller: the batch leaves it running
-    finally:
-        ray.shutdown()
-    model = tiny_folder.name.lower()
-    assert [(r.name, r.status, r.attempts) for r in outcome.results] == [
-        (f"{model}-magnitude_sp-r0.25", PASSED, 1), (f"{model}-wanda_sp-r0.25", PASSED, 1)]
-    for result in outcome.results:
-        assert (Path(result.output_dir) / "report.json").is_file()
-        assert 0.15 < result.figures["params.pruning_ratio"] < 0.35
+    assert isinstance(batch_module.make_executor(batch), RayExecutor)
+    outcome = run_batch(batch, progress=False)
+    assert ray_runtime.is_initialized()  # Ray was started by the caller: the batch leaves it running
+    assert [(r.name, r.status, r.attempts) for r in outcome.results] == [("good", PASSED, 1), ("lost", FAILED, 1)]
+    good, lost = outcome.results
+    assert (Path(good.output_dir) / "report.json").is_file()
+    assert 0.2 < good.figures["params.pruning_ratio"] < 0.4
+    assert "no-such-model" in lost.error and not outcome.ok
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["counts"] == {"passed": 1, "skipped": 0, "gate_failed": 0, "failed": 1}
