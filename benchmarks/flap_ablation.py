@@ -53,7 +53,7 @@ def main() -> None:
     from compress.pruning.scores import FluctuationScorer
     from compress.pruning.structured import PrunerSettings, StructuredPruner
     from compress.pruning.surgeon import apply_layer_plan
-    from passes.flap import FlapPass
+    from passes.flap.run import FlapPass
 
     loaded = load_model("smollm2-135m", progress=False)
     dense, tokenizer = loaded.model, loaded.tokenizer

@@ -35,7 +35,7 @@ class Preflight:
 
 def passes_for(kind: str) -> list[str]:
     """The registered passes that work on ``kind``."""
-    return [name for name, spec in available_passes().items() if kind in getattr(spec.cls, "kinds", ())]
+    return [name for name, spec in available_passes().items() if kind in spec.kinds]
 
 
 def pass_kind_problems(recipe, kind: str, model_type: str | None) -> list[RecipeProblem]:
@@ -43,7 +43,7 @@ def pass_kind_problems(recipe, kind: str, model_type: str | None) -> list[Recipe
     problems = []
     what = f" ({model_type})" if model_type else ""
     for index, entry in enumerate(recipe.passes):
-        kinds = getattr(get_pass(entry.name).cls, "kinds", ())
+        kinds = get_pass(entry.name).kinds
         if kind not in kinds:
             fitting = ", ".join(passes_for(kind)) or "none"
             problems.append(RecipeProblem(("passes", index, entry.name), f"'{entry.name}' works on "

@@ -53,7 +53,7 @@ def apply_plan(model, plan: Plan) -> None:
             continue
         apply_step(adapter, step)  # slices, biases and least-squares refits
         spec = get_pass(step.pass_name)
-        if set(step.artifacts) - {REFIT_ARTIFACT} or (spec is not None and spec.cls.__dict__.get("replays_details")):
+        if set(step.artifacts) - {REFIT_ARTIFACT} or (spec is not None and spec.replays_details):
             replay_with_pass(model, step)
 
 

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.roles import DEFAULT_TARGET_ROLES
 
-DEFAULT_TARGET_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_FORMAT = "compress.lora-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 FINGERPRINT_VERSION = "compress.lora-run/1"

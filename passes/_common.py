@@ -1,4 +1,5 @@
-"""Options shared by the structured pruning passes."""
+"""Options shared by the pass declarations (light: no torch, see compress.registry), and helpers
+the implementations share."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from compress.schema import Seed
-from compress.pruning.structured import PrunerSettings
+from compress.pruning.settings import PrunerSettings
 from compress.recipe import TextSource
-from compress.training import DEFAULT_TARGET_ROLES
+from compress.roles import DEFAULT_TARGET_ROLES
 
 
 class StructuredOptions(BaseModel):

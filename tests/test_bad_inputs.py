@@ -102,12 +102,17 @@ def damaged_copy(source: Path, target: Path, file: str, damage) -> Path:
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if any model weights are loaded (a refusal must come first)."""
-    import compress.models.loading as loading
+    import compress.kinds.base
+    import compress.kinds.decoder
+    import compress.models.loading
+    import compress.run.validate
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the refusal")
 
-    monkeypatch.setattr(loading, "load_model", refuse)
+    # every module that binds ``load_model`` at import (imported first, so none binds the fake)
+    for module in (compress.models.loading, compress.kinds.base, compress.kinds.decoder, compress.run.validate):
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 # ----------------------------------------------------------------------------------- 1. data loss
@@ -364,7 +369,7 @@ def test_the_next_run_removes_what_a_killed_run_left_and_reports_the_rest(tmp_pa
 
 
 def test_ctrl_c_leaves_nothing_under_the_output_name(tmp_path, tiny_folder, text_file, monkeypatch):
-    from passes.baselines import MagnitudeSpPass
+    from passes.baselines.run import MagnitudeSpPass
 
     def interrupted(self, ctx):
         raise KeyboardInterrupt
@@ -427,12 +432,12 @@ def test_hostile_recipe_text_is_refused(tmp_path, text, fragment):
 
 
 def test_a_huge_recipe_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
-    import compress.recipe as recipe_module
+    import compress.recipe.loading as recipe_loading
 
     def never(*args, **kwargs):
         raise AssertionError("a 6 MB recipe was parsed")
 
-    monkeypatch.setattr(recipe_module, "parse_yaml", never)
+    monkeypatch.setattr(recipe_loading, "parse_yaml", never)  # where load_recipe looks it up
     path = tmp_path / "big.yaml"
     path.write_text("name: x\nfoo: [" + ",".join(["1"] * 3_000_000) + "]\n", encoding="utf-8")
     assert_refused(invoke("run", path, "--dry-run"), "big.yaml", "too large for a recipe")

@@ -10,8 +10,8 @@ import torch
 
 from compress.context import PassContext
 from compress.models.encoder import EncoderAdapter
-from passes.head_routing import HeadRoutingPass, kept_by_usage
-from passes.heads import HeadsPass, select_channels, select_heads
+from passes.head_routing.run import HeadRoutingPass, kept_by_usage
+from passes.heads.run import HeadsPass, select_channels, select_heads
 
 
 def tiny_bert(layers: int = 3, heads: int = 4, vocab: int = 64, seed: int = 0):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import passes.lora_recover  # noqa: F401  (registers the pass)
+import passes.lora_recover.run  # noqa: F401  (registers the pass)
 from compress.context import PassContext
 from compress.run import apply_plan
 from compress.plan import Plan
@@ -23,7 +23,7 @@ from compress.training import (
     train_lora,
 )
 from conftest import assert_same_safetensors, tiny_model, tiny_smol_folder
-from passes.lora_recover import block_ranks
+from passes.lora_recover.run import block_ranks
 
 TOKENS = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(1))
 SPEC = LoRASpec(rank=4, alpha=8.0, dropout=0.1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import passes.loraprune  # noqa: F401  (registers the pass)
+import passes.loraprune.run  # noqa: F401  (registers the pass)
 from compress.context import PassContext
 from compress.models.adapters import get_adapter
 from compress.run import apply_plan
@@ -24,7 +24,7 @@ from compress.pruning.schedule import PruningSchedule, cubic_sparsity
 from compress.registry import get_pass
 from compress.training import LoRASpec, attach_lora, detach_lora, lora_modules
 from conftest import assert_same_safetensors, tiny_model, tiny_smol_folder
-from passes.loraprune import default_skip_layers, rank_correlation
+from passes.loraprune.run import default_skip_layers, rank_correlation
 from test_lora_recover import ByteTokenizer, assert_same_weights
 
 BATCH = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(3))
@@ -248,19 +248,19 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(text_file, t
 
     prune = get_pass("loraprune").cls(options(text_file, tmp_path, checkpoint_dir=str(tmp_path / "b")))
     interrupted = tiny_model()
-    original = passes.loraprune.LoraPruneHooks.on_step_end
+    original = passes.loraprune.run.LoraPruneHooks.on_step_end
 
     def stop_at_seven(self, model, step, loss):
         original(self, model, step, loss)
         if step == 7:
             raise Interrupt
 
-    passes.loraprune.LoraPruneHooks.on_step_end = stop_at_seven
+    passes.loraprune.run.LoraPruneHooks.on_step_end = stop_at_seven
     try:
         with pytest.raises(Interrupt):
             prune.run(context(interrupted))
     finally:
-        passes.loraprune.LoraPruneHooks.on_step_end = original
+        passes.loraprune.run.LoraPruneHooks.on_step_end = original
     assert not lora_modules(interrupted)
     assert all(not m._forward_pre_hooks for m in interrupted.modules())  # masks removed with the adapters
 

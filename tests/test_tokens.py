@@ -362,7 +362,7 @@ def test_a_token_pruned_export_reloads_with_and_without_compress(tmp_path, one_t
 # ------------------------------------------------------------------------------------- passes
 def run_token_pass(model, name: str, options: dict):
     from compress.context import PassContext
-    from passes.tokens import TokenMergePass, TokenPrunePass
+    from passes.tokens.run import TokenMergePass, TokenPrunePass
 
     cls = {"token_prune": TokenPrunePass, "token_merge": TokenMergePass}[name]
     return cls(cls.Options(**options)).run(PassContext(model=model))

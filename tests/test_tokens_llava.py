@@ -109,7 +109,7 @@ def test_post_projector_divprune_picks_the_max_min_set_of_projected_tokens():
 
 def test_llava_token_passes_refuse_what_they_cannot_do():
     from compress.context import PassContext
-    from passes.tokens import TokenPrunePass
+    from passes.tokens.run import TokenPrunePass
 
     def run(options):
         return TokenPrunePass(TokenPrunePass.Options(**options)).run(PassContext(model=tiny_llava()))

@@ -153,8 +153,7 @@ class DecoderKind(ModelKind):
         ctx = PassContext(model=s.model, tokenizer=s.tokenizer, calibration_loader=calibration_loader(calibration, s.tokenizer),
                           batch_size=calibration.batch_size if calibration else 16, progress=s.progress,
                           dense_loader=self.load_dense, heldout_loader=heldout_loader(calibration, s.tokenizer))
-        if calibration is not None and any(getattr(get_pass(e.name).cls, "needs_calibration", False)
-                                           for e in s.recipe.passes):
+        if calibration is not None and any(get_pass(e.name).needs_calibration for e in s.recipe.passes):
             with s.stage("calibration data"):
                 ctx.calibration_ids()
         return ctx

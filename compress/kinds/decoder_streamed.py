@@ -57,7 +57,7 @@ def check_plan_out_of_core(plan, plan_path: Path) -> None:
         raise PlanError(f"{plan_path}: out of core replays decoder plans, not {plan.model['format']} plans")
     for step in plan.steps:
         extra = sorted(set(step.artifacts) - {REFIT_ARTIFACT})
-        if extra or "token_stages" in step.details or getattr(get_pass(step.pass_name).cls, "replays_details", False):
+        if extra or "token_stages" in step.details or get_pass(step.pass_name).replays_details:
             raise PlanError(f"{plan_path}: step {step.pass_name!r} cannot be replayed out of core "
                             f"({'artifacts ' + ', '.join(extra) if extra else 'it changes more than layer widths'}); "
                             "drop --max-memory")
@@ -146,7 +146,7 @@ class StreamedDecoderKind(DecoderKind):
         recipe = s.recipe
         cap = parse_size(s.max_memory)
         entry = recipe.passes[0]
-        needs_data = bool(getattr(get_pass(entry.name).cls, "needs_calibration", False))
+        needs_data = get_pass(entry.name).needs_calibration
         batch_size = recipe.calibration.batch_size if recipe.calibration else 16
         ctx = StreamingContext(model=s.model, tokenizer=s.tokenizer, batch_size=batch_size, progress=s.progress,
                                calibration_loader=calibration_loader(recipe.calibration, s.tokenizer) if needs_data else None)

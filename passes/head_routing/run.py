@@ -7,17 +7,17 @@ deterministic deployment rule, with a router-free stand-in for the routing stati
 calibration example, the head that "carries" it in a layer is the one with the largest
 contribution to the residual stream, ‖W_O,h E_h‖ summed over the example's tokens. Each layer keeps
 the heads that win the most examples (ties: larger total contribution, then lower index).
+
+The pass's name, options and docs are declared in :mod:`passes.head_routing`; this is what runs it.
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from compress.errors import CompressError
 from compress.plan import LayerPlan, PlanStep
-from compress.registry import register_pass
-from passes._common import KeepCount
+from passes.head_routing import HeadRouting
 
 
 def kept_by_usage(wins: torch.Tensor, tie_break: torch.Tensor, keep: int) -> list[int]:
@@ -26,26 +26,8 @@ def kept_by_usage(wins: torch.Tensor, tie_break: torch.Tensor, keep: int) -> lis
     return sorted(order[:keep])
 
 
-@register_pass("head_routing")
-class HeadRoutingPass:
-    """Head routing (SHRP deployment rule): keep, per layer, the heads that carry the most calibration examples.
-
-    Counts, per layer, for how many calibration examples each head has the largest residual
-    contribution (top-1 usage), keeps the `keep` most used heads of every layer and slices the
-    rest away. The counts are recorded in the plan. The training-time router of SHRP is not part
-    of this pass (see docs/heads.md).
-    """
-
-    kinds = ("encoder",)  # the model kinds it works on (compress.kinds)
-    needs_calibration = True
-
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-        keep: KeepCount = Field(
-            description="Heads each layer keeps: a whole number is a count, a value in (0, 1) a fraction of "
-            "the layer's heads (rounded, at least 1).")
-
+class HeadRoutingPass(HeadRouting):
+    """Runs the ``head_routing`` pass (declared by :class:`passes.head_routing.HeadRouting`)."""
 
     def __init__(self, options: "HeadRoutingPass.Options"):
         self.options = options
