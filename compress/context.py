@@ -25,6 +25,8 @@ class PassContext:
         heldout_loader: returns held-out windows of the calibration source [m, seqlen] (another
             seed, never the calibration windows themselves), for choices made on data the
             statistics did not see.
+        blocks: where a structured pass finds the model's blocks (compress.pruning.blocks); None:
+            in memory. Out of core, the streamed blocks of the checkpoint.
     """
 
     model: Any
@@ -35,6 +37,7 @@ class PassContext:
     batches_loader: Callable[[], list[dict]] | None = None
     dense_loader: Callable[[], Any] | None = None
     heldout_loader: Callable[[], torch.Tensor] | None = None
+    blocks: Any = None
     _calibration: torch.Tensor | None = field(default=None, repr=False)
     _dense: Any = field(default=None, repr=False)
     _heldout: torch.Tensor | None = field(default=None, repr=False)

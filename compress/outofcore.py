@@ -3,12 +3,13 @@
     StreamingModel(folder, dtype)     the causal LM as a module tree on the meta device; block i is
                                       materialised from the memory-mapped safetensors on demand
                                       (``materialise(i)``) and dropped back to meta (``release(i)``)
-    OutOfCorePruner(model, ...)       runs a ``StructuredPruner`` over those blocks: the same
-                                      scorer, allocator, plan and surgeon calls as in memory, in
-                                      the same order, so the plan and the weights are identical
+    StreamedBlocks(model, ...)        the block source a ``StructuredPruner`` sweeps out of core
+                                      (compress.pruning.blocks): the same scorer, allocator, plan
+                                      and surgeon calls as in memory, in the same order, so the
+                                      plan and the weights are identical
     OUT_OF_CORE_PASSES                the passes that can run this way
 
-Schedules (as ``StructuredPruner.run``):
+Sweeps (``StructuredPruner``'s, one code for both block sources):
   * data-free (magnitude): scores read from the weights; uniform allocation decides each block
     alone (one sweep); global allocation needs every block's scores first (two sweeps);
   * calibrated, uniform (wanda_sp, flap ul-um): one sweep, each block observed, planned, sliced,
@@ -28,8 +29,9 @@ counts, widths and the export config come from it without any weights.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -180,8 +182,10 @@ class StreamingModel:
                             batch_activations=b * per_window)
 
 
-class OutOfCorePruner:
-    """Runs a ``StructuredPruner`` over a ``StreamingModel``, block by block.
+class StreamedBlocks:
+    """The block source of an out-of-core run (see compress.pruning.blocks): a ``StructuredPruner``
+    visits each block of a ``StreamingModel`` materialised from the checkpoint, and emits it pruned
+    to ``sink`` before it is freed.
 
     Args:
         model: the streaming model.
@@ -193,7 +197,8 @@ class OutOfCorePruner:
         progress: show progress bars.
     """
 
-    UNSUPPORTED = {"block_budget": "allocator block_budget", "least_squares": "compensation least_squares"}
+    UNSUPPORTED = {"block_budget": "allocator block_budget", "search": "allocator search",
+                   "least_squares": "compensation least_squares"}
 
     def __init__(self, model: StreamingModel, calibration: Callable[[], torch.Tensor] | None, batch_size: int,
                  offload: Path | None, sink: Callable[[dict[str, torch.Tensor]], None] | None, progress: bool = True):
@@ -206,106 +211,35 @@ class OutOfCorePruner:
         self.block_seconds: list[dict] = []  # one record per block visit: sweep, layer, seconds
         self._runs = 0
 
-    # ------------------------------------------------------------------ driver
-    def run(self, pruner):
-        """Prune every block with ``pruner``'s scorer, allocator and surgeon; return its PlanStep."""
-        s = pruner.settings
-        for setting in (s.allocator, s.compensation):
+    def check(self, settings) -> None:
+        """Refuse what needs the whole model or a full weight refit per layer."""
+        for setting in (settings.allocator, settings.compensation):
             if setting in self.UNSUPPORTED:
                 raise CompressError(f"{self.UNSUPPORTED[setting]} does not run out of core (it needs the whole "
                                     "model or a full weight refit per layer); drop --max-memory or choose another")
-        adapter = self.model.adapter
-        if not pruner.scorer.needs_activations:
-            return self._data_free(pruner, adapter)
-        if s.allocator == "uniform":
-            return self._layerwise(pruner, adapter)
-        return self._global(pruner, adapter)
 
-    def _data_free(self, pruner, adapter):
-        if pruner.settings.allocator == "uniform":  # each layer decides alone: one sweep
-            plans = []
-            for i in self._blocks("pruning blocks (magnitude)"):
-                with self._visit("prune", i):
-                    units = pruner.layer_units(adapter, i, pruner.scorer(adapter, i, None))
-                    (a, m), = pruner.allocate([units])
-                    plans.append(self._finish_block(pruner, adapter, pruner.layer_plan(adapter, units, a, m, None)))
-            return pruner._step(plans)
-        all_units = []
-        for i in self._blocks("scoring blocks (magnitude)"):
-            with self._visit("score", i):
-                all_units.append(pruner.layer_units(adapter, i, pruner.scorer(adapter, i, None)))
-        counts = pruner.allocate(all_units)
-        plans = []
-        for i in self._blocks("slicing blocks"):
-            with self._visit("slice", i):
-                plans.append(self._finish_block(pruner, adapter, pruner.layer_plan(adapter, all_units[i], *counts[i], None)))
-        return pruner._step(plans)
+    def sweep(self, adapter, description: str) -> Iterator[int]:
+        from compress.progress import progress_bar
 
-    def _layerwise(self, pruner, adapter):
-        runner = self._runner(adapter)
-        sequential = pruner.settings.sequential
-        plans = []
+        yield from progress_bar(range(adapter.num_layers), description, enabled=self.progress)
+
+    @contextmanager
+    def visit(self, sweep: str, i: int):
+        """Materialise block ``i`` for the ``with`` body, time it, and free it afterwards."""
+        start = time.perf_counter()
+        self.model.materialise(i)
         try:
-            for i in self._blocks("pruning blocks"):
-                with self._visit("prune", i):
-                    plans.append(self._prune_block(pruner, adapter, runner, i, None, sequential))
+            yield
         finally:
-            runner.close()
-        return pruner._step(plans)
+            self.model.release(i)
+            self.block_seconds.append({"sweep": sweep, "layer": i, "seconds": round(time.perf_counter() - start, 3)})
 
-    def _global(self, pruner, adapter):
-        all_stats, all_units = [], []
-        runner = self._runner(adapter)
-        try:
-            for i in self._blocks("scoring blocks"):
-                with self._visit("score", i):
-                    stats = pruner.observe_block(runner, i, update=True)
-                    all_stats.append(stats)
-                    all_units.append(pruner.layer_units(adapter, i, pruner.scorer(adapter, i, stats)))
-        finally:
-            runner.close()
-        counts = pruner.allocate(all_units)
-        plans = []
-        if not pruner.settings.sequential:
-            for i in self._blocks("slicing blocks"):
-                with self._visit("slice", i):
-                    plan = pruner.layer_plan(adapter, all_units[i], *counts[i], all_stats[i])
-                    plans.append(self._finish_block(pruner, adapter, plan))
-            return pruner._step(plans)
-        runner = self._runner(adapter)
-        try:
-            for i in self._blocks("re-scoring on pruned inputs"):
-                with self._visit("slice", i):
-                    plans.append(self._prune_block(pruner, adapter, runner, i, counts[i], True))
-        finally:
-            runner.close()
-        return pruner._step(plans)
-
-    # ------------------------------------------------------------------ pieces
-    def _prune_block(self, pruner, adapter, runner, index, counts, sequential):
-        """Score block ``index`` on the inputs the runner holds, slice it to ``counts`` (attention,
-        MLP units; None: the block's own allocation) and write it out; sequential: then pass the
-        pruned block's outputs on as the next block's inputs."""
-        stats = pruner.observe_block(runner, index, update=not sequential)
-        units = pruner.layer_units(adapter, index, pruner.scorer(adapter, index, stats))
-        (attention, mlp), = pruner.allocate([units]) if counts is None else (counts,)
-        plan = pruner.layer_plan(adapter, units, attention, mlp, stats)
-        pruner._apply(adapter, plan)
-        if sequential:
-            runner.run_block(index, update=True)
-        self._emit(index)
-        return plan
-
-    def _finish_block(self, pruner, adapter, plan):
-        pruner._apply(adapter, plan)
-        self._emit(plan.index)
-        return plan
-
-    def _emit(self, i: int) -> None:
+    def emit(self, i: int) -> None:
         if self.sink is not None:
             self.sink(self.model.block_state(i))
 
-    def _runner(self, adapter) -> StreamingRunner:
+    def runner(self, adapter, heldout: bool) -> StreamingRunner:
+        """A runner whose activations live in RAM or on disk (out of core runs no held-out windows)."""
         if self.calibration is None:
             raise CompressError("this pass needs calibration data; add a `calibration:` section to the recipe")
         self._runs += 1
@@ -318,31 +252,6 @@ class OutOfCorePruner:
         runner.capture_inputs()  # before any block is materialised: the embedding rows come and go first
         release_memory()
         return runner
-
-    def _blocks(self, description: str):
-        from compress.progress import progress_bar
-
-        return progress_bar(range(self.model.adapter.num_layers), description, enabled=self.progress)
-
-    def _visit(self, sweep: str, i: int) -> "_BlockVisit":
-        return _BlockVisit(self, sweep, i)
-
-
-class _BlockVisit:
-    """Materialise block ``i`` for the ``with`` body, time it, and free it afterwards."""
-
-    def __init__(self, pruner: OutOfCorePruner, sweep: str, i: int):
-        self.pruner, self.sweep, self.i = pruner, sweep, i
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        self.pruner.model.materialise(self.i)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pruner.model.release(self.i)
-        self.pruner.block_seconds.append({"sweep": self.sweep, "layer": self.i,
-                                          "seconds": round(time.perf_counter() - self.start, 3)})
 
 
 def out_of_core_problems(recipe, entries) -> list[tuple[tuple, str]]:
@@ -363,7 +272,7 @@ def out_of_core_problems(recipe, entries) -> list[tuple[tuple, str]]:
             continue
         for option, value in (("allocator", getattr(entry.options, "allocator", None)),
                               ("compensation", getattr(entry.options, "compensation", None))):
-            if value in OutOfCorePruner.UNSUPPORTED:
+            if value in StreamedBlocks.UNSUPPORTED:
                 problems.append((("passes", index, entry.name, option),
                                  f"{value} does not run out of core (max_memory): it needs the whole model or a full "
                                  "weight refit per layer"))

@@ -79,6 +79,11 @@ class LayerRunner:
         """Layer indices in order, with a progress bar."""
         yield from progress_bar(range(self.adapter.num_layers), description, enabled=self.progress)
 
+    def close(self) -> None:
+        """Drop the held activations."""
+        self.hidden.clear()
+        self.block_kwargs.clear()
+
 
 @torch.no_grad()
 def capture_block_inputs(adapter, decoder_inputs: Iterable[dict]) -> Iterator[tuple[torch.Tensor, dict]]:

@@ -15,7 +15,6 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from compress.context import PassContext
@@ -30,13 +29,6 @@ SKIPPED_EVALUATION = ("evaluate: perplexity and agreement need the whole model i
                       "with `compress eval OUTPUT` on a machine it fits")
 SKIPPED_RELOAD = ("reload_max_abs_diff: the logits check loads the whole model; replaced by reload_structure "
                   "(config.json rebuilds exactly the written tensors)")
-
-
-@dataclass
-class StreamingContext(PassContext):
-    """A PassContext whose structured pruner runs through ``streaming`` (an OutOfCorePruner)."""
-
-    streaming: object = None
 
 
 def check_out_of_core(recipe) -> None:
@@ -140,7 +132,7 @@ class StreamedDecoderKind(DecoderKind):
 
     def pass_context(self) -> PassContext:
         from compress.checkpoint import ShardedWriter
-        from compress.outofcore import OutOfCorePruner
+        from compress.outofcore import StreamedBlocks
 
         s = self.state
         recipe = s.recipe
@@ -148,7 +140,7 @@ class StreamedDecoderKind(DecoderKind):
         entry = recipe.passes[0]
         needs_data = get_pass(entry.name).needs_calibration
         batch_size = recipe.calibration.batch_size if recipe.calibration else 16
-        ctx = StreamingContext(model=s.model, tokenizer=s.tokenizer, batch_size=batch_size, progress=s.progress,
+        ctx = PassContext(model=s.model, tokenizer=s.tokenizer, batch_size=batch_size, progress=s.progress,
                                calibration_loader=calibration_loader(recipe.calibration, s.tokenizer) if needs_data else None)
         windows = None
         if needs_data:
@@ -162,10 +154,10 @@ class StreamedDecoderKind(DecoderKind):
             parent.mkdir(parents=True, exist_ok=True)
             self.offload_dir = Path(tempfile.mkdtemp(prefix="compress-activations-", dir=parent))
         self.writer = ShardedWriter(s.folder) if s.staging is not None else None
-        self.driver = OutOfCorePruner(self.streaming, ctx.calibration_ids if needs_data else None, batch_size,
-                                      self.offload_dir, self.writer.add if self.writer is not None else None,
-                                      s.progress)
-        ctx.streaming = self.driver
+        self.driver = StreamedBlocks(self.streaming, ctx.calibration_ids if needs_data else None, batch_size,
+                                     self.offload_dir, self.writer.add if self.writer is not None else None,
+                                     s.progress)
+        ctx.blocks = self.driver
         self.section = {
             "max_memory_mb": round(cap / MIB, 1),
             "activations": ("disk" if offload else "ram") if needs_data else "none (data-free)",
@@ -327,4 +319,4 @@ def written_structure(folder: Path) -> tuple[bool, str]:
     return True, f"config.json ({type(config).__name__}) rebuilds exactly the {len(written)} written tensors"
 
 
-__all__ = ["StreamedDecoderKind", "StreamingContext", "check_out_of_core"]
+__all__ = ["StreamedDecoderKind", "check_out_of_core"]

@@ -22,6 +22,7 @@ from compress.pruning.allocators import (
     round_channels,
     uniform_share,
 )
+from compress.pruning.blocks import InMemoryBlocks
 from compress.pruning.block_importance import BlockDistance, measure_block_importance
 from compress.pruning.compensation import GramStats, choose_damp, least_squares_refit
 from compress.pruning.scores import ConsumerStats, LayerScores
@@ -182,43 +183,46 @@ class StructuredPruner:
 
     # ------------------------------------------------------------------ drivers
     def run(self, ctx) -> PlanStep:
-        """Prune ``ctx.model`` in place; return the step that reproduces it."""
+        """Prune ``ctx.model`` in place; return the step that reproduces it. The blocks come from
+        ``ctx.blocks`` (out of core: streamed from the checkpoint), else from memory."""
         adapter = ctx.adapter()
         s = self.settings
         bad = [i for i in s.skip_layers if not -adapter.num_layers <= i < adapter.num_layers]
         if bad:
             raise CompressError(f"skip_layers: {bad} out of range for a model with {adapter.num_layers} layers")
+        blocks = ctx.blocks if ctx.blocks is not None else InMemoryBlocks(ctx)
+        blocks.check(s)
         self.share = self.uniform_ratio(adapter) if s.allocator == "uniform" else s.ratio
-        streaming = getattr(ctx, "streaming", None)
-        if streaming is not None:  # out of core (compress.outofcore): blocks are read, pruned and written one by one
-            return streaming.run(self)
         if not self.scorer.needs_activations:
-            return self._run_data_free(adapter, ctx)
-        # A sequential global run refits in its second sweep: the first needs no held-out windows.
-        runner = self._runner(adapter, ctx, heldout=s.allocator == "uniform" or not s.sequential)
-        runner.capture_inputs()
+            return self._run_data_free(adapter, ctx, blocks)
         if s.allocator == "uniform":
-            return self._run_layerwise(adapter, runner)
-        return self._run_global(adapter, runner, ctx)
+            return self._run_layerwise(adapter, blocks)
+        return self._run_global(adapter, ctx, blocks)
 
-    def _runner(self, adapter, ctx, heldout: bool = True) -> LayerRunner:
-        heldout = ctx.heldout_ids() if heldout and self.needs_heldout else None
-        return LayerRunner(adapter, ctx.calibration_ids(), batch_size=ctx.batch_size, progress=ctx.progress,
-                           heldout_ids=heldout)
-
-    def _run_data_free(self, adapter, ctx) -> PlanStep:
-        if self.settings.allocator == "block_budget":
+    def _run_data_free(self, adapter, ctx, blocks) -> PlanStep:
+        """Scores read from the weights: the uniform allocator decides each layer alone (one
+        sweep); the others need every layer's scores first (a scoring sweep, then a slicing one)."""
+        s = self.settings
+        if s.allocator == "uniform":
+            plans = []
+            for i in blocks.sweep(adapter, "pruning layers"):
+                with blocks.visit("prune", i):
+                    units = self.layer_units(adapter, i, self.scorer(adapter, i, None))
+                    (attention, mlp), = self.allocate([units])
+                    plans.append(self._finish_layer(adapter, blocks, self.layer_plan(adapter, units, attention, mlp, None)))
+            return self._step(plans)
+        if s.allocator == "block_budget":
             self.block_importance = measure_block_importance(
-                adapter, ctx.calibration_ids(), ctx.batch_size, self.settings.block_metric, ctx.progress
+                adapter, ctx.calibration_ids(), ctx.batch_size, s.block_metric, ctx.progress
             )
-        all_units = [self.layer_units(adapter, i, self.scorer(adapter, i, None)) for i in range(adapter.num_layers)]
+        all_units = []
+        for i in blocks.sweep(adapter, "scoring layers"):
+            with blocks.visit("score", i):
+                all_units.append(self.layer_units(adapter, i, self.scorer(adapter, i, None)))
         counts = self.allocate(all_units)
-        if self.settings.allocator == "search":
+        if s.allocator == "search":
             counts = self._search(adapter, all_units, None, counts, ctx)
-        plans = [self.layer_plan(adapter, u, a, m, None) for u, (a, m) in zip(all_units, counts)]
-        for plan in plans:
-            self._apply(adapter, plan)
-        return self._step(plans)
+        return self._slice_all(adapter, blocks, all_units, counts, None)
 
     def uniform_ratio(self, adapter) -> float:
         """The share every pruned layer loses under the uniform allocator: ``ratio`` of the whole
@@ -232,19 +236,17 @@ class StructuredPruner:
         except ValueError as error:
             raise CompressError(f"ratio: {error}") from None
 
-    def _run_layerwise(self, adapter, runner: LayerRunner) -> PlanStep:
+    def _run_layerwise(self, adapter, blocks) -> PlanStep:
         """Uniform allocation decides each layer alone, so layers are pruned as they are reached;
         with ``sequential`` the pruned block's outputs feed the next block."""
+        runner = blocks.runner(adapter, heldout=self.needs_heldout)
         plans = []
-        for i in runner.blocks("scoring layers"):
-            stats = self.observe_block(runner, i, update=not self.settings.sequential)
-            units = self.layer_units(adapter, i, self.scorer(adapter, i, stats))
-            (attn_keep, mlp_keep), = allocate_uniform([units], self.share)
-            plan = self.layer_plan(adapter, units, attn_keep, mlp_keep, stats)
-            self._apply(adapter, plan)
-            if self.settings.sequential:
-                runner.run_block(i, update=True)
-            plans.append(plan)
+        try:
+            for i in blocks.sweep(adapter, "pruning layers"):
+                with blocks.visit("prune", i):
+                    plans.append(self._prune_layer(adapter, blocks, runner, i, None, self.settings.sequential))
+        finally:
+            runner.close()
         return self._step(plans)
 
     def allocate(self, all_units: list[LayerUnits]) -> list[tuple[int, int]]:
@@ -271,34 +273,64 @@ class StructuredPruner:
                                         progress=ctx.progress)
         return self.search.counts
 
-    def _run_global(self, adapter, runner: LayerRunner, ctx) -> PlanStep:
+    def _run_global(self, adapter, ctx, blocks) -> PlanStep:
         """Score every layer on the dense model, allocate globally, then slice. With
-        ``sequential`` a second pass re-scores each layer on the already-pruned upstream layers
-        (keeping the allocated widths) so channel choice and biases see the pruned inputs."""
+        ``sequential`` a second sweep re-scores each layer on the already-pruned upstream layers
+        (keeping the allocated widths) so channel choice and compensation see the pruned inputs."""
+        s = self.settings
+        # A sequential run refits in its second sweep: the first needs no held-out windows or Grams.
+        runner = blocks.runner(adapter, heldout=self.needs_heldout and not s.sequential)
         all_stats, all_units = [], []
         self.block_importance = []
-        for i in runner.blocks("scoring layers"):
-            stats = self.observe_block(runner, i, update=True, refit=not self.settings.sequential)
-            all_stats.append(stats)
-            all_units.append(self.layer_units(adapter, i, self.scorer(adapter, i, stats)))
+        try:
+            for i in blocks.sweep(adapter, "scoring layers"):
+                with blocks.visit("score", i):
+                    stats = self.observe_block(runner, i, update=True, refit=not s.sequential)
+                    all_stats.append(stats)
+                    all_units.append(self.layer_units(adapter, i, self.scorer(adapter, i, stats)))
+        finally:
+            runner.close()
         counts = self.allocate(all_units)
-        if self.settings.allocator == "search":
+        if s.allocator == "search":
             counts = self._search(adapter, all_units, all_stats, counts, ctx)
+        if not s.sequential:
+            return self._slice_all(adapter, blocks, all_units, counts, all_stats)
+        runner = blocks.runner(adapter, heldout=self.needs_heldout)
         plans = []
-        if not self.settings.sequential:
-            for units, (a, m), stats in zip(all_units, counts, all_stats):
-                plans.append(self.layer_plan(adapter, units, a, m, stats))
-            for plan in plans:
-                self._apply(adapter, plan)
-            return self._step(plans)
-
-        runner = self._runner(adapter, ctx)
-        runner.capture_inputs()
-        for i in runner.blocks("re-scoring on pruned inputs"):
-            stats = self.observe_block(runner, i, update=False)
-            units = self.layer_units(adapter, i, self.scorer(adapter, i, stats))
-            plan = self.layer_plan(adapter, units, counts[i][0], counts[i][1], stats)
-            self._apply(adapter, plan)
-            runner.run_block(i, update=True)
-            plans.append(plan)
+        try:
+            for i in blocks.sweep(adapter, "re-scoring on pruned inputs"):
+                with blocks.visit("slice", i):
+                    plans.append(self._prune_layer(adapter, blocks, runner, i, counts[i], True))
+        finally:
+            runner.close()
         return self._step(plans)
+
+    # ------------------------------------------------------------------ one layer
+    def _slice_all(self, adapter, blocks, all_units, counts, all_stats) -> PlanStep:
+        """Plan and slice every layer to its allocated ``counts`` (a plan reads only its own
+        layer's weights, so slicing layer by layer equals planning all first)."""
+        plans = []
+        for i in blocks.sweep(adapter, "slicing layers"):
+            with blocks.visit("slice", i):
+                plan = self.layer_plan(adapter, all_units[i], *counts[i], all_stats[i] if all_stats else None)
+                plans.append(self._finish_layer(adapter, blocks, plan))
+        return self._step(plans)
+
+    def _prune_layer(self, adapter, blocks, runner, index: int, counts, sequential: bool) -> LayerPlan:
+        """Score block ``index`` on the inputs the runner holds, slice it to ``counts`` (attention,
+        MLP units; None: the layer's own uniform allocation) and emit it; sequential: then pass
+        the pruned block's outputs on as the next block's inputs."""
+        stats = self.observe_block(runner, index, update=not sequential)
+        units = self.layer_units(adapter, index, self.scorer(adapter, index, stats))
+        (attention, mlp), = self.allocate([units]) if counts is None else (counts,)
+        plan = self.layer_plan(adapter, units, attention, mlp, stats)
+        self._apply(adapter, plan)
+        if sequential:
+            runner.run_block(index, update=True)
+        blocks.emit(index)
+        return plan
+
+    def _finish_layer(self, adapter, blocks, plan: LayerPlan) -> LayerPlan:
+        self._apply(adapter, plan)
+        blocks.emit(plan.index)
+        return plan
