@@ -22,13 +22,27 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "compress"
 
 
-def digest(*parts: bytes | str) -> str:
-    """A short hex key of ``parts`` (blake2b, 20 bytes)."""
-    h = hashlib.blake2b(digest_size=20)
+class Digest:
+    """A short hex key (blake2b, 20 bytes) fed part by part; a part is a str or any buffer
+    (bytes, a contiguous numpy array: hashed in place, not copied)."""
+
+    def __init__(self):
+        self._hash = hashlib.blake2b(digest_size=20)
+
+    def update(self, part) -> None:
+        self._hash.update(part.encode("utf-8") if isinstance(part, str) else part)
+        self._hash.update(b"\x00")
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def digest(*parts) -> str:
+    """A short hex key of ``parts`` (see :class:`Digest`)."""
+    key = Digest()
     for part in parts:
-        h.update(part.encode("utf-8") if isinstance(part, str) else part)
-        h.update(b"\x00")
-    return h.hexdigest()
+        key.update(part)
+    return key.hexdigest()
 
 
 def write_atomically(path: Path, write) -> None:

@@ -150,3 +150,20 @@ def forward_bytes(tokens: int, batch: int, seqlen: int, hidden: int, q_width: in
     residual = tokens * 4 * hidden * itemsize
     stats = tokens * 2 * max(q_width, intermediate) * 8 if statistics else 0
     return max(attention, mlp) + residual + stats
+
+
+def own_weights(model) -> None:
+    """Copy every parameter and buffer of ``model`` into memory of its own.
+
+    ``from_pretrained`` leaves float32 weights as views of the checkpoint's memory map; every page
+    a forward pass touched stays in this process's resident set while one tensor still views the
+    file. After pruning, most of those tensors are gone but the kept ones (embeddings, skipped
+    layers) hold the whole mapping: copying them releases it (the dense model's size in RSS).
+    Tied weights stay tied (one Parameter object); tensors on the meta device are left alone."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if not tensor.is_meta:
+                tensor.data = tensor.data.clone()
+

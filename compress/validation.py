@@ -80,21 +80,35 @@ class Closeness:
     cosine: float
     tolerance_used: float
 
+    CHUNK = 1 << 20  # elements compared at a time: float64 temporaries stay at a few MB
+
     @classmethod
     def measure(cls, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> "Closeness":
-        ref = np.asarray(reference, dtype=np.float64)
-        cand = np.asarray(candidate, dtype=np.float64)
-        if ref.shape != cand.shape:
-            raise ValueError(f"shapes differ: {ref.shape} vs {cand.shape}")
-        diff = np.abs(cand - ref)
-        magnitude = np.abs(ref)
-        significant = magnitude > 1e-6
-        max_rel = float((diff[significant] / magnitude[significant]).max()) if significant.any() else 0.0
-        denominator = atol + rtol * magnitude
-        used = float((diff / denominator).max()) if atol > 0 or rtol > 0 else (0.0 if diff.max() == 0 else math.inf)
-        norms = np.linalg.norm(ref) * np.linalg.norm(cand)
-        cosine = float((ref * cand).sum() / norms) if norms > 0 else 1.0
-        return cls(float(diff.max()) if diff.size else 0.0, max_rel, cosine, used)
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        if reference.shape != candidate.shape:
+            raise ValueError(f"shapes differ: {reference.shape} vs {candidate.shape}")
+        ref_flat, cand_flat = reference.reshape(-1), candidate.reshape(-1)
+        max_abs = max_rel = used = 0.0
+        dot = ref_sq = cand_sq = 0.0
+        for start in range(0, ref_flat.size, cls.CHUNK):
+            ref = ref_flat[start:start + cls.CHUNK].astype(np.float64)
+            cand = cand_flat[start:start + cls.CHUNK].astype(np.float64)
+            diff = np.abs(cand - ref)
+            magnitude = np.abs(ref)
+            significant = magnitude > 1e-6
+            if significant.any():
+                max_rel = max(max_rel, float((diff[significant] / magnitude[significant]).max()))
+            if atol > 0 or rtol > 0:
+                used = max(used, float((diff / (atol + rtol * magnitude)).max()))
+            elif diff.max() > 0:
+                used = math.inf
+            max_abs = max(max_abs, float(diff.max()))
+            dot += float(ref @ cand)
+            ref_sq += float(ref @ ref)
+            cand_sq += float(cand @ cand)
+        norms = math.sqrt(ref_sq) * math.sqrt(cand_sq)
+        cosine = dot / norms if norms > 0 else 1.0
+        return cls(max_abs, max_rel, cosine, used)
 
     @classmethod
     def worst(cls, items: list["Closeness"]) -> "Closeness":
@@ -113,41 +127,55 @@ def _model_device(model) -> torch.device:
 def logits_parity(model, decoder, windows: torch.Tensor, decode_steps: int, atol: float, rtol: float) -> dict:
     """ONNX Runtime vs PyTorch on ``windows`` [n, T]: prefill of T - decode_steps tokens, then the rest
     one token per step through the cache. PyTorch runs the whole window at once (no cache), so this
-    also checks that the graph's cache handling matches a full forward.
+    also checks that the graph's cache handling matches a full forward. One window at a time, so
+    memory holds one window's logits from each side.
 
-    Returns {"prefill", "decode", "logits", "present"}: Closeness dicts (present = every layer's
-    key/value after the last step, worst layer), plus the shapes used.
+    Returns {"prefill", "decode", "logits", "present"}: Closeness dicts, the worst over windows
+    (present = every layer's key/value after the last step, worst layer), plus the shapes used.
     """
     windows = windows.to(torch.long)
     n, total = windows.shape
     prefill = total - decode_steps
     if prefill < 1:
         raise CompressError(f"parity windows of {total} tokens cannot hold {decode_steps} decode steps")
+    measured: dict[str, list[Closeness]] = {"prefill": [], "decode": [], "present": []}
+    for window in windows.split(1):
+        for name, closeness in window_parity(model, decoder, window, prefill, atol, rtol).items():
+            measured[name].append(closeness)
+    sections = {"prefill": Closeness.worst(measured["prefill"])}
+    if decode_steps:
+        sections["decode"] = Closeness.worst(measured["decode"])
+    sections["logits"] = Closeness.worst(list(sections.values()))
+    sections["present"] = Closeness.worst(measured["present"])
+    result = {name: asdict(value) for name, value in sections.items()}
+    result.update(windows=n, tokens=total, prefill_tokens=prefill, decode_steps=decode_steps, atol=atol, rtol=rtol)
+    return result
+
+
+def window_parity(model, decoder, window: torch.Tensor, prefill: int, atol: float, rtol: float) -> dict:
+    """One window [1, T]: {"prefill", "decode" (when T > prefill), "present" (worst layer)} Closeness."""
+    total = window.shape[1]
     with torch.no_grad():
-        out = model(input_ids=windows.to(_model_device(model)), use_cache=True)
+        out = model(input_ids=window.to(_model_device(model)), use_cache=True)
     reference_logits = out.logits.float().cpu().numpy()
     reference_cache = [(layer.keys.float().cpu().numpy(), layer.values.float().cpu().numpy()) for layer in out.cache.layers]
     del out
 
-    ids = windows.numpy()
+    ids = window.numpy()
     logits, past = decoder(ids[:, :prefill])
-    steps = [logits]
+    result = {"prefill": Closeness.measure(reference_logits[:, :prefill], logits, atol, rtol)}
+    del logits
+    steps = []
     for position in range(prefill, total):
         step_logits, past = decoder(ids[:, position:position + 1], past=past)
         steps.append(step_logits)
-    prefill_close = Closeness.measure(reference_logits[:, :prefill], steps[0], atol, rtol)
-    sections = {"prefill": prefill_close}
-    if decode_steps:
-        sections["decode"] = Closeness.measure(reference_logits[:, prefill:], np.concatenate(steps[1:], axis=1), atol, rtol)
-    sections["logits"] = Closeness.worst(list(sections.values()))
-    present = [
+    if steps:
+        result["decode"] = Closeness.measure(reference_logits[:, prefill:], np.concatenate(steps, axis=1), atol, rtol)
+    result["present"] = Closeness.worst([
         Closeness.measure(ref, cand, atol, rtol)
         for (ref_k, ref_v), (k, v) in zip(reference_cache, past)
         for ref, cand in ((ref_k, k), (ref_v, v))
-    ]
-    sections["present"] = Closeness.worst(present)
-    result = {name: asdict(value) for name, value in sections.items()}
-    result.update(windows=n, tokens=total, prefill_tokens=prefill, decode_steps=decode_steps, atol=atol, rtol=rtol)
+    ])
     return result
 
 

@@ -30,6 +30,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -330,20 +331,15 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
             traced.train(was_training)
         del traced
         gc.collect()
-        proto = onnx.load(str(raw), load_external_data=True)
+        # The weights stay in the data file torch wrote; only the graph is read, slimmed and rewritten.
+        proto = onnx.load(str(raw), load_external_data=False)
         if options.slim:
             proto = _slim(proto)
         _check_contract(proto, spec)
         for stale in (out_dir / ONNX_FILE, out_dir / DATA_FILE):
             stale.unlink(missing_ok=True)
-        onnx.save_model(
-            proto,
-            str(out_dir / ONNX_FILE),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=1024,
-        )
+        os.replace(raw.with_name(DATA_FILE), out_dir / DATA_FILE)
+        onnx.save_model(proto, str(out_dir / ONNX_FILE))
         nodes = len(proto.graph.node)
     # onnx writes the external data file owner-only; give it the graph file's permissions.
     (out_dir / DATA_FILE).chmod((out_dir / ONNX_FILE).stat().st_mode & 0o777)
@@ -373,11 +369,29 @@ def _make_static(model: nn.Module) -> None:
 
 
 def _slim(proto):
+    """onnxslim over the graph alone: every weight kept in external data is shown to onnxslim as a
+    graph input of the same type and shape, so it folds shapes and constants and removes dead
+    nodes without reading or copying the weights (a few MB instead of three copies of them), then
+    the weights are initializers again (those the slimmed graph still reads)."""
     import onnxslim
+    from onnx import ModelProto, TensorProto, helper
 
+    weights = {t.name: t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    light = ModelProto()
+    light.CopyFrom(proto)
+    inline = [t for t in light.graph.initializer if t.name not in weights]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(inline)
+    light.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return onnxslim.slim(proto)
+        slim = onnxslim.slim(light)
+    inputs = [i for i in slim.graph.input if i.name not in weights]
+    del slim.graph.input[:]
+    slim.graph.input.extend(inputs)
+    read = {name for node in slim.graph.node for name in node.input} | {o.name for o in slim.graph.output}
+    slim.graph.initializer.extend(t for name, t in weights.items() if name in read)
+    return slim
 
 
 def _check_contract(proto, spec: DecoderIOSpec) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from compress.cache import cache_root, digest
+from compress.cache import Digest, cache_root, digest
 from compress.evaluation.perplexity import eval_mode, model_device
 from compress.progress import progress_bar
 
@@ -100,18 +100,20 @@ def measure_domain(model, windows: torch.Tensor, batch_size: int = 8, progress: 
             logits = model(input_ids=batch).logits[:, :-1]
             reference = reference_model(input_ids=batch.to(model_device(reference_model))).logits[:, :-1] \
                 if reference_model is not None else None
-            rows = logits.reshape(-1, logits.shape[-1])
-            ref_rows = reference.reshape(-1, reference.shape[-1]).to(device) if reference is not None else None
-            targets = batch[:, 1:].reshape(-1)
-            for start in range(0, rows.shape[0], ROW_CHUNK):
-                part = slice(start, start + ROW_CHUNK)
-                n, c, a, k = _chunk_figures(rows[part], targets[part], ref_rows[part] if ref_rows is not None else None)
-                nll += n.cpu()
-                correct += c
-                argmaxes.append(a.to(torch.int32).cpu())
-                if k is not None:
-                    kl += k.cpu()
-            del logits, reference, rows, ref_rows
+            reference = reference.to(device) if reference is not None else None
+            # window by window: logits[b] [seqlen - 1, vocab] is contiguous, so no batch-sized copy
+            for b in range(batch.shape[0]):
+                targets = batch[b, 1:]
+                for start in range(0, targets.shape[0], ROW_CHUNK):
+                    part = slice(start, start + ROW_CHUNK)
+                    n, c, a, k = _chunk_figures(logits[b, part], targets[part],
+                                                reference[b, part] if reference is not None else None)
+                    nll += n.cpu()
+                    correct += c
+                    argmaxes.append(a.to(torch.int32).cpu())
+                    if k is not None:
+                        kl += k.cpu()
+            del logits, reference
     argmax = torch.cat(argmaxes).view(windows.shape[0], windows.shape[1] - 1)
     figures = DomainFigures(nll=float(nll), tokens=argmax.numel(), correct=correct, argmax=argmax)
     return figures, (float(kl) if kl is not None else None)
@@ -130,7 +132,8 @@ def model_fingerprint(model) -> str:
     import numpy as np
 
     config = getattr(model, "config", None)
-    parts: list[bytes | str] = [config.to_json_string(use_diff=False) if config is not None else type(model).__name__]
+    key = Digest()
+    key.update(config.to_json_string(use_diff=False) if config is not None else type(model).__name__)
     seen = set()
     for name, tensor in sorted(model.state_dict().items()):
         pointer = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
@@ -139,8 +142,9 @@ def model_fingerprint(model) -> str:
         seen.add(pointer)
         data = tensor.detach().cpu().contiguous()
         raw = data.view(torch.uint8) if data.dtype == torch.bfloat16 else data
-        parts += [name, str(tensor.dtype), str(tuple(tensor.shape)), np.ascontiguousarray(raw.numpy()).tobytes()]
-    return digest(*parts)
+        for part in (name, str(tensor.dtype), str(tuple(tensor.shape)), np.ascontiguousarray(raw.numpy())):
+            key.update(part)  # the weights hashed in place, one tensor at a time (no copy of the model)
+    return key.hexdigest()
 
 
 def windows_fingerprint(windows: dict[str, torch.Tensor]) -> str:

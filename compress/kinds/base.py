@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime as _dt
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
+
 from compress.context import PassContext
 from compress.gates import Gate
+from compress.memory import own_weights, release_memory
 from compress.models.loading import load_model
 
 if TYPE_CHECKING:  # the run state is built by compress.run, which imports the kinds
@@ -82,9 +85,13 @@ class ModelKind:
         return PassContext(model=s.model, tokenizer=s.tokenizer, progress=s.progress)
 
     def after_passes(self) -> None:
-        """Once the passes ran (e.g. drop a distillation teacher)."""
+        """Once the passes ran: drop a distillation teacher, and release the dense checkpoint's
+        memory map that the kept weights still view (:func:`compress.memory.own_weights`)."""
         if self.state.ctx is not None and hasattr(self.state.ctx, "release_dense"):
             self.state.ctx.release_dense()
+        if isinstance(self.state.model, torch.nn.Module):
+            own_weights(self.state.model)
+            release_memory()
 
     def cleanup(self) -> None:
         """At the end of the run, whatever happened (temporary folders)."""
