@@ -7,7 +7,7 @@
                                       (compress.pruning.blocks): the same scorer, allocator, plan
                                       and surgeon calls as in memory, in the same order, so the
                                       plan and the weights are identical
-    OUT_OF_CORE_PASSES                the passes that can run this way
+    out_of_core_problems(recipe, …)   what cannot run this way (passes declare ``streams``)
 
 Sweeps (``StructuredPruner``'s, one code for both block sources):
   * data-free (magnitude): scores read from the weights; uniform allocation decides each block
@@ -39,8 +39,8 @@ from compress.calibration.streaming import DiskActivations, MemoryActivations, S
 from compress.checkpoint import CheckpointReader
 from compress.errors import CompressError, ModelSourceError
 from compress.memory import MemoryBudget, forward_bytes, release_memory, resident_bytes
+from compress.registry import available_passes, get_pass
 
-OUT_OF_CORE_PASSES = ("magnitude_sp", "wanda_sp", "flap")
 EMBEDDING_CHUNK_BYTES = 64 * 2**20  # embedding rows read (and large tensors copied) this much at a time
 
 
@@ -258,17 +258,18 @@ def out_of_core_problems(recipe, entries) -> list[tuple[tuple, str]]:
     """``(YAML path, message)`` for each part of ``recipe`` (with pass ``entries``) that cannot run
     out of core; empty when it can."""
     problems: list[tuple[tuple, str]] = []
+    streaming = ", ".join(name for name, spec in available_passes().items() if spec.streams)
     source = str(recipe.model.source).lower()
     if source.endswith((".gguf", ".onnx")):
         problems.append((("model", "source"), "out of core (max_memory) reads a folder of safetensors, not a "
                          f"{Path(source).suffix} file; save the model with save_pretrained() first"))
     if len(entries) != 1:
         problems.append((("passes",), f"out of core (max_memory) runs exactly one pruning pass (got {len(entries)}); "
-                         f"one of: {', '.join(OUT_OF_CORE_PASSES)}"))
+                         f"one of: {streaming}"))
     for index, entry in enumerate(entries):
-        if entry.name not in OUT_OF_CORE_PASSES:
+        if not get_pass(entry.name).streams:
             problems.append((("passes", index), f"pass {entry.name} does not run out of core (max_memory); passes "
-                             f"that do: {', '.join(OUT_OF_CORE_PASSES)}"))
+                             f"that do: {streaming}"))
             continue
         for option, value in (("allocator", getattr(entry.options, "allocator", None)),
                               ("compensation", getattr(entry.options, "compensation", None))):

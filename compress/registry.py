@@ -35,6 +35,8 @@ class PassSpec:
     kinds: tuple[str, ...] = ()  # the model kinds the pass works on (see compress.kinds)
     needs_calibration: bool = False
     replays_details: bool = False  # `compress apply` replays the step from its JSON details (no tensors)
+    streams: bool = False  # runs out of core, block by block (a StructuredPruner over streamed blocks)
+    ratio_of: str = "weights"  # what its `ratio` option is a share of: "weights" (decoder linears) or "heads"
 
     @property
     def cls(self) -> type:
@@ -73,6 +75,8 @@ def register_pass(name: str, implementation: str | None = None) -> Callable[[typ
             kinds=tuple(getattr(cls, "kinds", ())),
             needs_calibration=bool(getattr(cls, "needs_calibration", False)),
             replays_details=bool(getattr(cls, "replays_details", False)),
+            streams=bool(getattr(cls, "streams", False)),
+            ratio_of=str(getattr(cls, "ratio_of", "weights")),
         )
         existing = _REGISTRY.get(name)
         if existing is not None and (existing.options is not spec.options

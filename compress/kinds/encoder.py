@@ -19,10 +19,10 @@ from compress.gates import Gate
 from compress.kinds.base import ONNX_SUBDIR, ModelKind, base_header, target_ratio
 from compress.models.encoder import EncoderAdapter
 from compress.models.loading import transformers_progress
+from compress.registry import get_pass
 from compress.replay import apply_plan
 
 ENCODER_DEFAULT_DATASETS = ["austen:persuasion", "austen:northangerabbey"]  # held-out sentences when unset
-HEAD_PASSES = ("heads", "head_routing")  # passes whose ratio is a share of the attention heads
 
 
 class DenseReference:
@@ -167,7 +167,7 @@ class EncoderKind(ModelKind):
         if self.state.recipe is None:
             return None
         return next((e.options.ratio for e in reversed(self.state.recipe.passes)
-                     if e.name in HEAD_PASSES and getattr(e.options, "ratio", None) is not None), None)
+                     if get_pass(e.name).ratio_of == "heads" and getattr(e.options, "ratio", None) is not None), None)
 
     def check_inputs(self) -> dict:
         """A small fixed batch for the reload and ONNX checks: the first evaluation or calibration

@@ -22,6 +22,7 @@ class MagnitudeSp:
 
     kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = False
+    streams = True  # runs out of core (max_memory), block by block
 
     class Options(BaselineOptions):
         pass
@@ -37,6 +38,7 @@ class WandaSp:
 
     kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
+    streams = True  # runs out of core (max_memory), block by block
 
     class Options(BaselineOptions):
         sequential: bool = Field(True, description="Score each layer on the outputs of the pruned layers before it.")

@@ -22,6 +22,7 @@ class Flap:
 
     kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
+    streams = True  # runs out of core (max_memory), block by block
 
     class Options(StructuredOptions):
         gqa: Literal["query_heads", "kv_groups"] = Field(

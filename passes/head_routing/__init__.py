@@ -20,6 +20,7 @@ class HeadRouting:
 
     kinds = ("encoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = True
+    ratio_of = "heads"  # `ratio` is a share of the attention heads
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
