@@ -25,12 +25,12 @@ import argparse
 import copy
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import ROOT, command_line, display  # noqa: E402  (beside this script)
+
 sys.path.insert(0, str(ROOT))
 
 SEQLEN = 128
@@ -55,22 +55,6 @@ VARIANTS: dict[str, dict] = {
     "default + sequential": {"sequential": True},
     "default, no bias": {"compensation": "none"},
 }
-
-
-def command_line() -> str:
-    """This run's command, with paths inside the repository made relative to it."""
-    words = []
-    for word in sys.argv[1:]:
-        path = Path(word)
-        if path.is_absolute() and path.resolve().is_relative_to(ROOT):
-            word = str(path.resolve().relative_to(ROOT))
-        words.append(word)
-    return shlex.join(["python", "benchmarks/flap_ablation.py", *words])
-
-
-def display(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def perplexities(model, evaluation, counts: list[int]) -> dict[str, float]:
@@ -122,7 +106,7 @@ def main() -> None:
             parser.error(f"{display(args.out)} was written with another ratio, windows or protocol; "
                          "choose another --out")
         data = old
-    command = command_line()
+    command = command_line(__file__)
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -45,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import ROOT, command_line, display  # noqa: E402  (beside this script)
+
 sys.path.insert(0, str(ROOT))
 
 CACHE = ROOT / "bench-results" / "spa_onnx"
@@ -354,17 +354,6 @@ def merge_row(data: dict, row: dict) -> None:
     part["rows"].sort(key=row_order)
 
 
-def command_line() -> str:
-    """This run's command, with paths inside the repository made relative to it."""
-    words = []
-    for word in sys.argv[1:]:
-        path = Path(word)
-        if path.is_absolute() and path.resolve().is_relative_to(ROOT):
-            word = str(path.resolve().relative_to(ROOT))
-        words.append(word)
-    return shlex.join(["python", "benchmarks/spa_onnx.py", *words])
-
-
 def minilm_table(rows: list[dict]) -> str:
     head = ["config", "ratio", "params removed", "cosine mean", "cosine min", "dense ms", "pruned ms", "speed-up",
             "prune s"]
@@ -393,11 +382,6 @@ def smollm2_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def display(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["minilm", "smollm2", "all"], default="all")
@@ -411,7 +395,7 @@ def main() -> None:
     data = load_results(args.out)
     parts = ["minilm", "smollm2"] if args.part == "all" else [args.part]
     if not args.table:
-        command = command_line()
+        command = command_line(__file__)
 
         def record(row: dict) -> None:
             row["command"] = command
