@@ -39,6 +39,7 @@ from compress.calibration.streaming import DiskActivations, MemoryActivations, S
 from compress.checkpoint import CheckpointReader
 from compress.errors import CompressError, ModelSourceError
 from compress.memory import MemoryBudget, forward_bytes, release_memory, resident_bytes
+from compress.pruning.blocks import layer_sweep
 from compress.registry import available_passes, get_pass
 
 EMBEDDING_CHUNK_BYTES = 64 * 2**20  # embedding rows read (and large tensors copied) this much at a time
@@ -219,9 +220,7 @@ class StreamedBlocks:
                                     "model or a full weight refit per layer); drop --max-memory or choose another")
 
     def sweep(self, adapter, description: str) -> Iterator[int]:
-        from compress.progress import progress_bar
-
-        yield from progress_bar(range(adapter.num_layers), description, enabled=self.progress)
+        return layer_sweep(adapter, description, self.progress)
 
     @contextmanager
     def visit(self, sweep: str, i: int):
@@ -248,7 +247,7 @@ class StreamedBlocks:
         else:
             store = MemoryActivations()
         runner = StreamingRunner(adapter, self.calibration(), self.model.embed, store, self.batch_size,
-                                 self.model.device, self.progress)
+                                 self.model.device)
         runner.capture_inputs()  # before any block is materialised: the embedding rows come and go first
         release_memory()
         return runner

@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from compress.calibration.runner import capture_block_inputs
-from compress.progress import progress_bar
 
 
 class MemoryActivations:
@@ -102,18 +101,16 @@ class StreamingRunner:
         store: where the hidden states live (``MemoryActivations`` or ``DiskActivations``).
         batch_size: windows per block forward.
         device: where the embedding rows go (the blocks' device).
-        progress: show a progress bar over blocks.
     """
 
     def __init__(self, adapter, input_ids: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], store,
-                 batch_size: int = 16, device: torch.device | str = "cpu", progress: bool = True):
+                 batch_size: int = 16, device: torch.device | str = "cpu"):
         self.adapter = adapter
         self.input_ids = input_ids
         self.embed = embed
         self.store = store
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.progress = progress
         self.block_kwargs: list[dict] = []
         self.in_heldout = False  # as LayerRunner's: out of core runs no held-out windows
 
@@ -140,10 +137,6 @@ class StreamingRunner:
             out = out[0] if isinstance(out, tuple) else out
             if update:
                 self.store.put(b, out)
-
-    def blocks(self, description: str = "calibrating") -> Iterator[int]:
-        """Layer indices in order, with a progress bar."""
-        yield from progress_bar(range(self.adapter.num_layers), description, enabled=self.progress)
 
     def close(self) -> None:
         """Drop the activations (a disk store removes its folder)."""

@@ -24,6 +24,11 @@ from compress.calibration.runner import LayerRunner
 from compress.progress import progress_bar
 
 
+def layer_sweep(adapter, description: str, progress: bool) -> Iterator[int]:
+    """The layer indices in order, with a progress bar: every block source's ``sweep``."""
+    yield from progress_bar(range(adapter.num_layers), description, enabled=progress)
+
+
 class InMemoryBlocks:
     """The whole model is in memory (``ctx.model``): the default block source."""
 
@@ -34,7 +39,7 @@ class InMemoryBlocks:
         """Everything runs in memory."""
 
     def sweep(self, adapter, description: str) -> Iterator[int]:
-        yield from progress_bar(range(adapter.num_layers), description, enabled=self.ctx.progress)
+        return layer_sweep(adapter, description, self.ctx.progress)
 
     def visit(self, sweep: str, i: int):
         return nullcontext()
