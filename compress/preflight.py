@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import ModelSourceError
-from compress.kinds import a_kind, kinds_in_words, source_kind
+from compress.kinds import a_kind, kind_class, kinds_in_words, source_kind
 from compress.outputs import check_output_folder
 from compress.recipe import RecipeProblem, RecipeValidationError
 from compress.registry import available_passes, get_pass
@@ -52,6 +52,16 @@ def pass_kind_problems(recipe, kind: str, model_type: str | None) -> list[Recipe
     return problems
 
 
+def export_kind_problems(recipe, kind: str) -> list[RecipeProblem]:
+    """Export options that the model's kind cannot write (weight-only ONNX quantization: decoders)."""
+    quantize = recipe.export.onnx.quantize
+    if quantize and not kind_class(kind, recipe.max_memory is not None).quantizes_onnx:
+        where = "out of core" if recipe.max_memory is not None and kind in ("decoder", "moe") else a_kind(kind)
+        return [RecipeProblem(("export", "onnx", "quantize"), f"weight-only ONNX quantization is written for "
+                              f"decoders in memory; this run is {where}: remove {', '.join(quantize)}")]
+    return []
+
+
 def preflight(recipe, output: Path | None = None, *, overwrite: bool = False, check_output: bool = True) -> Preflight:
     """Check the model source, the passes against its kind, and (``check_output``) the output
     folder; raise the first kind of problem found (model, then passes, then output)."""
@@ -59,7 +69,7 @@ def preflight(recipe, output: Path | None = None, *, overwrite: bool = False, ch
         kind, info = source_kind(recipe.model.source)
     except ModelSourceError as error:
         raise ModelSourceError(f"{recipe.source_name}: model: {error}") from None
-    problems = pass_kind_problems(recipe, kind, info.model_type)
+    problems = pass_kind_problems(recipe, kind, info.model_type) + export_kind_problems(recipe, kind)
     if problems:
         raise RecipeValidationError(recipe.source_name, problems)
     if not check_output:

@@ -140,6 +140,7 @@ def render_markdown(report: dict, plot_file: str | None = None) -> str:
         _generations_section(report.get("generations")),
         _validation_section(report.get("validation")),
         _onnx_section(report.get("onnx")),
+        _quantized_section(report.get("onnx_quantized"), report.get("onnx")),
         _layers_section(report.get("layers"), plot_file),
         _passes_section(report.get("passes")),
         _stages_section(report.get("stages")),
@@ -314,6 +315,37 @@ def _onnx_section(onnx: dict | None) -> list[str]:
             same = "yes" if item.get("identical") else f"**no** (from token {item.get('first_mismatch')})"
             table.add_row(item.get("prompt"), same, _inline(item.get("onnx_text") or "", 200))
         lines += table.render()
+    genai = validation.get("genai") or {}
+    if genai.get("skipped"):
+        lines += ["", f"- **onnxruntime-genai:** not checked: {genai['skipped']}"]
+    elif genai.get("prompts"):
+        same = sum(bool(p.get("identical")) for p in genai["prompts"])
+        lines += ["", f"- **onnxruntime-genai** ({genai.get('provider')}, `genai_config.json` as written): greedy "
+                  f"continuations equal to transformers on {same} of {len(genai['prompts'])} prompts"]
+    return lines
+
+
+def _quantized_section(variants: list | None, onnx: dict | None) -> list[str]:
+    """The deploy table: each weight-only quantized graph against the float one."""
+    if not variants:
+        return []
+    lines = ["## Quantized ONNX (weight-only)", ""]
+    table = MarkdownTable(["Graph", "Weights", "Size MB", "PPL vs float", "Top-1 vs float", "Greedy = float"],
+                          right_aligned=(2, 3, 4, 5))
+    if onnx and isinstance(onnx.get("bytes"), (int, float)):
+        table.add_row(f"`{onnx.get('dir', 'onnx')}/`", onnx.get("dtype") or "float32", f"{onnx['bytes'] / 1e6:.1f}",
+                      "1.0000", "100.0%", "yes")
+    for v in variants:
+        check = v.get("validation") or {}
+        weights = (f"int{v.get('bits')} block {v.get('block_size')}, {'symmetric' if v.get('symmetric') else 'zero points'}"
+                   + (", embedding too" if v.get("embeddings") else ""))
+        identical = (check.get("generation") or {}).get("identical")
+        table.add_row(f"`{v.get('dir')}/`", weights, f"{v['bytes'] / 1e6:.1f}" if v.get("bytes") else "",
+                      f"{check['ppl_ratio']:.4f}" if check.get("ppl_ratio") is not None else "",
+                      fmt_percent(check.get("top1_agreement")), "" if identical is None else f"{identical:.0%}")
+    lines += table.render()
+    lines += ["", "Perplexity ratio and next-token agreement are against the float graph on the same evaluation "
+              "windows (teacher-forced); greedy continuations are compared with transformers' on the report's prompts."]
     return lines
 
 

@@ -11,7 +11,12 @@ A gate is a measured value, a threshold and a comparison; a failed gate is a fai
   worst element's |Δ| / (atol + rtol·|reference|), so it passes at ≤ 1;
   ``onnx_present_allclose`` — the same for the returned KV cache;
   ``onnx_generation_identical`` — share of prompts whose greedy continuation from ONNX Runtime equals
-  transformers' ``generate`` token for token (must be 1).
+  transformers' ``generate`` token for token (must be 1);
+  ``genai_generation_identical`` — the same through onnxruntime-genai and the folder's
+  ``genai_config.json`` (when onnxruntime-genai is installed; the report says when it was not).
+* **Quantized ONNX** (``export.onnx.quantize``), against the float graph:
+  ``onnx_int{4,8}_ppl_ratio`` and ``onnx_int{4,8}_top1_agreement`` on teacher-forced windows;
+  ``onnx_int8_generation_identical`` — int8 greedy continuations equal transformers' (int4: reported).
 * **Quality** (compressed vs dense on the evaluation texts): ``ppl_ratio``, ``top1_agreement``,
   ``mean_kl``.
 * **Reload** (each model kind's reload check): the safetensors export reloaded equals the in-memory model.
@@ -34,8 +39,8 @@ import torch
 from compress.errors import CompressError
 from compress.gates import Gate
 
-__all__ = ["Closeness", "Gate", "check_graph", "generation_parity", "logits_parity", "quality_gates",
-           "tf32_disabled", "validate_onnx"]
+__all__ = ["Closeness", "Gate", "check_graph", "generation_parity", "genai_generation_parity", "logits_parity",
+           "quality_gates", "teacher_forced_agreement", "tf32_disabled", "validate_onnx", "validate_quantized"]
 
 
 def quality_gates(evaluation: dict | None, spec) -> list[Gate]:
@@ -193,6 +198,7 @@ def generation_parity(model, tokenizer, decoder, prompts: list[str], max_new_tok
             mismatch = min(len(reference), len(candidate))
         results.append({
             "prompt": prompt,
+            "prompt_ids": list(ids),
             "identical": mismatch is None,
             "first_mismatch": mismatch,
             "torch_tokens": reference,
@@ -265,4 +271,96 @@ def validate_onnx(model, tokenizer, folder: Path, spec, windows: torch.Tensor, d
             if differing:
                 detail += "; differ for: " + "; ".join(repr(p) for p in differing)
             gates.append(Gate.check("onnx_generation_identical", identical, 1.0, ">=", detail))
+            section["genai"], gate = genai_generation_parity(folder, generations, spec.generation_tokens, device)
+            gates.append(gate)
     return section, [g for g in gates if g is not None]
+
+
+def genai_generation_parity(folder: Path, generations: list[dict], max_new_tokens: int,
+                            device: str) -> tuple[dict, Gate | None]:
+    """onnxruntime-genai's greedy continuation of each prompt of ``generations`` (the output of
+    :func:`generation_parity`) against transformers' tokens. Without onnxruntime-genai: a section
+    that says so and no gate. On CUDA, genai runs on the GPU when its CUDA build is installed,
+    else on the CPU."""
+    from compress.genai_runtime import GenaiDecoder, genai_available
+
+    if not genai_available():
+        return {"skipped": "onnxruntime-genai is not installed (pip install 'compress[cpu]')"}, None
+    try:
+        decoder = GenaiDecoder(folder, device=device)
+    except CompressError:
+        if not device.startswith("cuda"):
+            raise
+        decoder = GenaiDecoder(folder, device="cpu")
+    prompts = []
+    for generation in generations:
+        ids = decoder.greedy_generate(generation["prompt_ids"], max_new_tokens).tokens
+        prompts.append({"prompt": generation["prompt"], "identical": ids == generation["torch_tokens"], "tokens": ids})
+    identical = sum(p["identical"] for p in prompts) / len(prompts)
+    differing = [p["prompt"] for p in prompts if not p["identical"]]
+    detail = f"onnxruntime-genai ({decoder.provider}): greedy continuations equal to transformers for {identical:.0%} of prompts"
+    if differing:
+        detail += "; differ for: " + "; ".join(repr(p) for p in differing)
+    section = {"provider": decoder.provider, "max_new_tokens": max_new_tokens, "prompts": prompts}
+    return section, Gate.check("genai_generation_identical", identical, 1.0, ">=", detail)
+
+
+def validate_quantized(float_folder: Path, folder: Path, spec, windows: torch.Tensor, generations: list[dict] | None,
+                       device: str) -> tuple[dict, list[Gate]]:
+    """The gates of a weight-only quantized decoder in ``folder`` against the float graph in
+    ``float_folder`` (itself validated against PyTorch).
+
+    ``windows`` [n, T]: perplexity ratio (quantized / float, over every predicted token) and top-1
+    agreement of the teacher-forced logits. ``generations`` (the float section's, with
+    transformers' tokens): greedy continuations through ONNX Runtime; identical for 8 bits is a gate,
+    for 4 bits a reported share.
+    Returns (the report's section, the gates)."""
+    from compress.onnx_runtime import OrtDecoder, greedy_generate
+
+    quantized = OrtDecoder(folder, device=device, optimization="basic")
+    reference = OrtDecoder(float_folder, device=device, optimization="basic")
+    bits = int((quantized.spec.quantization or {}).get("bits", 0))
+    stats = teacher_forced_agreement(reference, quantized, windows)
+    section: dict[str, Any] = {"provider": quantized.provider, "quantization": quantized.spec.quantization, **stats}
+    gates = [
+        Gate.check(f"onnx_int{bits}_ppl_ratio", stats["ppl_ratio"], spec.quant_max_ppl_ratio, "<=",
+                   f"int{bits} / float ONNX perplexity on {stats['windows']} windows ({stats['ppl']:.2f} vs "
+                   f"{stats['reference_ppl']:.2f})"),
+        Gate.check(f"onnx_int{bits}_top1_agreement", stats["top1_agreement"], spec.quant_min_top1_agreement, ">=",
+                   f"int{bits} vs float ONNX next-token argmax on {stats['tokens']} tokens"),
+    ]
+    if generations:
+        prompts = []
+        for generation in generations:
+            tokens = greedy_generate(quantized, generation["prompt_ids"], len(generation["torch_tokens"]) or 1).tokens
+            prompts.append({"prompt": generation["prompt"], "identical": tokens == generation["torch_tokens"],
+                            "tokens": tokens})
+        identical = sum(p["identical"] for p in prompts) / len(prompts)
+        section["generation"] = {"identical": identical, "prompts": prompts}
+        if bits == 8:
+            gates.append(Gate.check("onnx_int8_generation_identical", identical, 1.0, ">=",
+                                    f"int8 greedy continuations equal to transformers for {identical:.0%} of prompts"))
+    return section, [g for g in gates if g is not None]
+
+
+def teacher_forced_agreement(reference, candidate, windows: torch.Tensor) -> dict:
+    """Two ONNX decoders on the same windows [n, T] (one prefill each): perplexity of each over every
+    predicted token (float64 sums), their ratio candidate / reference, and the share of positions
+    where their argmax agrees."""
+    nll = {"reference": 0.0, "candidate": 0.0}
+    agree = tokens = 0
+    for window in windows.to(torch.long).split(1):
+        ids = window.numpy()
+        targets = ids[0, 1:]
+        argmax = {}
+        for name, decoder in (("reference", reference), ("candidate", candidate)):
+            logits = decoder(ids)[0][0, :-1].astype(np.float64)
+            peak = logits.max(axis=-1, keepdims=True)
+            log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+            nll[name] += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+            argmax[name] = logits.argmax(axis=-1)
+        agree += int((argmax["reference"] == argmax["candidate"]).sum())
+        tokens += len(targets)
+    ppl, reference_ppl = math.exp(nll["candidate"] / tokens), math.exp(nll["reference"] / tokens)
+    return {"windows": int(windows.shape[0]), "tokens": tokens, "ppl": ppl, "reference_ppl": reference_ppl,
+            "ppl_ratio": ppl / reference_ppl, "top1_agreement": agree / tokens}

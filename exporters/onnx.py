@@ -21,7 +21,8 @@ with their sparse blocks in the static all-experts form of ``compress/models/moe
 stock expert loop is data-dependent); the model passed in keeps its own blocks.
 
 Files written into ``out_dir`` (the caller owns atomicity): ``model.onnx`` (graph),
-``model.onnx.data`` (weights as external data), ``export.json``, and the tokenizer files.
+``model.onnx.data`` (weights as external data), ``export.json``, ``genai_config.json`` (so that
+onnxruntime-genai runs the folder as it is; :mod:`exporters.genai`) and the tokenizer files.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from exporters.genai import write_genai_config
 
 __all__ = [
     "DecoderIOSpec",
@@ -91,6 +93,7 @@ class DecoderIOSpec:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     model_type: str = ""
+    quantization: dict | None = None  # weight-only quantization (exporters/onnx_quant.py); None = float weights
     files: dict = field(default_factory=lambda: {"model": ONNX_FILE, "weights": DATA_FILE})
     format: str = SPEC_FORMAT
 
@@ -344,7 +347,8 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     # onnx writes the external data file owner-only; give it the graph file's permissions.
     (out_dir / DATA_FILE).chmod((out_dir / ONNX_FILE).stat().st_mode & 0o777)
     spec.save(out_dir / SPEC_FILE)
-    files = [ONNX_FILE, DATA_FILE, SPEC_FILE] + _write_tokenizer(tokenizer, out_dir)
+    files = [ONNX_FILE, DATA_FILE, SPEC_FILE, write_genai_config(out_dir, spec, model)]
+    files += _write_tokenizer(tokenizer, out_dir)
     size = sum((out_dir / f).stat().st_size for f in (ONNX_FILE, DATA_FILE))
     return OnnxExport(folder=out_dir, files=files, spec=spec, nodes=nodes, bytes=size)
 

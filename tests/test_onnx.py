@@ -7,6 +7,7 @@ cache, against the PyTorch model on the same inputs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -210,9 +211,44 @@ def test_generate_command_prints_the_continuation(tmp_path):
     expected = torch_greedy_generate(model, prompt, 5, stop_at_eos=False).tokens
     assert "Once upon" + tokenizer.decode(expected) in result.output
     assert "5 tokens, CPUExecutionProvider" in result.output
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        result = CliRunner().invoke(app, ["generate", "--onnx", str(exported.folder), "-n", "5", "--runtime", "genai",
+                                          "--ignore-eos", "Once upon"])
+        assert result.exit_code == 0, result.output
+        assert "Once upon" + tokenizer.decode(expected) in result.output
+        assert "5 tokens, onnxruntime-genai (CPU)" in result.output
 
 
 def test_validate_command_on_a_missing_target_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "nothing")])
     assert result.exit_code == 2
     assert "no such recipe file or artifact folder" in result.output
+
+
+# ------------------------------------------------------------------------------------ onnxruntime-genai
+def test_genai_config_lets_onnxruntime_genai_run_per_layer_kv_heads(kv_varying_llama, kv_varying_export):
+    """The folder as exported (per-layer KV heads [4, 2, 1, 3]) runs in onnxruntime-genai and its greedy
+    tokens equal transformers' generate."""
+    pytest.importorskip("onnxruntime_genai")
+    from compress.genai_runtime import GenaiDecoder
+
+    config = json.loads((kv_varying_export.folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert config["search"]["past_present_share_buffer"] is False
+    assert "genai_config.json" in kv_varying_export.files
+    decoder = GenaiDecoder(kv_varying_export.folder)
+    for seed in range(3):
+        prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
+        genai_tokens = decoder.greedy_generate(prompt, 16, stop_at_eos=False).tokens
+        assert genai_tokens == torch_greedy_generate(kv_varying_llama, prompt, 16, stop_at_eos=False).tokens
+        assert len(genai_tokens) == 16
+
+
+def test_genai_on_a_folder_without_its_config_is_a_user_error(kv_varying_export, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from compress.genai_runtime import GenaiDecoder
+
+    for name in ("model.onnx", "export.json"):
+        (tmp_path / name).write_bytes((kv_varying_export.folder / name).read_bytes())
+    with pytest.raises(CompressError, match="no genai_config.json"):
+        GenaiDecoder(tmp_path)

@@ -89,7 +89,8 @@ def test_a_failed_gate_is_reported_and_the_artifact_marked(tiny_folder, tmp_path
     assert "ppl_ratio" in (tmp_path / "out" / "FAILED").read_text()
 
 
-ONNX_GATES = {"onnx_graph_valid", "onnx_logits_allclose", "onnx_present_allclose", "onnx_generation_identical"}
+ONNX_GATES = {"onnx_graph_valid", "onnx_logits_allclose", "onnx_present_allclose", "onnx_generation_identical",
+              "genai_generation_identical"}  # onnxruntime-genai comes with the cpu extra
 
 
 @pytest.mark.slow
@@ -105,7 +106,8 @@ def test_onnx_export_is_validated_in_the_run_and_again_by_validate(tiny_folder, 
                         validate={"generation_tokens": 8})
     result = run_recipe(recipe, progress=False)
     assert result.passed, result.failures
-    for name in ("onnx/model.onnx", "onnx/model.onnx.data", "onnx/export.json", "onnx/tokenizer.json", "recipe.yaml"):
+    for name in ("onnx/model.onnx", "onnx/model.onnx.data", "onnx/export.json", "onnx/genai_config.json",
+                 "onnx/tokenizer.json", "recipe.yaml"):
         assert (out / name).is_file(), name
     assert not (out / "FAILED").exists()
     report = json.loads((out / "report.json").read_text())
@@ -115,6 +117,7 @@ def test_onnx_export_is_validated_in_the_run_and_again_by_validate(tiny_folder, 
     assert validation["parity"]["logits"]["max_abs"] < 1e-4
     assert validation["parity"]["decode_steps"] == 4
     assert all(p["identical"] and len(p["onnx_tokens"]) > 0 for p in validation["generation"]["prompts"])
+    assert all(p["identical"] for p in validation["genai"]["prompts"])
     assert {s["name"] for s in report["stages"]} >= {"export onnx", "validate onnx"}
     assert "## ONNX" in (out / "report.md").read_text()
 
@@ -150,3 +153,59 @@ def test_a_failing_run_leaves_no_output_folder(tmp_path):
     with pytest.raises(CompressError):
         run_recipe(recipe, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_quantized_onnx_variants_are_written_and_validated_against_the_float_graph(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    recipe = recipe_for(tiny_folder, out, export={"output": str(out), "formats": ["safetensors", "onnx"],
+                                                  "onnx": {"quantize": ["int8", "int4"], "block_size": 16}},
+                        evaluate=None, validate={"generation_tokens": 6, "generation_prompts": ["It is a truth"],
+                                                 "quant_windows": 3})
+    result = run_recipe(recipe, progress=False)
+    report = json.loads((out / "report.json").read_text())
+    gates = {g["name"]: g for g in report["validation"]["gates"]}
+    assert {"onnx_int8_ppl_ratio", "onnx_int8_top1_agreement", "onnx_int8_generation_identical",
+            "onnx_int4_ppl_ratio", "onnx_int4_top1_agreement"} <= set(gates)
+    # the gates are real measurements: int8 stays closer to the float graph than int4
+    assert gates["onnx_int8_ppl_ratio"]["value"] == pytest.approx(1.0, abs=0.02)
+    assert abs(gates["onnx_int4_ppl_ratio"]["value"] - 1) > abs(gates["onnx_int8_ppl_ratio"]["value"] - 1)
+    assert result.passed == all(g["passed"] for g in gates.values())
+    variants = {v["dir"]: v for v in report["onnx_quantized"]}
+    assert set(variants) == {"onnx-int8", "onnx-int4"}
+    # int4 also quantizes the embedding; int8 keeps it in float beside its own int8 copy of the tied head
+    assert variants["onnx-int4"]["bytes"] < min(variants["onnx-int8"]["bytes"], report["onnx"]["bytes"] / 2)
+    for folder in ("onnx-int8", "onnx-int4"):
+        spec = json.loads((out / folder / "export.json").read_text())
+        assert spec["quantization"]["bits"] == int(folder[-1]) and spec["quantization"]["block_size"] == 16
+        assert (out / folder / "genai_config.json").is_file() and (out / folder / "tokenizer.json").is_file()
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "onnx-int4" / "model.onnx"), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert "## Quantized ONNX" in (out / "report.md").read_text()
+
+    from compress.run.validate import validate_artifact
+
+    again = validate_artifact(out, progress=False)  # compress validate re-checks the quantized graphs too
+    assert {"onnx_int8_ppl_ratio", "onnx_int4_top1_agreement"} <= {g["name"] for g in again.report["validation"]["gates"]}
+
+
+def test_quantize_on_an_encoder_is_refused_before_loading(tmp_path):
+    import yaml
+    from transformers import BertConfig, BertModel
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    recipe = tmp_path / "enc.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "enc", "model": str(folder), "passes": [{"heads": {"ratio": 0.25}}],
+                                      "export": {"output": str(tmp_path / "o"), "formats": ["onnx"],
+                                                 "onnx": {"quantize": ["int4"]}}, "evaluate": None}))
+    result = CliRunner().invoke(app, ["run", "--dry-run", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "export.onnx.quantize" in result.output and "weight-only ONNX quantization" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +14,11 @@ from rich.text import Text
 
 from compress.cli.common import DTypeChoice, DTypeOption, DeviceOption, TrustRemoteCodeOption, data_option, stdout_console, app
 from compress.errors import CompressError
+
+
+class Runtime(str, Enum):
+    ort = "ort"
+    genai = "genai"
 
 
 @app.command("generate")
@@ -27,19 +33,33 @@ def generate_command(
         ),
     ],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 32,
+    runtime: Annotated[
+        Runtime,
+        typer.Option("--runtime", help="ort: compress's greedy loop over ONNX Runtime; genai: onnxruntime-genai "
+                     "(reads genai_config.json beside the graph)."),
+    ] = Runtime.ort,
     device: DeviceOption = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token.")] = False,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token "
+                                             "(genai: the end-of-text token is never chosen).")] = False,
 ) -> None:
-    """Greedy generation with ONNX Runtime and the KV cache (no PyTorch model needed).
+    """Greedy generation with the KV cache from an exported ONNX folder (no PyTorch model needed).
 
     Example: [bold]compress generate --onnx outputs/llama-flap-50/onnx "It was a truth"[/bold]
+    (add [bold]--runtime genai[/bold] to run it in onnxruntime-genai)
     """
     from compress.onnx_runtime import OrtDecoder, greedy_generate, load_tokenizer
 
-    decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all", require_device=device is not None)
+    if runtime is Runtime.genai:
+        from compress.genai_runtime import GenaiDecoder
+
+        decoder = GenaiDecoder(onnx, device=device or "cpu")
+        generate = decoder.greedy_generate
+    else:
+        decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all", require_device=device is not None)
+        generate = lambda ids, n, stop_at_eos: greedy_generate(decoder, ids, n, stop_at_eos)  # noqa: E731
     tokenizer = load_tokenizer(onnx)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    result = greedy_generate(decoder, ids, max_new_tokens, stop_at_eos=not ignore_eos)
+    result = generate(ids, max_new_tokens, stop_at_eos=not ignore_eos)
     console = stdout_console()
     console.print(Text(prompt, style="bold") + Text(tokenizer.decode(result.tokens)), soft_wrap=True)
     console.print(f"[dim]{len(result.tokens)} tokens, {escape(decoder.provider)}[/dim]")

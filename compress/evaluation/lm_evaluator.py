@@ -39,6 +39,13 @@ class LMEvaluator:
     def first_windows(self) -> torch.Tensor:
         return next(iter(self.windows.values()))
 
+    def spread_windows(self, count: int) -> torch.Tensor:
+        """Up to ``count`` windows [n, seqlen] taken in turn from every domain (first windows first)."""
+        domains = list(self.windows.values())
+        picked = [domains[i % len(domains)][i // len(domains)] for i in range(count)
+                  if i // len(domains) < len(domains[i % len(domains)])]
+        return torch.stack(picked)
+
     def measure_dense(self, model) -> None:
         """The dense model's figures (from the cache when it has them); call before pruning."""
         if not self.spec.dense:

@@ -46,8 +46,10 @@ class ModelKind:
         """The dry run's ``memory`` line (how the model is held), or None for in memory."""
         return None
 
+    quantizes_onnx = False  # writes export.onnx.quantize variants of its ONNX export
+
     @classmethod
-    def describe_gates(cls, validate, formats) -> list[str]:
+    def describe_gates(cls, validate, export) -> list[str]:
         """The dry run's ``validate`` line: the gates that are checked."""
         return [f"reload max|Δ| ≤ {validate.reload_max_abs_diff}"]
 

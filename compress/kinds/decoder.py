@@ -18,7 +18,7 @@ from compress.models.adapters import get_adapter
 from compress.models.loading import load_model, transformers_progress
 from compress.registry import get_pass
 from compress.replay import apply_plan
-from compress.validation import quality_gates, validate_onnx
+from compress.validation import quality_gates, validate_onnx, validate_quantized
 
 RELOAD_CHECK_WINDOWS = 4
 HELDOUT_WINDOWS = 32  # held-out calibration windows (choices made on data the statistics did not see)
@@ -103,6 +103,7 @@ class DecoderKind(ModelKind):
     name = "decoder"
     words = "decoder"
     evaluates_on_apply = True  # the suite on its first APPLY_EVAL_WINDOWS windows per domain
+    quantizes_onnx = True
 
     @classmethod
     def describe_evaluation(cls, e) -> str:
@@ -113,15 +114,21 @@ class DecoderKind(ModelKind):
                 + ("; KL" if e.kl else ""))
 
     @classmethod
-    def describe_gates(cls, v, formats) -> list[str]:
+    def describe_gates(cls, v, export) -> list[str]:
         gates = [f"reload max|Δ| ≤ {v.reload_max_abs_diff}"]
         gates += [f"{n} {op} {t}" for n, op, t in (
             ("ppl ratio (worst)", "≤", v.max_ppl_ratio), ("ppl ratio (geometric mean)", "≤", v.max_geomean_ppl_ratio),
             ("top-1 agreement", "≥", v.min_top1_agreement), ("mean KL", "≤", v.max_mean_kl)) if t is not None]
-        if "onnx" in formats:
+        if "onnx" in export.formats:
             gates.append(f"ONNX vs PyTorch atol {v.onnx_atol:g} rtol {v.onnx_rtol:g}")
             if v.generation_tokens and v.generation_prompts:
-                gates.append(f"{v.generation_tokens} greedy tokens identical on {len(v.generation_prompts)} prompts")
+                gates.append(f"{v.generation_tokens} greedy tokens identical on {len(v.generation_prompts)} prompts "
+                             "(ONNX Runtime, and onnxruntime-genai when installed)")
+            quantize = export.onnx.quantize
+            if quantize:
+                gates.append(f"quantized ({', '.join(quantize)}) vs float ONNX: ppl ratio ≤ {v.quant_max_ppl_ratio:g}, "
+                             f"top-1 agreement ≥ {v.quant_min_top1_agreement:g}"
+                             + ("; int8 greedy tokens identical" if "int8" in quantize and v.generation_tokens else ""))
         return gates
 
     def __init__(self, state):
@@ -233,6 +240,35 @@ class DecoderKind(ModelKind):
                             "kv_heads": exported.spec.kv_heads, "validation": section}
         s.files += [f"{ONNX_SUBDIR}/{name}" for name in exported.files]
         s.gate(*gates)
+        generations = (section.get("generation") or {}).get("prompts")
+        for kind in s.export.onnx.quantize:
+            self.quantized_onnx(kind, onnx_dir, generations)
+
+    def quantized_onnx(self, kind: str, float_dir, generations: list | None) -> None:
+        """Quantize the float graph in ``float_dir`` (``kind``: int8 or int4) into ``onnx-<kind>/`` and
+        validate it against the float graph."""
+        from exporters.onnx_quant import QuantOptions, quantize_onnx
+
+        s = self.state
+        o = s.export.onnx
+        options = QuantOptions(bits=int(kind[3:]), block_size=o.block_size, symmetric=o.symmetric,
+                               embeddings=o.quantize_embeddings)
+        subdir = f"{ONNX_SUBDIR}-{kind}"
+        with s.stage(f"quantize onnx {kind}"):
+            exported = quantize_onnx(float_dir, s.folder / subdir, options)
+        with s.stage(f"validate onnx {kind}"):
+            section, gates = validate_quantized(float_dir, s.folder / subdir, s.validate,
+                                                self.quant_windows(s.validate.quant_windows), generations, s.device)
+        s.report.setdefault("onnx_quantized", []).append(
+            {"dir": subdir, "bits": options.bits, "block_size": options.block_size, "symmetric": options.symmetric,
+             "embeddings": options.embeddings and options.bits == 4, "nodes": exported.nodes, "bytes": exported.bytes,
+             "validation": section})
+        s.files += [f"{subdir}/{name}" for name in exported.files]
+        s.gate(*gates)
+
+    def quant_windows(self, count: int) -> torch.Tensor:
+        """``count`` evaluation windows from every domain in turn (random ids without an evaluation)."""
+        return self.evaluator.spread_windows(count) if self.evaluator is not None else self.check_windows()[:count]
 
     def evaluate(self) -> None:
         s = self.state

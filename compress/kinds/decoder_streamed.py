@@ -86,6 +86,7 @@ class StreamedDecoderKind(DecoderKind):
     """The decoder kind, executed block by block under a memory cap (``state.max_memory`` bytes)."""
 
     streamed = True
+    quantizes_onnx = False  # it writes no ONNX
 
     @classmethod
     def describe_evaluation(cls, e) -> str:
@@ -97,7 +98,7 @@ class StreamedDecoderKind(DecoderKind):
         return f"out of core under {format_size(int(recipe.max_memory))}; activations {where}"
 
     @classmethod
-    def describe_gates(cls, v, formats) -> list[str]:
+    def describe_gates(cls, v, export) -> list[str]:
         return ["reload structure (config.json vs the written tensors)", "peak RSS ≤ max_memory"]
 
     def __init__(self, state):

@@ -85,11 +85,11 @@ class EncoderKind(ModelKind):
                 f"pruned embeddings, Spearman over {e.pairs} pairs (images: probe accuracy)")
 
     @classmethod
-    def describe_gates(cls, v, formats) -> list[str]:
+    def describe_gates(cls, v, export) -> list[str]:
         gates = [f"reload max|Δ| ≤ {v.reload_max_abs_diff} (last hidden state)"]
         if v.min_embedding_cosine is not None:
             gates.append(f"embedding cosine ≥ {v.min_embedding_cosine} (worst dataset)")
-        if "onnx" in formats:
+        if "onnx" in export.formats:
             gates.append(f"ONNX vs PyTorch max|Δ| ≤ {v.onnx_atol:g}; kept-token sets identical")
         return gates
 

@@ -88,7 +88,7 @@ class OnnxGraphKind(ModelKind):
     plan_format = "onnx"
 
     @classmethod
-    def describe_gates(cls, v, formats) -> list[str]:
+    def describe_gates(cls, v, export) -> list[str]:
         return ["onnx.checker and strict shape inference", "ONNX Runtime runs the pruned graph on the dense graph's "
                 "inputs (output cosine reported)"]
 

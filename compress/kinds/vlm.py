@@ -95,11 +95,11 @@ class VlmKind(ModelKind):
                 f"{', '.join(e.sources(default=['textile']))}: top-1 agreement and KL, dense vs pruned image tokens")
 
     @classmethod
-    def describe_gates(cls, v, formats) -> list[str]:
+    def describe_gates(cls, v, export) -> list[str]:
         gates = [f"reload max|Δ| ≤ {v.reload_max_abs_diff} (next-token log-probabilities)"]
         gates += [f"{n} {op} {t}" for n, op, t in (("top-1 agreement", "≥", v.min_top1_agreement),
                                                     ("mean KL", "≤", v.max_mean_kl)) if t is not None]
-        if "onnx" in formats:
+        if "onnx" in export.formats:
             gates.append(f"vision ONNX vs PyTorch max|Δ| ≤ {v.onnx_atol:g}; kept-token sets identical")
         return gates
 

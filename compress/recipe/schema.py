@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import (
     BaseModel,
@@ -72,6 +72,24 @@ class OnnxSpec(StrictSection):
     opset: int = Field(18, ge=18, le=23, description="ONNX opset of the default domain.")
     fp16: bool = Field(False, description="Write float16 weights, activations and cache.")
     slim: bool = Field(True, description="Simplify the graph with onnxslim (constant folding, dead nodes).")
+    quantize: list[Literal["int8", "int4"]] = Field(
+        default_factory=list, description="Also write weight-only quantized decoders (MatMulNBits), one folder each: "
+        "onnx-int8/, onnx-int4/. The float graph is still written and validated.")
+    block_size: int = Field(32, description="Quantization: input channels per scale (16, 32, 64, 128 or 256).")
+    symmetric: bool = Field(True, description="Quantization: symmetric blocks (no zero point).")
+    quantize_embeddings: bool = Field(True, description="int4: quantize the token embedding too (GatherBlockQuantized).")
+
+    @field_validator("quantize")
+    @classmethod
+    def _unique_quantize(cls, quantize: list[str]) -> list[str]:
+        return list(dict.fromkeys(quantize))
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, block_size: int) -> int:
+        if block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"must be one of 16, 32, 64, 128, 256 (got {block_size})")
+        return block_size
 
 
 class ExportSpec(StrictSection):
@@ -167,6 +185,12 @@ class ValidateSpec(StrictSection):
     onnx_fp16_atol: float = Field(0.5, ge=0, description="Absolute logits tolerance of an fp16 graph vs fp32 PyTorch.")
     onnx_fp16_rtol: float = Field(0.05, ge=0, description="Relative logits tolerance of an fp16 graph vs fp32 PyTorch.")
     onnx_windows: int = Field(4, gt=0, description="Evaluation windows in the fixed ONNX parity batch.")
+    quant_max_ppl_ratio: float = Field(
+        1.05, gt=0, description="Quantized ONNX (export.onnx.quantize): max perplexity ratio to the float ONNX graph "
+        "on the quantization check windows.")
+    quant_min_top1_agreement: float = Field(
+        0.85, ge=0, le=1, description="Quantized ONNX: min share of next-token argmax equal to the float graph's.")
+    quant_windows: int = Field(8, gt=0, description="Evaluation windows for the quantized-vs-float check.")
     onnx_decode_steps: int = Field(
         4, ge=0, description="Tokens of each parity window fed one by one through the KV cache after the prefill."
     )

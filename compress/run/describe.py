@@ -33,9 +33,13 @@ def describe_recipe(recipe, output: Path | None = None, kind: str = "decoder") -
         o = recipe.export.onnx
         lines.append(f"onnx      opset {o.opset}, {'fp16' if o.fp16 else 'fp32'}, slim {'on' if o.slim else 'off'} "
                      f"→ {out / ONNX_SUBDIR}")
+        for kind in o.quantize:
+            extra = ", embeddings too" if kind == "int4" and o.quantize_embeddings else ""
+            lines.append(f"quantize  {kind} weight-only (MatMulNBits), block {o.block_size}, "
+                         f"{'symmetric' if o.symmetric else 'with zero points'}{extra} → {out / ONNX_SUBDIR}-{kind}")
     if recipe.evaluate is not None:
         lines.append(f"evaluate  {cls.describe_evaluation(recipe.evaluate)}")
-    lines.append(f"validate  {'; '.join(cls.describe_gates(recipe.validate, recipe.export.formats))}")
+    lines.append(f"validate  {'; '.join(cls.describe_gates(recipe.validate, recipe.export))}")
     return lines
 
 

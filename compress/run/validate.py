@@ -23,7 +23,7 @@ from compress.recipe import EvaluateSpec, ValidateSpec, load_recipe
 from compress.report import write_report
 from compress.run.runner import RECIPE_COPY
 from compress.run.state import RunResult
-from compress.validation import quality_gates, validate_onnx
+from compress.validation import quality_gates, validate_onnx, validate_quantized
 
 
 def artifact_target(target: Path):
@@ -84,6 +84,14 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
         section, onnx_gates = validate_onnx(model, tokenizer, onnx_dir, spec, check, device)
         report.setdefault("onnx", {})["validation"] = section
         gates += onnx_gates
+        generations = (section.get("generation") or {}).get("prompts")
+        for variant in report.get("onnx_quantized") or []:
+            if (folder / variant["dir"]).is_dir():
+                windows = (evaluator.spread_windows(spec.quant_windows) if evaluator is not None
+                           else random_windows(model, spec.quant_windows))
+                variant["validation"], quant_gates = validate_quantized(onnx_dir, folder / variant["dir"], spec,
+                                                                        windows, generations, device)
+                gates += quant_gates
     previous = [g for g in (report.get("validation") or {}).get("gates", []) if g["name"] == "reload_max_abs_diff"]
     all_gates = previous + [g.to_dict() for g in gates]
     failures = [Gate(**g).failure_message() for g in all_gates if not g["passed"]]
