@@ -53,13 +53,20 @@ def pass_kind_problems(recipe, kind: str, model_type: str | None) -> list[Recipe
 
 
 def export_kind_problems(recipe, kind: str) -> list[RecipeProblem]:
-    """Export options that the model's kind cannot write (weight-only ONNX quantization: decoders)."""
+    """Export options that the model's kind cannot write (weight-only ONNX quantization and GGUF: decoders in
+    memory)."""
+    cls = kind_class(kind, recipe.max_memory is not None)
+    where = "out of core" if recipe.max_memory is not None and kind in ("decoder", "moe") else a_kind(kind)
+    problems = []
     quantize = recipe.export.onnx.quantize
-    if quantize and not kind_class(kind, recipe.max_memory is not None).quantizes_onnx:
-        where = "out of core" if recipe.max_memory is not None and kind in ("decoder", "moe") else a_kind(kind)
-        return [RecipeProblem(("export", "onnx", "quantize"), f"weight-only ONNX quantization is written for "
-                              f"decoders in memory; this run is {where}: remove {', '.join(quantize)}")]
-    return []
+    if quantize and not cls.quantizes_onnx:
+        problems.append(RecipeProblem(("export", "onnx", "quantize"), f"weight-only ONNX quantization is written for "
+                                      f"decoders in memory; this run is {where}: remove {', '.join(quantize)}"))
+    if "gguf" in recipe.export.formats and not cls.writes_gguf:
+        index = recipe.export.formats.index("gguf")
+        problems.append(RecipeProblem(("export", "formats", index), f"GGUF is written for LLaMA-family decoders in "
+                                      f"memory; this run is {where}: remove gguf"))
+    return problems
 
 
 def preflight(recipe, output: Path | None = None, *, overwrite: bool = False, check_output: bool = True) -> Preflight:

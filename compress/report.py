@@ -141,6 +141,7 @@ def render_markdown(report: dict, plot_file: str | None = None) -> str:
         _validation_section(report.get("validation")),
         _onnx_section(report.get("onnx")),
         _quantized_section(report.get("onnx_quantized"), report.get("onnx")),
+        _gguf_section(report.get("gguf")),
         _layers_section(report.get("layers"), plot_file),
         _passes_section(report.get("passes")),
         _stages_section(report.get("stages")),
@@ -337,8 +338,12 @@ def _quantized_section(variants: list | None, onnx: dict | None) -> list[str]:
                       "1.0000", "100.0%", "yes")
     for v in variants:
         check = v.get("validation") or {}
-        weights = (f"int{v.get('bits')} block {v.get('block_size')}, {'symmetric' if v.get('symmetric') else 'zero points'}"
-                   + (", embedding too" if v.get("embeddings") else ""))
+        q = v.get("quantization") or {}
+        bits = q.get("bits")
+        head = q.get("bits") if bits == 8 else q.get("head_bits")
+        weights = (f"linears int{bits} ({'hqq' if bits == 4 and q.get('method') == 'hqq' else 'rtn'}), block "
+                   f"{q.get('block_size')}; head {'int' + str(head) if head else 'float'}; embedding "
+                   f"{'int4' if bits == 4 and q.get('embeddings') else 'float'}")
         identical = (check.get("generation") or {}).get("identical")
         table.add_row(f"`{v.get('dir')}/`", weights, f"{v['bytes'] / 1e6:.1f}" if v.get("bytes") else "",
                       f"{check['ppl_ratio']:.4f}" if check.get("ppl_ratio") is not None else "",
@@ -346,6 +351,28 @@ def _quantized_section(variants: list | None, onnx: dict | None) -> list[str]:
     lines += table.render()
     lines += ["", "Perplexity ratio and next-token agreement are against the float graph on the same evaluation "
               "windows (teacher-forced); greedy continuations are compared with transformers' on the report's prompts."]
+    return lines
+
+
+def _gguf_section(gguf: dict | None) -> list[str]:
+    if not gguf:
+        return []
+    types = ", ".join(f"{count} {kind}" for kind, count in sorted((gguf.get("tensor_types") or {}).items()))
+    lines = ["## GGUF (llama.cpp)", "",
+             f"- **File:** `{gguf.get('dir', 'gguf')}/model.gguf`, architecture `{gguf.get('architecture')}`, "
+             f"{gguf.get('dtype')}, {gguf['bytes'] / 1e6:.1f} MB ({types} tensors)" if gguf.get("bytes") else ""]
+    check = gguf.get("validation") or {}
+    if check.get("skipped"):
+        lines.append(f"- **llama.cpp:** not checked: {check['skipped']}")
+    elif check.get("logits"):
+        logits = check["logits"]
+        lines.append(f"- **llama.cpp vs PyTorch** on {check.get('windows')} windows: max |Δ| logits "
+                     f"{fmt_number(logits.get('max_abs'))}, cosine {logits.get('cosine', 0):.6f}, top-1 agreement "
+                     f"{fmt_percent(check.get('top1_agreement'))}")
+        generation = check.get("generation") or {}
+        if generation.get("prompts"):
+            same = sum(bool(p.get("identical")) for p in generation["prompts"])
+            lines.append(f"- **Greedy continuations** equal to transformers on {same} of {len(generation['prompts'])} prompts")
     return lines
 
 

@@ -40,7 +40,8 @@ from compress.errors import CompressError
 from compress.gates import Gate
 
 __all__ = ["Closeness", "Gate", "check_graph", "generation_parity", "genai_generation_parity", "logits_parity",
-           "quality_gates", "teacher_forced_agreement", "tf32_disabled", "validate_onnx", "validate_quantized"]
+           "quality_gates", "teacher_forced_agreement", "tf32_disabled", "validate_gguf", "validate_onnx",
+           "validate_quantized"]
 
 
 def quality_gates(evaluation: dict | None, spec) -> list[Gate]:
@@ -364,3 +365,49 @@ def teacher_forced_agreement(reference, candidate, windows: torch.Tensor) -> dic
     ppl, reference_ppl = math.exp(nll["candidate"] / tokens), math.exp(nll["reference"] / tokens)
     return {"windows": int(windows.shape[0]), "tokens": tokens, "ppl": ppl, "reference_ppl": reference_ppl,
             "ppl_ratio": ppl / reference_ppl, "top1_agreement": agree / tokens}
+
+
+def validate_gguf(model, tokenizer, path: Path, spec, windows: torch.Tensor, dtype: str) -> tuple[dict, list[Gate]]:
+    """llama.cpp (through llama-cpp-python) on the written GGUF against the PyTorch model: logits on
+    ``windows[:spec.onnx_windows]`` and greedy continuations of the generation prompts. For an f32 file
+    both are gates (``gguf_logits_allclose``: max |Δ| ≤ ``gguf_atol``; ``gguf_generation_identical``);
+    for f16 and the quantized types they are reported. Without llama-cpp-python: a section that says
+    so and no gate."""
+    from compress.llama_cpp_runtime import LlamaCppDecoder, llama_cpp_available
+    from compress.onnx_runtime import torch_greedy_generate
+    from exporters.onnx import eos_token_ids
+
+    if not llama_cpp_available():
+        return {"skipped": "llama-cpp-python is not installed (bash scripts/build_llama_cpp.sh)"}, []
+    windows = windows[: spec.onnx_windows].to(torch.long)
+    decoder = LlamaCppDecoder(path, n_ctx=max(512, windows.shape[1] + spec.generation_tokens + 64))
+    measured, agree, count = [], 0, 0
+    for window in windows.split(1):
+        with torch.no_grad():
+            reference = model(input_ids=window.to(_model_device(model))).logits[0].float().cpu().numpy()
+        candidate = decoder.logits(window[0].tolist())
+        measured.append(Closeness.measure(reference, candidate, spec.gguf_atol, 0.0))
+        agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
+        count += reference.shape[0]
+    logits = Closeness.worst(measured)
+    section: dict[str, Any] = {"runtime": "llama.cpp (llama-cpp-python)", "dtype": dtype, "logits": asdict(logits),
+                               "windows": int(windows.shape[0]), "top1_agreement": agree / count}
+    exact = dtype == "f32"
+    gates = [Gate.check("gguf_logits_allclose", logits.max_abs, spec.gguf_atol, "<=",
+                        f"llama.cpp vs PyTorch logits on {windows.shape[0]} windows: max |Δ| {logits.max_abs:.3g}, "
+                        f"cosine {logits.cosine:.8f}")] if exact else []
+    if spec.generation_tokens and spec.generation_prompts:
+        eos = set(eos_token_ids(model))
+        prompts = []
+        for prompt in spec.generation_prompts:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            reference = torch_greedy_generate(model, ids, spec.generation_tokens).tokens
+            tokens = decoder.greedy(ids, spec.generation_tokens, eos)
+            prompts.append({"prompt": prompt, "identical": tokens == reference, "tokens": tokens,
+                            "text": tokenizer.decode(tokens)})
+        identical = sum(p["identical"] for p in prompts) / len(prompts)
+        section["generation"] = {"identical": identical, "prompts": prompts}
+        if exact:
+            gates.append(Gate.check("gguf_generation_identical", identical, 1.0, ">=",
+                                    f"llama.cpp greedy continuations equal to transformers for {identical:.0%} of prompts"))
+    return section, gates

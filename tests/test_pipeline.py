@@ -191,7 +191,7 @@ def test_quantized_onnx_variants_are_written_and_validated_against_the_float_gra
     assert {"onnx_int8_ppl_ratio", "onnx_int4_top1_agreement"} <= {g["name"] for g in again.report["validation"]["gates"]}
 
 
-def test_quantize_on_an_encoder_is_refused_before_loading(tmp_path):
+def test_quantize_and_gguf_on_an_encoder_are_refused_before_loading(tmp_path):
     import yaml
     from transformers import BertConfig, BertModel
     from typer.testing import CliRunner
@@ -203,9 +203,37 @@ def test_quantize_on_an_encoder_is_refused_before_loading(tmp_path):
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
     recipe = tmp_path / "enc.yaml"
     recipe.write_text(yaml.safe_dump({"name": "enc", "model": str(folder), "passes": [{"heads": {"ratio": 0.25}}],
-                                      "export": {"output": str(tmp_path / "o"), "formats": ["onnx"],
+                                      "export": {"output": str(tmp_path / "o"), "formats": ["onnx", "gguf"],
                                                  "onnx": {"quantize": ["int4"]}}, "evaluate": None}))
     result = CliRunner().invoke(app, ["run", "--dry-run", str(recipe)])
     assert result.exit_code == 2, result.output
     assert "export.onnx.quantize" in result.output and "weight-only ONNX quantization" in result.output
+    assert "export.formats[1]" in result.output and "GGUF is written for LLaMA-family decoders" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_gguf_is_written_for_llama_cpp_and_checked_when_it_is_built(tiny_folder, tmp_path):
+    import importlib.util
+
+    import gguf
+
+    out = tmp_path / "out"
+    recipe = recipe_for(tiny_folder, out, export={"output": str(out), "formats": ["safetensors", "gguf"],
+                                                  "gguf": {"dtype": "f32"}},
+                        evaluate=None, validate={"generation_tokens": 6, "generation_prompts": ["It is a truth"]})
+    result = run_recipe(recipe, progress=False)
+    assert result.passed, result.failures
+    report = json.loads((out / "report.json").read_text())
+    assert report["gguf"]["architecture"] == "deci"  # FLAP leaves per-layer widths and biases
+    reader = gguf.GGUFReader(str(out / "gguf" / "model.gguf"))
+    heads = list(reader.fields["deci.attention.head_count"].contents())
+    assert heads == [layer["heads"] for layer in report["layers"]]
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
+    gates = {g["name"] for g in report["validation"]["gates"]}
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert {"gguf_logits_allclose", "gguf_generation_identical"} <= gates
+    else:
+        assert "skipped" in report["gguf"]["validation"] and "gguf_logits_allclose" not in gates
+    assert "## GGUF (llama.cpp)" in (out / "report.md").read_text()

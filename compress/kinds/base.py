@@ -47,6 +47,7 @@ class ModelKind:
         return None
 
     quantizes_onnx = False  # writes export.onnx.quantize variants of its ONNX export
+    writes_gguf = False  # writes formats: [gguf]
 
     @classmethod
     def describe_gates(cls, validate, export) -> list[str]:
@@ -122,6 +123,9 @@ class ModelKind:
 
     def onnx(self) -> None:
         """ONNX export and its parity gates, when the recipe asks for ONNX."""
+
+    def gguf(self) -> None:
+        """GGUF export for llama.cpp and its gates, when the recipe asks for GGUF."""
 
     def evaluate(self) -> None:
         """Quality against the dense reference (``report["evaluation"]``) and its gates."""

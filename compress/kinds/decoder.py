@@ -18,9 +18,10 @@ from compress.models.adapters import get_adapter
 from compress.models.loading import load_model, transformers_progress
 from compress.registry import get_pass
 from compress.replay import apply_plan
-from compress.validation import quality_gates, validate_onnx, validate_quantized
+from compress.validation import quality_gates, validate_gguf, validate_onnx, validate_quantized
 
 RELOAD_CHECK_WINDOWS = 4
+GGUF_SUBDIR = "gguf"
 HELDOUT_WINDOWS = 32  # held-out calibration windows (choices made on data the statistics did not see)
 HELDOUT_SEED_OFFSET = 1_000_003  # their draw's seed: calibration.seed + this
 
@@ -104,6 +105,7 @@ class DecoderKind(ModelKind):
     words = "decoder"
     evaluates_on_apply = True  # the suite on its first APPLY_EVAL_WINDOWS windows per domain
     quantizes_onnx = True
+    writes_gguf = True
 
     @classmethod
     def describe_evaluation(cls, e) -> str:
@@ -129,6 +131,9 @@ class DecoderKind(ModelKind):
                 gates.append(f"quantized ({', '.join(quantize)}) vs float ONNX: ppl ratio ≤ {v.quant_max_ppl_ratio:g}, "
                              f"top-1 agreement ≥ {v.quant_min_top1_agreement:g}"
                              + ("; int8 greedy tokens identical" if "int8" in quantize and v.generation_tokens else ""))
+        if "gguf" in export.formats:
+            gates.append(f"GGUF in llama.cpp (when llama-cpp-python is installed): {export.gguf.dtype} logits and greedy "
+                         + (f"tokens vs PyTorch, max|Δ| ≤ {v.gguf_atol:g}" if export.gguf.dtype == "f32" else "tokens reported"))
         return gates
 
     def __init__(self, state):
@@ -251,8 +256,8 @@ class DecoderKind(ModelKind):
 
         s = self.state
         o = s.export.onnx
-        options = QuantOptions(bits=int(kind[3:]), block_size=o.block_size, symmetric=o.symmetric,
-                               embeddings=o.quantize_embeddings)
+        options = QuantOptions(bits=int(kind[3:]), block_size=o.block_size, symmetric=o.symmetric, method=o.int4_method,
+                               head_bits=o.head_bits, embeddings=o.quantize_embeddings)
         subdir = f"{ONNX_SUBDIR}-{kind}"
         with s.stage(f"quantize onnx {kind}"):
             exported = quantize_onnx(float_dir, s.folder / subdir, options)
@@ -260,10 +265,29 @@ class DecoderKind(ModelKind):
             section, gates = validate_quantized(float_dir, s.folder / subdir, s.validate,
                                                 self.quant_windows(s.validate.quant_windows), generations, s.device)
         s.report.setdefault("onnx_quantized", []).append(
-            {"dir": subdir, "bits": options.bits, "block_size": options.block_size, "symmetric": options.symmetric,
-             "embeddings": options.embeddings and options.bits == 4, "nodes": exported.nodes, "bytes": exported.bytes,
-             "validation": section})
+            {"dir": subdir, "quantization": exported.spec.quantization, "nodes": exported.nodes,
+             "bytes": exported.bytes, "validation": section})
         s.files += [f"{subdir}/{name}" for name in exported.files]
+        s.gate(*gates)
+
+    def gguf(self) -> None:
+        s = self.state
+        if s.export is None or "gguf" not in s.export.formats:
+            return
+        from compress.models.loading import probe_source
+        from exporters.gguf import GgufOptions, export_gguf
+
+        info = probe_source(s.source)
+        tokenizer_gguf = info.path if info.kind in ("embedded", "gguf") else None  # its tokenizer metadata, verbatim
+        options = GgufOptions(dtype=s.export.gguf.dtype)
+        with s.stage("export gguf"):
+            exported = export_gguf(s.model, s.tokenizer, s.folder / GGUF_SUBDIR, options, tokenizer_gguf)
+        with s.stage("validate gguf"):
+            section, gates = validate_gguf(s.model, s.tokenizer, exported.folder / exported.files[0], s.validate,
+                                           self.check_windows(), options.dtype)
+        s.report["gguf"] = {"dir": GGUF_SUBDIR, "architecture": exported.architecture, "dtype": options.dtype,
+                            "tensor_types": exported.tensor_types, "bytes": exported.bytes, "validation": section}
+        s.files += [f"{GGUF_SUBDIR}/{name}" for name in exported.files]
         s.gate(*gates)
 
     def quant_windows(self, count: int) -> torch.Tensor:
@@ -301,6 +325,7 @@ class MoeDecoderKind(DecoderKind):
 
     name = "moe"
     words = "mixture-of-experts decoder"
+    writes_gguf = False
 
     def write_weights(self) -> dict:
         from exporters.moe import export_moe_safetensors

@@ -87,6 +87,7 @@ class StreamedDecoderKind(DecoderKind):
 
     streamed = True
     quantizes_onnx = False  # it writes no ONNX
+    writes_gguf = False
 
     @classmethod
     def describe_evaluation(cls, e) -> str:

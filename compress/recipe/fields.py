@@ -18,7 +18,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # compress/data: the
 
 DEFAULT_MODEL = "smollm2-135m"
 DType = Literal["float32", "float16", "bfloat16"]
-EXPORT_FORMATS_AVAILABLE = ("safetensors", "onnx")
+EXPORT_FORMATS_AVAILABLE = ("safetensors", "onnx", "gguf")
 EXPORT_FORMATS_PLANNED: tuple[str, ...] = ()
 DEFAULT_GENERATION_PROMPTS = (  # one per kind of text of the evaluation suite
     "It was a truth universally acknowledged that",

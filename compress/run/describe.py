@@ -34,9 +34,13 @@ def describe_recipe(recipe, output: Path | None = None, kind: str = "decoder") -
         lines.append(f"onnx      opset {o.opset}, {'fp16' if o.fp16 else 'fp32'}, slim {'on' if o.slim else 'off'} "
                      f"→ {out / ONNX_SUBDIR}")
         for kind in o.quantize:
-            extra = ", embeddings too" if kind == "int4" and o.quantize_embeddings else ""
-            lines.append(f"quantize  {kind} weight-only (MatMulNBits), block {o.block_size}, "
-                         f"{'symmetric' if o.symmetric else 'with zero points'}{extra} → {out / ONNX_SUBDIR}-{kind}")
+            four = kind == "int4"
+            head = 8 if not four else o.head_bits
+            lines.append(f"quantize  {kind} weight-only (MatMulNBits, block {o.block_size}): linears "
+                         f"{o.int4_method if four else 'rtn'}, head {'int' + str(head) if head else 'float'}, embedding "
+                         f"{'int4' if four and o.quantize_embeddings else 'float'} → {out / ONNX_SUBDIR}-{kind}")
+    if "gguf" in recipe.export.formats:
+        lines.append(f"gguf      llama.cpp, {recipe.export.gguf.dtype} → {out / 'gguf' / 'model.gguf'}")
     if recipe.evaluate is not None:
         lines.append(f"evaluate  {cls.describe_evaluation(recipe.evaluate)}")
     lines.append(f"validate  {'; '.join(cls.describe_gates(recipe.validate, recipe.export))}")

@@ -32,8 +32,8 @@ from compress.run.state import RunResult, RunState
 
 RECIPE_COPY = "recipe.yaml"
 APPLY_EVAL_WINDOWS = 64  # compress apply: evaluation windows per domain
-RUN_STAGES = ("load", "reference", "passes", "report", "export", "reload_check", "onnx", "evaluate")
-APPLY_STAGES = ("load", "reference", "replay", "report", "export", "reload_check", "onnx", "evaluate")
+RUN_STAGES = ("load", "reference", "passes", "report", "export", "reload_check", "onnx", "gguf", "evaluate")
+APPLY_STAGES = ("load", "reference", "replay", "report", "export", "reload_check", "onnx", "gguf", "evaluate")
 PLAN_STAGES = ("load", "reference", "passes")
 
 

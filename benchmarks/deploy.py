@@ -1,0 +1,272 @@
+"""Deployment benchmark: our ONNX decoders against onnxruntime-genai's own model builder, all run
+in onnxruntime-genai on the CPU (issue 22).
+
+Variants (each an onnxruntime-genai folder):
+  builder-fp32 / builder-int4   the dense SmolLM2 exported by ``python -m onnxruntime_genai.models.builder``
+                                (fused GroupQueryAttention and norms); built here on first use
+  dense-fp32                    the dense SmolLM2 exported by compress (exporters/onnx.py)
+  flap50-fp32 / -int8 / -int4   the output of ``compress run recipes/llama-flap-50-deploy.yaml``
+
+Per variant: file size; peak RSS of a child process that loads it and generates (prefill 128, 64
+tokens); time to the first token after a 128-token prompt; prefill of 8 x 128; decode ms/token
+after a 128- and a 512-token past; perplexity over evaluation windows of every protocol-v2 domain
+(teacher-forced, onnxruntime-genai's logits), its ratio to the fp32 graph of the same family, and
+greedy agreement with that fp32 graph on the report's prompts. Timings alternate the variants
+round by round (``--rounds``) and report medians, all at ``--threads`` intra-op threads.
+
+    python benchmarks/deploy.py --out docs/results/deploy.json
+
+writes the JSON and prints the table (``--table`` prints it from the JSON only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repo_paths import ROOT, command_line, display  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+WORK = ROOT / "bench-results" / "deploy"
+DEPLOY = ROOT / "outputs" / "llama-flap-50-deploy"
+FAMILY_REFERENCE = {"builder-int4": "builder-fp32", "builder-fp32": "builder-fp32", "dense-fp32": "builder-fp32",
+                    "flap50-fp32": "flap50-fp32", "flap50-int8": "flap50-fp32", "flap50-int4": "flap50-fp32"}
+
+
+def variant_folders(deploy: Path) -> dict[str, Path]:
+    return {"builder-fp32": WORK / "builder-fp32", "builder-int4": WORK / "builder-int4",
+            "dense-fp32": WORK / "dense-fp32", "flap50-fp32": deploy / "onnx", "flap50-int8": deploy / "onnx-int8",
+            "flap50-int4": deploy / "onnx-int4"}
+
+
+# ----------------------------------------------------------------------------------- building
+def build_missing(folders: dict[str, Path]) -> None:
+    from compress.models.loading import embedded_model_folder
+
+    source = embedded_model_folder(progress=False)
+    for precision in ("fp32", "int4"):
+        folder = folders[f"builder-{precision}"]
+        if not (folder / "genai_config.json").is_file():
+            print(f"building {folder.name} with onnxruntime-genai's model builder", flush=True)
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o",
+                            str(folder), "-p", precision, "-e", "cpu", "-c", str(WORK / "cache_dir")],
+                           check=True, stdout=subprocess.DEVNULL)
+    if not (folders["dense-fp32"] / "genai_config.json").is_file():
+        print("exporting the dense model with compress", flush=True)
+        from compress.models.loading import load_model
+        from exporters.onnx import export_onnx
+
+        loaded = load_model("smollm2-135m", dtype="float32", device="cpu", progress=False)
+        export_onnx(loaded.model, loaded.tokenizer, folders["dense-fp32"])
+    missing = [name for name, folder in folders.items() if not (folder / "genai_config.json").is_file()]
+    if missing:
+        raise SystemExit(f"missing {missing}: run `compress run recipes/llama-flap-50-deploy.yaml` first")
+
+
+# ----------------------------------------------------------------------------------- measuring
+def open_model(folder: Path, threads: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def generator(model, length: int, batch: int = 1):
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=batch)
+    return og.Generator(model, params)
+
+
+def time_variant(model, prompt: list[int], long_prompt: list[int], new_tokens: int) -> dict:
+    """One round: first token after ``prompt``; decode ms/token after it and after ``long_prompt``;
+    prefill of 8 copies of ``prompt``."""
+    import numpy as np
+
+    gen = generator(model, len(prompt) + new_tokens + 1)
+    start = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        gen.generate_next_token()
+    decode_128 = (time.perf_counter() - start) / new_tokens
+    gen = generator(model, len(long_prompt) + new_tokens // 2 + 1)
+    gen.append_tokens(long_prompt)
+    gen.generate_next_token()
+    start = time.perf_counter()
+    for _ in range(new_tokens // 2):
+        gen.generate_next_token()
+    decode_512 = (time.perf_counter() - start) / (new_tokens // 2)
+    gen = generator(model, len(prompt) + 1, batch=8)
+    start = time.perf_counter()
+    gen.append_tokens(np.array([prompt] * 8, dtype=np.int32))
+    prefill_8 = time.perf_counter() - start
+    return {"first_token_ms": first * 1e3, "decode_ms_128": decode_128 * 1e3, "decode_ms_512": decode_512 * 1e3,
+            "prefill_8x128_ms": prefill_8 * 1e3}
+
+
+def perplexity(model, windows) -> tuple[float, list]:
+    """PPL over every predicted token of ``windows`` [n, T] (float64 sums) and each window's argmax."""
+    import numpy as np
+
+    nll, count, argmaxes = 0.0, 0, []
+    for window in windows.tolist():
+        gen = generator(model, len(window) + 1)
+        gen.append_tokens(window)
+        logits = np.asarray(gen.get_output("logits"))[0, :-1].astype(np.float64)
+        peak = logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+        targets = np.asarray(window[1:])
+        nll += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+        count += len(targets)
+        argmaxes.append(logits.argmax(axis=-1))
+    return math.exp(nll / count), argmaxes
+
+
+def greedy(model, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    out = []
+    for prompt in prompts:
+        gen = generator(model, len(prompt) + tokens)
+        gen.append_tokens(prompt)
+        while not gen.is_done():
+            gen.generate_next_token()
+        out.append([int(t) for t in gen.get_sequence(0)[len(prompt):]])
+    return out
+
+
+def peak_rss_mb(folder: Path, threads: int) -> float:
+    """Peak RSS of a child that loads ``folder`` and generates 64 tokens after a 128-token prompt."""
+    code = (f"import sys, resource; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import deploy; "
+            f"m = deploy.open_model(__import__('pathlib').Path({str(folder)!r}), {threads}); "
+            "g = deploy.generator(m, 193); g.append_tokens(list(range(100, 228)))\n"
+            "for _ in range(64): g.generate_next_token()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024
+
+
+def size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
+
+
+# ----------------------------------------------------------------------------------- table
+COLUMNS = [("variant", "variant"), ("size MB", "size_mb"), ("peak RSS MB", "peak_rss_mb"),
+           ("first token ms", "first_token_ms"), ("prefill 8x128 ms", "prefill_8x128_ms"),
+           ("decode ms/tok @128", "decode_ms_128"), ("decode ms/tok @512", "decode_ms_512"),
+           ("decode vs builder int4", "decode_speedup_vs_builder_int4"),
+           ("decode vs builder fp32", "decode_speedup_vs_builder_fp32"), ("PPL", "ppl"),
+           ("PPL / fp32", "ppl_ratio_to_fp32"), ("top-1 = fp32", "top1_agreement_to_fp32"),
+           ("greedy = fp32", "greedy_identical_to_fp32")]
+
+
+def table(rows: list[dict]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row.get(key, "")) for _, key in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deploy", type=Path, default=DEPLOY, help="output of recipes/llama-flap-50-deploy.yaml")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--windows", type=int, default=4, help="perplexity windows per protocol domain")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "deploy.json")
+    parser.add_argument("--table", action="store_true", help="only print the table of --out")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())["rows"]))
+        return
+
+    from compress.evaluation.lm_evaluator import LMEvaluator
+    from compress.onnx_runtime import load_tokenizer
+    from compress.recipe import EvaluateSpec
+    from compress.recipe.fields import DEFAULT_GENERATION_PROMPTS
+
+    folders = variant_folders(args.deploy)
+    WORK.mkdir(parents=True, exist_ok=True)
+    build_missing(folders)
+    tokenizer = load_tokenizer(folders["flap50-fp32"])
+    evaluator = LMEvaluator(EvaluateSpec(suite="v2", seqlen=128, max_windows=args.windows), tokenizer, progress=False)
+    windows = evaluator.spread_windows(args.windows * len(evaluator.windows))
+    stream = [int(t) for row in windows.tolist() for t in row]
+    prompt, long_prompt = stream[:128], stream[:512]
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in DEFAULT_GENERATION_PROMPTS]
+
+    models = {name: open_model(folder, args.threads) for name, folder in folders.items()}
+    rows = {name: {"variant": name, "folder": display(folder), "size_mb": size_mb(folder)}
+            for name, folder in folders.items()}
+    quality: dict[str, tuple] = {}
+    for name, model in models.items():
+        print(f"quality {name}", flush=True)
+        ppl, argmaxes = perplexity(model, windows)
+        quality[name] = (ppl, argmaxes, greedy(model, prompts, 32))
+        rows[name]["ppl"] = ppl
+    for name, row in rows.items():
+        ref = FAMILY_REFERENCE[name]
+        ppl, argmaxes, tokens = quality[name]
+        ref_ppl, ref_argmaxes, ref_tokens = quality[ref]
+        row["reference"] = ref
+        row["ppl_ratio_to_fp32"] = ppl / ref_ppl
+        agree = sum(int((a == b).sum()) for a, b in zip(argmaxes, ref_argmaxes))
+        row["top1_agreement_to_fp32"] = agree / sum(len(a) for a in argmaxes)
+        row["greedy_identical_to_fp32"] = f"{sum(a == b for a, b in zip(tokens, ref_tokens))}/{len(tokens)}"
+    timings: dict[str, list[dict]] = {name: [] for name in models}
+    for round_index in range(args.rounds + 1):  # round 0 warms every session up and is dropped
+        for name, model in models.items():
+            measured = time_variant(model, prompt, long_prompt, args.new_tokens)
+            if round_index:
+                timings[name].append(measured)
+        print(f"round {round_index} done", flush=True)
+    for name, row in rows.items():
+        for key in timings[name][0]:
+            values = [t[key] for t in timings[name]]
+            row[key] = statistics.median(values)
+            row[key + "_spread"] = [min(values), max(values)]
+    for name, row in rows.items():
+        row["decode_speedup_vs_builder_int4"] = rows["builder-int4"]["decode_ms_128"] / row["decode_ms_128"]
+        row["decode_speedup_vs_builder_fp32"] = rows["builder-fp32"]["decode_ms_128"] / row["decode_ms_128"]
+    del models
+    for name, folder in folders.items():
+        rows[name]["peak_rss_mb"] = peak_rss_mb(folder, args.threads)
+    import onnxruntime
+    import onnxruntime_genai
+
+    data = {
+        "command": command_line(__file__),
+        "machine": {"cpu_count": __import__("os").cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+                    "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__},
+        "protocol": {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
+                     "prompt_tokens": 128, "long_prompt_tokens": 512, "ppl_windows": int(windows.shape[0]),
+                     "ppl_seqlen": 128, "greedy_prompts": len(prompts), "greedy_tokens": 32,
+                     "runtime": "onnxruntime-genai, CPU"},
+        "rows": list(rows.values()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    print(table(data["rows"]))
+    print(f"\nJSON: {display(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
