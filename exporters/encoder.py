@@ -20,7 +20,9 @@ The caller owns atomicity (temp dir + rename); these functions just write into `
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -169,6 +171,31 @@ def export_encoder_safetensors(model: nn.Module, preprocessor, out_dir: Path) ->
     files += write_config(config, out_dir)
     files += write_tokenizer(preprocessor, out_dir)
     return {"files": sorted(set(files)), "config_class": type(config).__name__}
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def copy_sentence_transformers_modules(source: Path, out_dir: Path) -> list[str]:
+    """When ``source`` is a sentence-transformers folder (it has ``modules.json``), make ``out_dir`` one
+    too: copy modules.json, its config files and every module folder besides the transformer itself
+    (Pooling, Normalize, Dense …, whose widths pruning heads or channels does not change), so that
+    ``SentenceTransformer(out_dir, trust_remote_code=True)`` pools and normalises as the source did.
+    Returns the copied files, relative to ``out_dir`` (none for another folder)."""
+    source, out_dir = Path(source), Path(out_dir)
+    if not (source / "modules.json").is_file():
+        return []
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out_dir / name)
+            copied.append(name)
+    for module in json.loads((source / "modules.json").read_text(encoding="utf-8")):
+        folder = source / module.get("path", "")
+        if module.get("path") and folder.is_dir():
+            shutil.copytree(folder, out_dir / module["path"], dirs_exist_ok=True)
+            copied += [str(p.relative_to(out_dir)) for p in sorted((out_dir / module["path"]).rglob("*")) if p.is_file()]
+    return copied
 
 
 # ------------------------------------------------------------------------------------------- ONNX

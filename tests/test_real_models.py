@@ -58,6 +58,21 @@ def test_shipped_minilm_heads_recipe_keeps_the_embeddings(tmp_path):
     assert sum(layer["dense_heads"] for layer in report["layers"]) == 72
     assert sum(layer["heads"] for layer in report["layers"]) == 72 - 18  # a quarter of 6 x 12 heads
     assert report["evaluation"]["mean_cosine"] > 0.85
+    assert (out / "modules.json").is_file() and (out / "1_Pooling" / "config.json").is_file()
+    if importlib.util.find_spec("sentence_transformers") is not None:  # the folder is a sentence-transformers model
+        import torch
+        from sentence_transformers import SentenceTransformer
+        from transformers import AutoModel, AutoTokenizer
+
+        sentences = ["It is a truth universally acknowledged.", "The mitochondria is the powerhouse of the cell."]
+        embedded = SentenceTransformer(str(out), trust_remote_code=True, device="cpu").encode(sentences, convert_to_tensor=True)
+        model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+        batch = AutoTokenizer.from_pretrained(out)(sentences, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling, normalised
+        assert torch.allclose(embedded.cpu(), expected, atol=1e-5)
 
 
 def test_shipped_dinov2_token_recipe_keeps_the_same_tokens_in_onnx(tmp_path):

@@ -183,12 +183,16 @@ class EncoderKind(ModelKind):
         return sample_encoder_inputs(self.state.model, image_size=size)
 
     def export(self) -> None:
-        from exporters.encoder import export_encoder_safetensors
+        from compress.models.loading import probe_source
+        from exporters.encoder import copy_sentence_transformers_modules, export_encoder_safetensors
 
         s = self.state
         with s.stage("export"):
             exported = export_encoder_safetensors(s.model, s.tokenizer, s.folder)
-            s.files += sorted(exported.get("files", [])) + s.plan.save(s.folder / "plan.json")
+            source = probe_source(s.source)
+            modules = (copy_sentence_transformers_modules(source.path, s.folder)
+                       if source.path is not None and source.path.is_dir() else [])
+            s.files += sorted(exported.get("files", []) + modules) + s.plan.save(s.folder / "plan.json")
 
     def reload_check(self) -> None:
         s = self.state
