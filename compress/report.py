@@ -340,7 +340,7 @@ def _quantized_section(variants: list | None, onnx: dict | None) -> list[str]:
         check = v.get("validation") or {}
         q = v.get("quantization") or {}
         bits = q.get("bits")
-        head = q.get("bits") if bits == 8 else q.get("head_bits")
+        head = q.get("head_bits") if bits == 4 else None
         weights = (f"linears int{bits} ({'hqq' if bits == 4 and q.get('method') == 'hqq' else 'rtn'}), block "
                    f"{q.get('block_size')}; head {'int' + str(head) if head else 'float'}; embedding "
                    f"{'int4' if bits == 4 and q.get('embeddings') else 'float'}")

@@ -9,14 +9,18 @@ pruned model's flat output distribution makes its argmax easy to move:
 
 * **decoder linears**: 8 bits round-to-nearest, or 4 bits with HQQ (half-quadratic, data-free;
   ``method: hqq``, the default) or round-to-nearest (``method: rtn``);
-* **the LM head** (``head_bits``): 8 bits by default in the int4 graph too. The tied head is
-  exported as ``MatMul(x, Transpose(embedding))``; it is untied into a weight of its own first;
-* **the token embedding** (``embeddings``, 4 bits only): ``GatherBlockQuantized``, round-to-nearest
-  (ONNX Runtime has no 8-bit form, so an int8 graph keeps the embedding in float).
+* **the LM head**: in the int4 graph, ``head_bits`` (8 by default); the tied head is exported as
+  ``MatMul(x, Transpose(embedding))`` and is untied into a weight of its own first. The int8 graph
+  keeps it in float and tied: the head decides near-ties between tokens, and an 8-bit head moved
+  greedy continuations where the rest of the int8 graph did not;
+* **the token embedding** (``embeddings``, int4 graphs): ``GatherBlockQuantized``, round-to-nearest
+  (ONNX Runtime has no 8-bit form).
 
-On SmolLM2-135M FLAP-50 (8 Wikipedia windows): int4 with HQQ, an int8 head and an int4 embedding
-is 90 MB (float: 326 MB) with a perplexity ratio of 1.02 to the float graph; round-to-nearest int4
-everywhere is 69 MB and 1.36.
+Measured on SmolLM2-135M FLAP-50 (its float graph is 326 MB), against the float graph: int4 with
+HQQ, an int8 head and an int4 embedding is 90 MB with a perplexity ratio of 1.02 (8 Wikipedia
+windows); round-to-nearest int4 everywhere is 69 MB and 1.36. int8 with an int8 head and
+symmetric blocks kept 2 of 5 greedy continuations; with zero points and the head in float (the
+defaults), all 5.
 
 Activations, the KV cache and every I/O name and shape stay as in the float graph, so the
 quantized folder is a drop-in for ``compress generate``, onnxruntime-genai (its
@@ -41,12 +45,13 @@ __all__ = ["QuantOptions", "quantize_onnx", "untie_transposed_weights"]
 @dataclass(frozen=True)
 class QuantOptions:
     """bits: 4 or 8 (decoder linears). block_size: input channels per scale (16 to 256). symmetric:
-    no zero point (round-to-nearest parts). method: hqq or rtn for 4-bit linears. head_bits: the LM
-    head's bits (4 or 8; None keeps it in float). embeddings: quantize the token embedding (4 bits)."""
+    no zero points (round-to-nearest parts). method: hqq or rtn for 4-bit linears. head_bits: the LM
+    head's bits in a 4-bit graph (4 or 8; None keeps it in float, tied); an 8-bit graph keeps the
+    head in float. embeddings: quantize the token embedding (4-bit graphs)."""
 
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool = False
     method: str = "hqq"
     head_bits: int | None = 8
     embeddings: bool = True
@@ -66,7 +71,8 @@ def quantize_onnx(source: Path, out_dir: Path, options: QuantOptions = QuantOpti
     spec = DecoderIOSpec.load(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(str(source / ONNX_FILE))
-    untie_transposed_weights(proto)
+    if head_bits_of(options):
+        untie_transposed_weights(proto)  # else the head stays tied to the (float) embedding
     proto = quantize_graph(proto, options)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quant-") as scratch:
         onnx.save_model(proto, str(Path(scratch) / ONNX_FILE), save_as_external_data=True,
@@ -87,6 +93,11 @@ def quantize_onnx(source: Path, out_dir: Path, options: QuantOptions = QuantOpti
     return OnnxExport(folder=out_dir, files=[ONNX_FILE, DATA_FILE, SPEC_FILE] + copied, spec=spec, nodes=nodes, bytes=size)
 
 
+def head_bits_of(options: QuantOptions) -> int | None:
+    """The LM head's bits: ``head_bits`` in a 4-bit graph; an 8-bit graph keeps it in float."""
+    return options.head_bits if options.bits == 4 else None
+
+
 def linear_method(options: QuantOptions) -> str:
     return "hqq" if options.bits == 4 and options.method == "hqq" else "rtn"
 
@@ -97,7 +108,7 @@ def quantize_graph(proto, options: QuantOptions):
 
     head = [n.name for n in proto.graph.node if n.op_type == "MatMul" and "logits" in n.output]
     embedding = [n.name for n in proto.graph.node if n.op_type == "Gather" and "input_ids" in n.input]
-    head_bits = options.bits if options.bits == 8 else options.head_bits
+    head_bits = head_bits_of(options)
 
     def rtn(bits: int, op_type: str = "MatMul"):
         return DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=bits,

@@ -23,8 +23,8 @@ class ByteTokenizer:
     def __init__(self):
         from tokenizers import Tokenizer, models
 
-        vocab = {f"t{i}": i for i in range(128)}
-        self._tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        vocab = {"a": 0, "b": 1, "ab": 2, **{f"t{i}": i for i in range(3, 128)}}
+        self._tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
         self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id = 1, 2, 2, 0
 
     def save_pretrained(self, folder):

@@ -235,7 +235,8 @@ class DecoderKind(ModelKind):
         from exporters.onnx import OnnxExportOptions, export_onnx
 
         onnx_dir = s.folder / ONNX_SUBDIR
-        options = OnnxExportOptions(opset=s.export.onnx.opset, fp16=s.export.onnx.fp16, slim=s.export.onnx.slim)
+        o = s.export.onnx
+        options = OnnxExportOptions(opset=o.opset, fp16=o.fp16, slim=o.slim, optimize=o.optimize)
         with s.stage("export onnx"):
             exported = export_onnx(s.model, s.tokenizer, onnx_dir, options)
         with s.stage("validate onnx"):

@@ -72,17 +72,21 @@ class OnnxSpec(StrictSection):
     opset: int = Field(18, ge=18, le=23, description="ONNX opset of the default domain.")
     fp16: bool = Field(False, description="Write float16 weights, activations and cache.")
     slim: bool = Field(True, description="Simplify the graph with onnxslim (constant folding, dead nodes).")
+    optimize: bool = Field(True, description="Run torch.onnx's onnxscript optimizer before onnxslim (about half of "
+                           "the export time; the graph runs no faster without it, but SPA on the exported graph "
+                           "needs its folded form).")
     quantize: list[Literal["int8", "int4"]] = Field(
         default_factory=list, description="Also write weight-only quantized decoders (MatMulNBits), one folder each: "
         "onnx-int8/, onnx-int4/. The float graph is still written and validated.")
     block_size: int = Field(32, description="Quantization: input channels per scale (16, 32, 64, 128 or 256).")
-    symmetric: bool = Field(True, description="Quantization: symmetric blocks (no zero point) where rounding to nearest.")
+    symmetric: bool = Field(False, description="Quantization: symmetric blocks (no zero points) where rounding to "
+                            "nearest.")
     int4_method: Literal["hqq", "rtn"] = Field(
         "hqq", description="int4: how the decoder linears are quantized: hqq (half-quadratic, data-free) or rtn "
         "(round to nearest).")
     head_bits: Optional[Literal[4, 8]] = Field(
-        8, description="Bits of the LM head (untied from the embedding) in every quantized graph; null keeps it in "
-        "float. int8 graphs use 8.")
+        8, description="int4: bits of the LM head (untied from the embedding); null keeps it in float. int8 graphs "
+        "keep the head in float.")
     quantize_embeddings: bool = Field(True, description="int4: quantize the token embedding too (GatherBlockQuantized).")
 
     @field_validator("quantize")

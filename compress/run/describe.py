@@ -31,11 +31,12 @@ def describe_recipe(recipe, output: Path | None = None, kind: str = "decoder") -
     lines.append(f"export    {', '.join(recipe.export.formats)} → {out}")
     if "onnx" in recipe.export.formats:
         o = recipe.export.onnx
-        lines.append(f"onnx      opset {o.opset}, {'fp16' if o.fp16 else 'fp32'}, slim {'on' if o.slim else 'off'} "
+        lines.append(f"onnx      opset {o.opset}, {'fp16' if o.fp16 else 'fp32'}, slim {'on' if o.slim else 'off'}, "
+                     f"optimizer {'on' if o.optimize else 'off'} "
                      f"→ {out / ONNX_SUBDIR}")
         for kind in o.quantize:
             four = kind == "int4"
-            head = 8 if not four else o.head_bits
+            head = o.head_bits if four else None
             lines.append(f"quantize  {kind} weight-only (MatMulNBits, block {o.block_size}): linears "
                          f"{o.int4_method if four else 'rtn'}, head {'int' + str(head) if head else 'float'}, embedding "
                          f"{'int4' if four and o.quantize_embeddings else 'float'} → {out / ONNX_SUBDIR}-{kind}")
