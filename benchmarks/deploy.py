@@ -6,6 +6,9 @@ Variants (each an onnxruntime-genai folder):
                                 (fused GroupQueryAttention and norms); built here on first use
   dense-fp32                    the dense SmolLM2 exported by compress (exporters/onnx.py)
   flap50-fp32 / -int8 / -int4   the output of ``compress run recipes/llama-flap-50-deploy.yaml``
+  flap50-gguf-f32 / -q8_0       its GGUF (f32, written by the run) and a q8_0 GGUF written here from
+                                its safetensors, run in llama.cpp (llama-cpp-python; skipped when
+                                it is not built: bash scripts/build_llama_cpp.sh)
 
 Per variant: file size; peak RSS of a child process that loads it and generates (prefill 128, 64
 tokens); time to the first token after a 128-token prompt; prefill of 8 x 128; decode ms/token
@@ -22,6 +25,7 @@ writes the JSON and prints the table (``--table`` prints it from the JSON only).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import platform
@@ -31,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repo_paths import ROOT, command_line, display  # noqa: E402
 
@@ -39,13 +45,49 @@ sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench-results" / "deploy"
 DEPLOY = ROOT / "outputs" / "llama-flap-50-deploy"
 FAMILY_REFERENCE = {"builder-int4": "builder-fp32", "builder-fp32": "builder-fp32", "dense-fp32": "builder-fp32",
-                    "flap50-fp32": "flap50-fp32", "flap50-int8": "flap50-fp32", "flap50-int4": "flap50-fp32"}
+                    "flap50-fp32": "flap50-fp32", "flap50-int8": "flap50-fp32", "flap50-int4": "flap50-fp32",
+                    "flap50-gguf-f32": "flap50-fp32", "flap50-gguf-q8_0": "flap50-fp32"}
 
 
 def variant_folders(deploy: Path) -> dict[str, Path]:
-    return {"builder-fp32": WORK / "builder-fp32", "builder-int4": WORK / "builder-int4",
-            "dense-fp32": WORK / "dense-fp32", "flap50-fp32": deploy / "onnx", "flap50-int8": deploy / "onnx-int8",
-            "flap50-int4": deploy / "onnx-int4"}
+    folders = {"builder-fp32": WORK / "builder-fp32", "builder-int4": WORK / "builder-int4",
+               "dense-fp32": WORK / "dense-fp32", "flap50-fp32": deploy / "onnx", "flap50-int8": deploy / "onnx-int8",
+               "flap50-int4": deploy / "onnx-int4"}
+    if importlib.util.find_spec("llama_cpp") is not None:
+        folders |= {"flap50-gguf-f32": deploy / "gguf", "flap50-gguf-q8_0": WORK / "flap50-gguf-q8_0"}
+    return folders
+
+
+def write_q8_gguf(deploy: Path, folder: Path) -> None:
+    """The q8_0 GGUF of the deploy run's pruned model (its safetensors), tokenizer from the embedded GGUF."""
+    if (folder / "model.gguf").is_file():
+        return
+    from compress.models.loading import embedded_gguf_path, load_model
+    from exporters.gguf import GgufOptions, export_gguf
+
+    loaded = load_model(str(deploy), dtype="float32", device="cpu", progress=False)
+    export_gguf(loaded.model, loaded.tokenizer, folder, GgufOptions("q8_0"), tokenizer_gguf=embedded_gguf_path())
+
+
+class LlamaCppVariant:
+    """The genai-like calls the measurements make, on llama.cpp (KV cache in f32, one sequence)."""
+
+    def __init__(self, folder: Path, threads: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(folder / "model.gguf"), n_ctx=1024, logits_all=True, verbose=False,
+                                   n_threads=threads, n_threads_batch=threads, n_batch=512, seed=0,
+                                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+    def prefill(self, ids: list[int]):
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)])
+
+    def step(self) -> int:
+        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        self.llm.eval([token])
+        return token
 
 
 # ----------------------------------------------------------------------------------- building
@@ -67,7 +109,8 @@ def build_missing(folders: dict[str, Path]) -> None:
 
         loaded = load_model("smollm2-135m", dtype="float32", device="cpu", progress=False)
         export_onnx(loaded.model, loaded.tokenizer, folders["dense-fp32"])
-    missing = [name for name, folder in folders.items() if not (folder / "genai_config.json").is_file()]
+    missing = [name for name, folder in folders.items() if not (folder / "genai_config.json").is_file()
+               and not name.startswith("flap50-gguf")]
     if missing:
         raise SystemExit(f"missing {missing}: run `compress run recipes/llama-flap-50-deploy.yaml` first")
 
@@ -92,7 +135,6 @@ def generator(model, length: int, batch: int = 1):
 def time_variant(model, prompt: list[int], long_prompt: list[int], new_tokens: int) -> dict:
     """One round: first token after ``prompt``; decode ms/token after it and after ``long_prompt``;
     prefill of 8 copies of ``prompt``."""
-    import numpy as np
 
     gen = generator(model, len(prompt) + new_tokens + 1)
     start = time.perf_counter()
@@ -118,15 +160,41 @@ def time_variant(model, prompt: list[int], long_prompt: list[int], new_tokens: i
             "prefill_8x128_ms": prefill_8 * 1e3}
 
 
+def time_llama_cpp(model: LlamaCppVariant, prompt: list[int], long_prompt: list[int], new_tokens: int) -> dict:
+    """The same round in llama.cpp (no batched prefill: llama-cpp-python runs one sequence)."""
+    start = time.perf_counter()
+    model.prefill(prompt)
+    model.step()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        model.step()
+    decode_128 = (time.perf_counter() - start) / new_tokens
+    model.prefill(long_prompt)
+    model.step()
+    start = time.perf_counter()
+    for _ in range(new_tokens // 2):
+        model.step()
+    decode_512 = (time.perf_counter() - start) / (new_tokens // 2)
+    return {"first_token_ms": first * 1e3, "decode_ms_128": decode_128 * 1e3, "decode_ms_512": decode_512 * 1e3,
+            "prefill_8x128_ms": None}
+
+
+def window_logits(model, window: list[int]) -> np.ndarray:
+    """Logits [T, vocab] of one window, from onnxruntime-genai or llama.cpp."""
+    if isinstance(model, LlamaCppVariant):
+        return model.prefill(window)
+    gen = generator(model, len(window) + 1)
+    gen.append_tokens(window)
+    return np.asarray(gen.get_output("logits"))[0]
+
+
 def perplexity(model, windows) -> tuple[float, list]:
     """PPL over every predicted token of ``windows`` [n, T] (float64 sums) and each window's argmax."""
-    import numpy as np
 
     nll, count, argmaxes = 0.0, 0, []
     for window in windows.tolist():
-        gen = generator(model, len(window) + 1)
-        gen.append_tokens(window)
-        logits = np.asarray(gen.get_output("logits"))[0, :-1].astype(np.float64)
+        logits = window_logits(model, window)[:-1].astype(np.float64)
         peak = logits.max(axis=-1, keepdims=True)
         log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
         targets = np.asarray(window[1:])
@@ -139,6 +207,10 @@ def perplexity(model, windows) -> tuple[float, list]:
 def greedy(model, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     out = []
     for prompt in prompts:
+        if isinstance(model, LlamaCppVariant):
+            model.prefill(prompt)
+            out.append([model.step() for _ in range(tokens)])
+            continue
         gen = generator(model, len(prompt) + tokens)
         gen.append_tokens(prompt)
         while not gen.is_done():
@@ -149,17 +221,22 @@ def greedy(model, prompts: list[list[int]], tokens: int) -> list[list[int]]:
 
 def peak_rss_mb(folder: Path, threads: int) -> float:
     """Peak RSS of a child that loads ``folder`` and generates 64 tokens after a 128-token prompt."""
-    code = (f"import sys, resource; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import deploy; "
-            f"m = deploy.open_model(__import__('pathlib').Path({str(folder)!r}), {threads}); "
-            "g = deploy.generator(m, 193); g.append_tokens(list(range(100, 228)))\n"
-            "for _ in range(64): g.generate_next_token()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    here = str(Path(__file__).resolve().parent)
+    if (folder / "model.gguf").is_file():
+        run = (f"m = deploy.LlamaCppVariant(__import__('pathlib').Path({str(folder)!r}), {threads}); "
+               "m.prefill(list(range(100, 228)))\nfor _ in range(64): m.step()\n")
+    else:
+        run = (f"m = deploy.open_model(__import__('pathlib').Path({str(folder)!r}), {threads}); "
+               "g = deploy.generator(m, 193); g.append_tokens(list(range(100, 228)))\n"
+               "for _ in range(64): g.generate_next_token()\n")
+    code = (f"import sys, resource; sys.path.insert(0, {here!r}); import deploy\n" + run
+            + "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1]) / 1024
 
 
 def size_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data", ".gguf")) / 1e6
 
 
 # ----------------------------------------------------------------------------------- table
@@ -213,7 +290,10 @@ def main() -> None:
     prompt, long_prompt = stream[:128], stream[:512]
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in DEFAULT_GENERATION_PROMPTS]
 
-    models = {name: open_model(folder, args.threads) for name, folder in folders.items()}
+    if "flap50-gguf-q8_0" in folders:
+        write_q8_gguf(args.deploy, folders["flap50-gguf-q8_0"])
+    models = {name: LlamaCppVariant(folder, args.threads) if name.startswith("flap50-gguf") else
+              open_model(folder, args.threads) for name, folder in folders.items()}
     rows = {name: {"variant": name, "folder": display(folder), "size_mb": size_mb(folder)}
             for name, folder in folders.items()}
     quality: dict[str, tuple] = {}
@@ -234,15 +314,16 @@ def main() -> None:
     timings: dict[str, list[dict]] = {name: [] for name in models}
     for round_index in range(args.rounds + 1):  # round 0 warms every session up and is dropped
         for name, model in models.items():
-            measured = time_variant(model, prompt, long_prompt, args.new_tokens)
+            timer = time_llama_cpp if isinstance(model, LlamaCppVariant) else time_variant
+            measured = timer(model, prompt, long_prompt, args.new_tokens)
             if round_index:
                 timings[name].append(measured)
         print(f"round {round_index} done", flush=True)
     for name, row in rows.items():
         for key in timings[name][0]:
-            values = [t[key] for t in timings[name]]
-            row[key] = statistics.median(values)
-            row[key + "_spread"] = [min(values), max(values)]
+            values = [t[key] for t in timings[name] if t[key] is not None]
+            row[key] = statistics.median(values) if values else None
+            row[key + "_spread"] = [min(values), max(values)] if values else None
     for name, row in rows.items():
         row["decode_speedup_vs_builder_int4"] = rows["builder-int4"]["decode_ms_128"] / row["decode_ms_128"]
         row["decode_speedup_vs_builder_fp32"] = rows["builder-fp32"]["decode_ms_128"] / row["decode_ms_128"]
@@ -252,14 +333,22 @@ def main() -> None:
     import onnxruntime
     import onnxruntime_genai
 
+    llama_cpp_version = None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        llama_cpp_version = llama_cpp.__version__
+
     data = {
         "command": command_line(__file__),
         "machine": {"cpu_count": __import__("os").cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                    "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__},
+                    "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__,
+                    "llama_cpp_python": llama_cpp_version},
         "protocol": {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
                      "prompt_tokens": 128, "long_prompt_tokens": 512, "ppl_windows": int(windows.shape[0]),
                      "ppl_seqlen": 128, "greedy_prompts": len(prompts), "greedy_tokens": 32,
-                     "runtime": "onnxruntime-genai, CPU"},
+                     "runtime": "onnxruntime-genai, CPU (flap50-gguf-*: llama.cpp through llama-cpp-python, "
+                                "KV cache f32)"},
         "rows": list(rows.values()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

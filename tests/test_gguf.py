@@ -4,7 +4,6 @@ itself through llama-cpp-python when it was built (scripts/build_llama_cpp.sh)."
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import numpy as np
 import pytest

@@ -237,3 +237,9 @@ def test_gguf_is_written_for_llama_cpp_and_checked_when_it_is_built(tiny_folder,
     else:
         assert "skipped" in report["gguf"]["validation"] and "gguf_logits_allclose" not in gates
     assert "## GGUF (llama.cpp)" in (out / "report.md").read_text()
+    from compress.run.validate import validate_artifact
+
+    again = validate_artifact(out, progress=False)  # compress validate re-checks the GGUF too
+    assert again.passed, again.failures
+    assert ("gguf_logits_allclose" in {g["name"] for g in again.report["validation"]["gates"]}) == (
+        importlib.util.find_spec("llama_cpp") is not None)

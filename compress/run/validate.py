@@ -1,4 +1,5 @@
-"""``compress validate RECIPE|DIR``: re-run the ONNX and quality gates on a finished decoder artifact.
+"""``compress validate RECIPE|DIR``: re-run the ONNX (float and quantized), GGUF and quality gates on a
+finished decoder artifact.
 
 Thresholds come from the recipe (given, or the copy the run saved in the folder), else the
 defaults. The folder's report.json/report.md get the new ``validation`` section; a failing folder
@@ -23,7 +24,7 @@ from compress.recipe import EvaluateSpec, ValidateSpec, load_recipe
 from compress.report import write_report
 from compress.run.runner import RECIPE_COPY
 from compress.run.state import RunResult
-from compress.validation import quality_gates, validate_onnx, validate_quantized
+from compress.validation import quality_gates, validate_gguf, validate_onnx, validate_quantized
 
 
 def artifact_target(target: Path):
@@ -92,6 +93,12 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
                 variant["validation"], quant_gates = validate_quantized(onnx_dir, folder / variant["dir"], spec,
                                                                         windows, generations, device)
                 gates += quant_gates
+    gguf_file = folder / "gguf" / "model.gguf"
+    if gguf_file.is_file() and report.get("gguf"):
+        check = evaluator.first_windows() if evaluator is not None else random_windows(model, spec.onnx_windows)
+        report["gguf"]["validation"], gguf_gates = validate_gguf(model, tokenizer, gguf_file, spec, check,
+                                                                 report["gguf"].get("dtype", "f16"))
+        gates += gguf_gates
     previous = [g for g in (report.get("validation") or {}).get("gates", []) if g["name"] == "reload_max_abs_diff"]
     all_gates = previous + [g.to_dict() for g in gates]
     failures = [Gate(**g).failure_message() for g in all_gates if not g["passed"]]
