@@ -229,8 +229,9 @@ def peak_rss_mb(folder: Path, threads: int) -> float:
         run = (f"m = deploy.open_model(__import__('pathlib').Path({str(folder)!r}), {threads}); "
                "g = deploy.generator(m, 193); g.append_tokens(list(range(100, 228)))\n"
                "for _ in range(64): g.generate_next_token()\n")
-    code = (f"import sys, resource; sys.path.insert(0, {here!r}); import deploy\n" + run
-            + "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM, not ru_maxrss: a child forked from this (large) process inherits its ru_maxrss
+    code = (f"import sys; sys.path.insert(0, {here!r}); import deploy\n" + run
+            + "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1]) / 1024
 
@@ -270,9 +271,19 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="perplexity windows per protocol domain")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "deploy.json")
     parser.add_argument("--table", action="store_true", help="only print the table of --out")
+    parser.add_argument("--rss-only", action="store_true", help="only measure peak RSS again, into the rows of --out")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())["rows"]))
+        return
+    if args.rss_only:
+        data = json.loads(args.out.read_text())
+        folders = variant_folders(args.deploy)
+        for row in data["rows"]:
+            row["peak_rss_mb"] = peak_rss_mb(folders[row["variant"]], args.threads)
+        data["rss_command"] = command_line(__file__)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(table(data["rows"]))
         return
 
     from compress.evaluation.lm_evaluator import LMEvaluator

@@ -37,6 +37,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from compress.errors import CompressError
 from exporters.onnx import DATA_FILE, ONNX_FILE, SPEC_FILE, DecoderIOSpec, OnnxExport
 
 __all__ = ["QuantOptions", "quantize_onnx", "untie_transposed_weights"]
@@ -71,9 +72,11 @@ def quantize_onnx(source: Path, out_dir: Path, options: QuantOptions = QuantOpti
     spec = DecoderIOSpec.load(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(str(source / ONNX_FILE))
-    if head_bits_of(options):
-        untie_transposed_weights(proto)  # else the head stays tied to the (float) embedding
+    # the head stays tied to the (float) embedding when it is not quantized
+    untie_transposed_weights(proto, skip_outputs=() if head_bits_of(options) else ("logits",))
     proto = quantize_graph(proto, options)
+    if not any(node.op_type == "MatMulNBits" for node in proto.graph.node):
+        raise CompressError(f"{source / ONNX_FILE}: no MatMul with a constant weight to quantize")
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quant-") as scratch:
         onnx.save_model(proto, str(Path(scratch) / ONNX_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
@@ -140,11 +143,12 @@ def _run_quantizer(proto, config, include: list[str] | None = None, exclude: lis
     return quantizer.model.model
 
 
-def untie_transposed_weights(proto) -> int:
+def untie_transposed_weights(proto, skip_outputs: tuple[str, ...] = ()) -> int:
     """Give every ``MatMul(x, Transpose(W))`` with an initializer ``W`` [N, K] an initializer of its
-    own, ``W`` transposed [K, N], so the quantizer sees a constant weight. The tied LM head is
-    exported this way (the exporter folds the transpose only for small tensors); the embedding's
-    ``Gather`` keeps ``W``. Returns how many MatMuls were rewired; dead Transposes are removed."""
+    own, ``W`` transposed [K, N], so the quantizer sees a constant weight (except the MatMuls that
+    write one of ``skip_outputs``). The tied LM head is exported this way, and so is every linear
+    when torch.onnx's optimizer did not run (``optimize: false``); the embedding's ``Gather`` keeps
+    ``W``. Returns how many MatMuls were rewired; dead Transposes are removed."""
     from onnx import numpy_helper
 
     initializers = {t.name: t for t in proto.graph.initializer}
@@ -154,7 +158,7 @@ def untie_transposed_weights(proto) -> int:
     made: dict[str, str] = {}
     rewired = 0
     for node in proto.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in transposes:
+        if node.op_type == "MatMul" and node.input[1] in transposes and not set(node.output) & set(skip_outputs):
             weight = transposes[node.input[1]].input[0]
             if weight not in made:
                 made[weight] = f"{weight}.T"
