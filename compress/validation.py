@@ -40,8 +40,8 @@ from compress.errors import CompressError
 from compress.gates import Gate
 
 __all__ = ["Closeness", "Gate", "check_graph", "generation_parity", "genai_generation_parity", "logits_parity",
-           "quality_gates", "teacher_forced_agreement", "tf32_disabled", "validate_gguf", "validate_onnx",
-           "validate_quantized"]
+           "next_token_nll", "quality_gates", "teacher_forced_agreement", "tf32_disabled", "validate_gguf",
+           "validate_onnx", "validate_quantized"]
 
 
 def quality_gates(evaluation: dict | None, spec) -> list[Gate]:
@@ -266,11 +266,9 @@ def validate_onnx(model, tokenizer, folder: Path, spec, windows: torch.Tensor, d
         if spec.generation_tokens and spec.generation_prompts:
             generations = generation_parity(model, tokenizer, decoder, spec.generation_prompts, spec.generation_tokens)
             section["generation"] = {"max_new_tokens": spec.generation_tokens, "prompts": generations}
-            identical = sum(g["identical"] for g in generations) / len(generations)
-            differing = [g["prompt"] for g in generations if not g["identical"]]
-            detail = f"greedy {spec.generation_tokens}-token continuations equal for {identical:.0%} of prompts"
-            if differing:
-                detail += "; differ for: " + "; ".join(repr(p) for p in differing)
+            identical, differing = identical_share(generations)
+            detail = (f"greedy {spec.generation_tokens}-token continuations equal for {identical:.0%} of prompts"
+                      f"{differing}")
             gates.append(Gate.check("onnx_generation_identical", identical, 1.0, ">=", detail))
     del decoder  # its session's weights, before onnxruntime-genai loads its own copy
     if "generation" in section:
@@ -278,6 +276,14 @@ def validate_onnx(model, tokenizer, folder: Path, spec, windows: torch.Tensor, d
                                                          spec.generation_tokens, device)
         gates.append(gate)
     return section, [g for g in gates if g is not None]
+
+
+def identical_share(prompts: list[dict]) -> tuple[float, str]:
+    """The share of ``prompts`` (dicts with "prompt" and "identical") whose continuation is identical,
+    and "; differ for: 'a'; 'b'" naming the others ("" when there are none)."""
+    differing = [p["prompt"] for p in prompts if not p["identical"]]
+    share = sum(bool(p["identical"]) for p in prompts) / len(prompts)
+    return share, ("; differ for: " + "; ".join(repr(p) for p in differing)) if differing else ""
 
 
 def genai_generation_parity(folder: Path, generations: list[dict], max_new_tokens: int,
@@ -300,11 +306,9 @@ def genai_generation_parity(folder: Path, generations: list[dict], max_new_token
     for generation in generations:
         ids = decoder.greedy_generate(generation["prompt_ids"], max_new_tokens).tokens
         prompts.append({"prompt": generation["prompt"], "identical": ids == generation["torch_tokens"], "tokens": ids})
-    identical = sum(p["identical"] for p in prompts) / len(prompts)
-    differing = [p["prompt"] for p in prompts if not p["identical"]]
-    detail = f"onnxruntime-genai ({decoder.provider}): greedy continuations equal to transformers for {identical:.0%} of prompts"
-    if differing:
-        detail += "; differ for: " + "; ".join(repr(p) for p in differing)
+    identical, differing = identical_share(prompts)
+    detail = (f"onnxruntime-genai ({decoder.provider}): greedy continuations equal to transformers for "
+              f"{identical:.0%} of prompts{differing}")
     section = {"provider": decoder.provider, "max_new_tokens": max_new_tokens, "prompts": prompts}
     return section, Gate.check("genai_generation_identical", identical, 1.0, ">=", detail)
 
@@ -339,12 +343,20 @@ def validate_quantized(float_folder: Path, folder: Path, spec, windows: torch.Te
             tokens = greedy_generate(quantized, generation["prompt_ids"], len(generation["torch_tokens"]) or 1).tokens
             prompts.append({"prompt": generation["prompt"], "identical": tokens == generation["torch_tokens"],
                             "tokens": tokens})
-        identical = sum(p["identical"] for p in prompts) / len(prompts)
+        identical = identical_share(prompts)[0]
         section["generation"] = {"identical": identical, "prompts": prompts}
         if bits == 8:
             gates.append(Gate.check("onnx_int8_generation_identical", identical, 1.0, ">=",
                                     f"int8 greedy continuations equal to transformers for {identical:.0%} of prompts"))
     return section, [g for g in gates if g is not None]
+
+
+def next_token_nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Sum over positions of -log softmax(logits[t])[targets[t]], in float64. logits [T, vocab], targets [T]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+    return float((log_norm - logits[np.arange(len(targets)), targets]).sum())
 
 
 def teacher_forced_agreement(reference, candidate, windows: torch.Tensor) -> dict:
@@ -358,10 +370,8 @@ def teacher_forced_agreement(reference, candidate, windows: torch.Tensor) -> dic
         targets = ids[0, 1:]
         argmax = {}
         for name, decoder in (("reference", reference), ("candidate", candidate)):
-            logits = decoder(ids)[0][0, :-1].astype(np.float64)
-            peak = logits.max(axis=-1, keepdims=True)
-            log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
-            nll[name] += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+            logits = decoder(ids)[0][0, :-1]
+            nll[name] += next_token_nll(logits, targets)
             argmax[name] = logits.argmax(axis=-1)
         agree += int((argmax["reference"] == argmax["candidate"]).sum())
         tokens += len(targets)
@@ -408,7 +418,7 @@ def validate_gguf(model, tokenizer, path: Path, spec, windows: torch.Tensor, dty
             tokens = decoder.greedy(ids, spec.generation_tokens, eos)
             prompts.append({"prompt": prompt, "identical": tokens == reference, "tokens": tokens,
                             "text": tokenizer.decode(tokens)})
-        identical = sum(p["identical"] for p in prompts) / len(prompts)
+        identical = identical_share(prompts)[0]
         section["generation"] = {"identical": identical, "prompts": prompts}
         if exact:
             gates.append(Gate.check("gguf_generation_identical", identical, 1.0, ">=",
