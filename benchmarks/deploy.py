@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -41,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repo_paths import ROOT, command_line, display  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+
+from compress.genai_runtime import GenaiDecoder  # noqa: E402
+from compress.llama_cpp_runtime import LlamaCppDecoder  # noqa: E402
 
 WORK = ROOT / "bench-results" / "deploy"
 DEPLOY = ROOT / "outputs" / "llama-flap-50-deploy"
@@ -69,27 +73,6 @@ def write_q8_gguf(deploy: Path, folder: Path) -> None:
     export_gguf(loaded.model, loaded.tokenizer, folder, GgufOptions("q8_0"), tokenizer_gguf=embedded_gguf_path())
 
 
-class LlamaCppVariant:
-    """The genai-like calls the measurements make, on llama.cpp (KV cache in f32, one sequence)."""
-
-    def __init__(self, folder: Path, threads: int):
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(model_path=str(folder / "model.gguf"), n_ctx=1024, logits_all=True, verbose=False,
-                                   n_threads=threads, n_threads_batch=threads, n_batch=512, seed=0,
-                                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-
-    def prefill(self, ids: list[int]):
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[: len(ids)])
-
-    def step(self) -> int:
-        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        self.llm.eval([token])
-        return token
-
-
 # ----------------------------------------------------------------------------------- building
 def build_missing(folders: dict[str, Path]) -> None:
     from compress.models.loading import embedded_model_folder
@@ -116,90 +99,55 @@ def build_missing(folders: dict[str, Path]) -> None:
 
 
 # ----------------------------------------------------------------------------------- measuring
-def open_model(folder: Path, threads: int):
-    import onnxruntime_genai as og
+def open_variant(folder: Path, threads: int):
+    """The variant in its runtime: llama.cpp for the GGUFs, onnxruntime-genai otherwise. Both offer
+    prefill(ids), step() -> token and logits(ids) -> [T, vocab]."""
+    if (folder / "model.gguf").is_file():
+        return LlamaCppDecoder(folder / "model.gguf", n_ctx=1024, threads=threads)
+    return GenaiDecoder(folder, threads=threads)
 
-    config = og.Config(str(folder))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    return og.Model(config)
 
-
-def generator(model, length: int, batch: int = 1):
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=batch)
-    return og.Generator(model, params)
+def prefill(model, ids: list[int], room: int) -> None:
+    """``ids`` from an empty cache with ``room`` tokens to decode after them (onnxruntime-genai sizes
+    its buffers by the total; llama.cpp's context is fixed when it opens)."""
+    model.prefill(ids) if isinstance(model, LlamaCppDecoder) else model.prefill(ids, room)
 
 
 def time_variant(model, prompt: list[int], long_prompt: list[int], new_tokens: int) -> dict:
     """One round: first token after ``prompt``; decode ms/token after it and after ``long_prompt``;
-    prefill of 8 copies of ``prompt``."""
+    prefill of 8 copies of ``prompt`` (onnxruntime-genai only: llama-cpp-python runs one sequence)."""
+    def decode_ms(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.step()
+        return (time.perf_counter() - start) / steps * 1e3
 
-    gen = generator(model, len(prompt) + new_tokens + 1)
     start = time.perf_counter()
-    gen.append_tokens(prompt)
-    gen.generate_next_token()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        gen.generate_next_token()
-    decode_128 = (time.perf_counter() - start) / new_tokens
-    gen = generator(model, len(long_prompt) + new_tokens // 2 + 1)
-    gen.append_tokens(long_prompt)
-    gen.generate_next_token()
-    start = time.perf_counter()
-    for _ in range(new_tokens // 2):
-        gen.generate_next_token()
-    decode_512 = (time.perf_counter() - start) / (new_tokens // 2)
-    gen = generator(model, len(prompt) + 1, batch=8)
-    start = time.perf_counter()
-    gen.append_tokens(np.array([prompt] * 8, dtype=np.int32))
-    prefill_8 = time.perf_counter() - start
-    return {"first_token_ms": first * 1e3, "decode_ms_128": decode_128 * 1e3, "decode_ms_512": decode_512 * 1e3,
-            "prefill_8x128_ms": prefill_8 * 1e3}
-
-
-def time_llama_cpp(model: LlamaCppVariant, prompt: list[int], long_prompt: list[int], new_tokens: int) -> dict:
-    """The same round in llama.cpp (no batched prefill: llama-cpp-python runs one sequence)."""
-    start = time.perf_counter()
-    model.prefill(prompt)
+    prefill(model, prompt, new_tokens + 1)
     model.step()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        model.step()
-    decode_128 = (time.perf_counter() - start) / new_tokens
-    model.prefill(long_prompt)
+    first = (time.perf_counter() - start) * 1e3
+    decode_128 = decode_ms(new_tokens)
+    prefill(model, long_prompt, new_tokens // 2 + 1)
     model.step()
-    start = time.perf_counter()
-    for _ in range(new_tokens // 2):
-        model.step()
-    decode_512 = (time.perf_counter() - start) / (new_tokens // 2)
-    return {"first_token_ms": first * 1e3, "decode_ms_128": decode_128 * 1e3, "decode_ms_512": decode_512 * 1e3,
-            "prefill_8x128_ms": None}
-
-
-def window_logits(model, window: list[int]) -> np.ndarray:
-    """Logits [T, vocab] of one window, from onnxruntime-genai or llama.cpp."""
-    if isinstance(model, LlamaCppVariant):
-        return model.prefill(window)
-    gen = generator(model, len(window) + 1)
-    gen.append_tokens(window)
-    return np.asarray(gen.get_output("logits"))[0]
+    decode_512 = decode_ms(new_tokens // 2)
+    prefill_8 = None
+    if not isinstance(model, LlamaCppDecoder):
+        start = time.perf_counter()
+        model.prefill_batch(prompt, 8)
+        prefill_8 = (time.perf_counter() - start) * 1e3
+    return {"first_token_ms": first, "decode_ms_128": decode_128, "decode_ms_512": decode_512,
+            "prefill_8x128_ms": prefill_8}
 
 
 def perplexity(model, windows) -> tuple[float, list]:
     """PPL over every predicted token of ``windows`` [n, T] (float64 sums) and each window's argmax."""
+    from compress.validation import next_token_nll  # imports torch: not at the top, the RSS probe imports this module
 
     nll, count, argmaxes = 0.0, 0, []
     for window in windows.tolist():
-        logits = window_logits(model, window)[:-1].astype(np.float64)
-        peak = logits.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
-        targets = np.asarray(window[1:])
-        nll += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
+        logits = model.logits(window)[:-1]
+        nll += next_token_nll(logits, np.asarray(window[1:]))
+        count += len(window) - 1
         argmaxes.append(logits.argmax(axis=-1))
     return math.exp(nll / count), argmaxes
 
@@ -207,31 +155,19 @@ def perplexity(model, windows) -> tuple[float, list]:
 def greedy(model, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     out = []
     for prompt in prompts:
-        if isinstance(model, LlamaCppVariant):
-            model.prefill(prompt)
-            out.append([model.step() for _ in range(tokens)])
-            continue
-        gen = generator(model, len(prompt) + tokens)
-        gen.append_tokens(prompt)
-        while not gen.is_done():
-            gen.generate_next_token()
-        out.append([int(t) for t in gen.get_sequence(0)[len(prompt):]])
+        prefill(model, prompt, tokens)
+        out.append([model.step() for _ in range(tokens)])
     return out
 
 
 def peak_rss_mb(folder: Path, threads: int) -> float:
     """Peak RSS of a child that loads ``folder`` and generates 64 tokens after a 128-token prompt."""
     here = str(Path(__file__).resolve().parent)
-    if (folder / "model.gguf").is_file():
-        run = (f"m = deploy.LlamaCppVariant(__import__('pathlib').Path({str(folder)!r}), {threads}); "
-               "m.prefill(list(range(100, 228)))\nfor _ in range(64): m.step()\n")
-    else:
-        run = (f"m = deploy.open_model(__import__('pathlib').Path({str(folder)!r}), {threads}); "
-               "g = deploy.generator(m, 193); g.append_tokens(list(range(100, 228)))\n"
-               "for _ in range(64): g.generate_next_token()\n")
     # VmHWM, not ru_maxrss: a child forked from this (large) process inherits its ru_maxrss
-    code = (f"import sys; sys.path.insert(0, {here!r}); import deploy\n" + run
-            + "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    code = (f"import sys; sys.path.insert(0, {here!r}); import deploy\n"
+            f"m = deploy.open_variant(__import__('pathlib').Path({str(folder)!r}), {threads})\n"
+            "deploy.greedy(m, [list(range(100, 228))], 65)\n"
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1]) / 1024
 
@@ -303,8 +239,7 @@ def main() -> None:
 
     if "flap50-gguf-q8_0" in folders:
         write_q8_gguf(args.deploy, folders["flap50-gguf-q8_0"])
-    models = {name: LlamaCppVariant(folder, args.threads) if name.startswith("flap50-gguf") else
-              open_model(folder, args.threads) for name, folder in folders.items()}
+    models = {name: open_variant(folder, args.threads) for name, folder in folders.items()}
     rows = {name: {"variant": name, "folder": display(folder), "size_mb": size_mb(folder)}
             for name, folder in folders.items()}
     quality: dict[str, tuple] = {}
@@ -325,8 +260,7 @@ def main() -> None:
     timings: dict[str, list[dict]] = {name: [] for name in models}
     for round_index in range(args.rounds + 1):  # round 0 warms every session up and is dropped
         for name, model in models.items():
-            timer = time_llama_cpp if isinstance(model, LlamaCppVariant) else time_variant
-            measured = timer(model, prompt, long_prompt, args.new_tokens)
+            measured = time_variant(model, prompt, long_prompt, args.new_tokens)
             if round_index:
                 timings[name].append(measured)
         print(f"round {round_index} done", flush=True)
@@ -352,7 +286,7 @@ def main() -> None:
 
     data = {
         "command": command_line(__file__),
-        "machine": {"cpu_count": __import__("os").cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                     "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__,
                     "llama_cpp_python": llama_cpp_version},
         "protocol": {"threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,

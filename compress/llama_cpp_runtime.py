@@ -34,26 +34,38 @@ class LlamaCppDecoder:
         self.path = Path(path)
         try:
             self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                       n_threads=threads, n_gpu_layers=0, seed=0,
-                                       type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+                                       n_threads=threads, n_threads_batch=threads, n_batch=512, n_gpu_layers=0,
+                                       seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         except Exception as error:  # llama.cpp refuses the file: a failed gate, with its words
             raise CompressError(f"{self.path}: llama.cpp cannot load it ({error})") from None
 
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """Logits [len(ids), vocab] of one sequence, from an empty cache."""
+    def prefill(self, ids: list[int]) -> None:
+        """Run ``ids`` from an empty cache."""
         self.llm.reset()
         self.llm.eval(list(ids))
+
+    def next_token(self) -> int:
+        """The argmax of the last position's logits."""
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def step(self) -> int:
+        """One greedy decoding step: the next token, fed back through the cache."""
+        token = self.next_token()
+        self.llm.eval([token])
+        return token
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of one sequence, from an empty cache."""
+        self.prefill(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos: set[int] | None = None) -> list[int]:
         """Greedy continuation (argmax of llama.cpp's logits, stopping after an ``eos`` token)."""
-        self.llm.reset()
-        self.llm.eval(list(prompt))
+        self.prefill(prompt)
         tokens: list[int] = []
         for _ in range(max_new_tokens):
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            tokens.append(token)
-            if eos and token in eos or len(tokens) == max_new_tokens:
+            tokens.append(self.next_token())
+            if eos and tokens[-1] in eos or len(tokens) == max_new_tokens:
                 break
-            self.llm.eval([token])
+            self.llm.eval([tokens[-1]])
         return tokens

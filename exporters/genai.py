@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # the runtime side (compress.genai_runtime) reads GENAI_CONFIG_FILE without torch
+    from torch import nn
 
 __all__ = ["GENAI_CONFIG_FILE", "genai_config", "write_genai_config"]
 
@@ -30,7 +32,7 @@ GENAI_CONFIG_FILE = "genai_config.json"
 DEFAULT_CONTEXT_LENGTH = 2048
 
 
-def genai_config(spec, model: nn.Module, filename: str = "model.onnx") -> dict:
+def genai_config(spec, model: "nn.Module", filename: str = "model.onnx") -> dict:
     """The config for ``spec`` (a :class:`exporters.onnx.DecoderIOSpec`) of ``model``'s graph.
 
     context_length and search.max_length: the model's ``max_position_embeddings``; the head counts
@@ -90,7 +92,7 @@ def genai_config(spec, model: nn.Module, filename: str = "model.onnx") -> dict:
     }
 
 
-def write_genai_config(folder: Path, spec, model: nn.Module) -> str:
+def write_genai_config(folder: Path, spec, model: "nn.Module") -> str:
     """Write ``folder/genai_config.json``; returns its file name."""
     path = Path(folder) / GENAI_CONFIG_FILE
     path.write_text(json.dumps(genai_config(spec, model), indent=2) + "\n", encoding="utf-8")

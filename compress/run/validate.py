@@ -79,9 +79,9 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
         generations = evaluator.generations(model, tokenizer, list(spec.generation_prompts), load_dense)
         if generations is not None:
             report["generations"] = generations
+    check = evaluator.first_windows() if evaluator is not None else random_windows(model, spec.onnx_windows)
     onnx_dir = folder / "onnx"
     if onnx_dir.is_dir():
-        check = evaluator.first_windows() if evaluator is not None else random_windows(model, spec.onnx_windows)
         section, onnx_gates = validate_onnx(model, tokenizer, onnx_dir, spec, check, device)
         report.setdefault("onnx", {})["validation"] = section
         gates += onnx_gates
@@ -95,7 +95,6 @@ def validate_artifact(target: Path, *, device: str | None = None, progress: bool
                 gates += quant_gates
     gguf_file = folder / "gguf" / "model.gguf"
     if gguf_file.is_file() and report.get("gguf"):
-        check = evaluator.first_windows() if evaluator is not None else random_windows(model, spec.onnx_windows)
         report["gguf"]["validation"], gguf_gates = validate_gguf(model, tokenizer, gguf_file, spec, check,
                                                                  report["gguf"].get("dtype", "f16"))
         gates += gguf_gates
