@@ -1,6 +1,6 @@
 """Decoder pruning on the standard protocol v2 (../shared/assets.md; suite v2 of compress).
 
-SmolLM2-135M (embedded), fp32, CPU. Calibration: random 128-token windows of a text source (the
+SmolLM2-135M (embedded) unless ``--model`` names another (e.g. ``gemma3-270m``), fp32, CPU. Calibration: random 128-token windows of a text source (the
 general mix by default; ``--calibration`` for another, e.g. ``austen`` or ``general:wiki:train``),
 seed 0. Evaluation: for each domain of suite v2 (Persuasion + the test split of every general
 domain, the held-out ``chat`` included) the perplexity at 128 tokens over the first 256
@@ -10,6 +10,9 @@ the headline is the geometric mean of the ratios, with the worst domain beside i
     python benchmarks/general_protocol.py --configs flap-50 flap-ls-50
     python benchmarks/general_protocol.py --configs flap-50 --calibration austen --tag austen
     python benchmarks/general_protocol.py --windows 64 --configs ...     # a quicker sweep (not v2)
+    python benchmarks/general_protocol.py --model gemma3-270m --eval-batch 4 --out docs/results/families.json ...
+
+Windows start with BOS when the model's tokenizer adds one (Gemma; ``window_bos``), as in ``compress run``.
 
 Each configuration runs in its own process (its peak RSS is its own); rows are appended to the
 JSON file given by ``--out`` (default bench-results/general_protocol.json) under the key
@@ -101,12 +104,13 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
 }
 
 
-def run_one(name: str, calibration: dict, windows: int, threads: int, distill: list[int]) -> list[dict]:
+def run_one(name: str, calibration: dict, windows: int, threads: int, distill: list[int], model_name: str = MODEL,
+            eval_batch: int = 8) -> list[dict]:
     """Load, prune and evaluate one configuration in this process; with ``distill`` (step counts),
     then distil it (lora_recover's training with ``DISTILL``) and evaluate after each count too."""
     import torch
 
-    from compress.calibration.sources import random_windows
+    from compress.calibration.sources import random_windows, window_bos
     from compress.calibration.token_cache import source_ids
     from compress.context import PassContext
     from compress.evaluation.lm_evaluator import LMEvaluator
@@ -118,25 +122,26 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    loaded = load_model(MODEL, dtype="float32", device="cpu", progress=False)
+    loaded = load_model(model_name, dtype="float32", device="cpu", progress=False)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
     dense_linear, dense_total = adapter.decoder_linear_params(), adapter.param_counts()["total"]
-    evaluator = LMEvaluator(EvaluateSpec(suite="v2", seqlen=SEQLEN, max_windows=windows, batch_size=8,
+    bos = window_bos(tokenizer)
+    evaluator = LMEvaluator(EvaluateSpec(suite="v2", seqlen=SEQLEN, max_windows=windows, batch_size=eval_batch,
                                          continuation_tokens=0), tokenizer, progress=False)
     evaluator.measure_dense(model)
 
     def calibration_windows() -> torch.Tensor:
         return random_windows(source_ids(tokenizer, calibration["source"]), calibration["samples"],
-                              calibration["seqlen"], calibration["seed"])
+                              calibration["seqlen"], calibration["seed"], bos=bos)
 
     def heldout_windows() -> torch.Tensor:  # as compress run draws them
         return random_windows(source_ids(tokenizer, calibration["source"]), HELDOUT_WINDOWS, calibration["seqlen"],
-                              calibration["seed"] + HELDOUT_SEED_OFFSET)
+                              calibration["seed"] + HELDOUT_SEED_OFFSET, bos=bos)
 
     ctx = PassContext(model=model, tokenizer=tokenizer, calibration_loader=calibration_windows, batch_size=16,
                       progress=False, heldout_loader=heldout_windows,
-                      dense_loader=lambda: load_model(MODEL, dtype="float32", device="cpu", progress=False).model)
+                      dense_loader=lambda: load_model(model_name, dtype="float32", device="cpu", progress=False).model)
     step_times, step_details = [], []
     for pass_name, options in CONFIGS[name]:
         spec = get_pass(pass_name)
@@ -151,6 +156,7 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
     section = evaluator.evaluate(model)
     row = {
         "config": name,
+        "model": model_name,
         "passes": [{p: o} for p, o in CONFIGS[name]],
         "calibration": calibration,
         "decoder_linear": adapter.decoder_linear_params(),
@@ -253,6 +259,8 @@ def main() -> None:
                         help="also distil each config and add a row after each of these step counts")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=MODEL, help="model source (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--eval-batch", type=int, default=8, help="evaluation windows per forward pass")
     parser.add_argument("--table", action="store_true", help="only print the table of --out")
     parser.add_argument("--rows", nargs="*", help="--table: only these row keys, in this order")
     parser.add_argument("--crosscal", help="--table: the cross-calibration table of this config instead")
@@ -262,7 +270,8 @@ def main() -> None:
     calibration = {**CALIBRATION, "source": args.calibration, "samples": args.samples, "seqlen": args.calib_seqlen}
 
     if args.one:
-        rows = run_one(args.one, calibration, args.windows, args.threads, sorted(args.distill))
+        rows = run_one(args.one, calibration, args.windows, args.threads, sorted(args.distill), args.model,
+                       args.eval_batch)
         args.row_out.write_text(json.dumps(rows if args.distill else rows[0]))
         return
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"protocol": {}, "rows": {}}
@@ -271,13 +280,14 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        data["protocol"] = {"model": MODEL, "suite": "v2", "seqlen": SEQLEN, "windows": args.windows,
+        data["protocol"] = {"model": args.model, "suite": "v2", "seqlen": SEQLEN, "windows": args.windows,
                             "standard": args.windows == 256}
         for name in args.configs:
             row_file = args.out.with_suffix(f".{name}.row.json")
             cmd = [sys.executable, __file__, "--one", name, "--row-out", str(row_file), "--threads", str(args.threads),
                    "--calibration", args.calibration, "--samples", str(args.samples), "--calib-seqlen",
-                   str(args.calib_seqlen), "--windows", str(args.windows),
+                   str(args.calib_seqlen), "--windows", str(args.windows), "--model", args.model,
+                   "--eval-batch", str(args.eval_batch),
                    "--distill", *[str(n) for n in args.distill]]
             subprocess.run(cmd, check=True)
             written = json.loads(row_file.read_text())

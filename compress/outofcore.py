@@ -62,7 +62,9 @@ class StreamingModel:
 
         import compress  # noqa: F401  (registers pruned_llama with the Auto classes)
         from compress.models.adapters import get_adapter
+        from compress.models.families import DECODER_FAMILIES
         from compress.models.llama import LlamaFamilyAdapter
+        from compress.models.phi3 import PHI3_MODEL_TYPE
 
         self.folder = Path(folder)
         self.dtype = dtype
@@ -78,10 +80,15 @@ class StreamingModel:
         model.eval()
         if (self.folder / "generation_config.json").is_file():  # as from_pretrained does
             model.generation_config = GenerationConfig.from_pretrained(self.folder, local_files_only=True)
+        if config.model_type == PHI3_MODEL_TYPE:
+            raise CompressError(f"{self.folder}: out-of-core pruning reads blocks as the checkpoint stores them, and "
+                                "Phi-3's fused qkv_proj / gate_up_proj are unfused only when the whole model is "
+                                "loaded; run it without max_memory")
         adapter = get_adapter(model)
         if type(adapter) is not LlamaFamilyAdapter:
-            raise CompressError(f"out-of-core pruning supports LLaMA-family decoders (llama, mistral, qwen2, qwen3, "
-                                f"pruned_llama); {self.folder} is a {config.model_type} model")
+            raise CompressError(f"out-of-core pruning supports the decoder families "
+                                f"({', '.join(t for t in DECODER_FAMILIES if t != PHI3_MODEL_TYPE)}); "
+                                f"{self.folder} is a {config.model_type} model")
         self.model = model
         self.adapter = adapter
         model.model.rotary_emb.to(self.device)

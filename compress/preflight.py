@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import ModelSourceError
+from compress.models.families import GGUF_FAMILIES, unsupported_decoder
 from compress.kinds import a_kind, kind_class, kinds_in_words, source_kind
 from compress.outputs import check_output_folder
 from compress.recipe import RecipeProblem, RecipeValidationError
@@ -52,6 +53,21 @@ def pass_kind_problems(recipe, kind: str, model_type: str | None) -> list[Recipe
     return problems
 
 
+def family_problems(recipe, kind: str, model_type: str | None) -> list[RecipeProblem]:
+    """A decoder whose family has no adapter (naming the supported ones), and a GGUF export of a
+    family the GGUF writer cannot hold."""
+    if kind != "decoder":
+        return []
+    unsupported = unsupported_decoder(model_type)
+    if unsupported:
+        return [RecipeProblem(("model",), f"'{recipe.model.source}': {unsupported}")]
+    if "gguf" in recipe.export.formats and model_type not in GGUF_FAMILIES:
+        index = recipe.export.formats.index("gguf")
+        return [RecipeProblem(("export", "formats", index), f"GGUF is written for {', '.join(GGUF_FAMILIES)} "
+                              f"decoders; this model is {model_type!r}: remove gguf")]
+    return []
+
+
 def export_kind_problems(recipe, kind: str) -> list[RecipeProblem]:
     """Export options that the model's kind cannot write (weight-only ONNX quantization and GGUF: decoders in
     memory)."""
@@ -76,7 +92,8 @@ def preflight(recipe, output: Path | None = None, *, overwrite: bool = False, ch
         kind, info = source_kind(recipe.model.source)
     except ModelSourceError as error:
         raise ModelSourceError(f"{recipe.source_name}: model: {error}") from None
-    problems = pass_kind_problems(recipe, kind, info.model_type) + export_kind_problems(recipe, kind)
+    problems = family_problems(recipe, kind, info.model_type)
+    problems = problems or pass_kind_problems(recipe, kind, info.model_type) + export_kind_problems(recipe, kind)
     if problems:
         raise RecipeValidationError(recipe.source_name, problems)
     if not check_output:

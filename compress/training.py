@@ -105,6 +105,7 @@ class TrainSpec:
     loss: str = "next_token"  # "next_token" | "kl": KL(teacher || model) per token (needs a teacher)
     temperature: float = 1.0  # "kl": both distributions at this softmax temperature (loss scaled by T²)
     bf16: bool = False  # forward passes under bfloat16 autocast (CPU: AMX/AVX-512 BF16; CUDA: tensor cores)
+    bos: int | None = None  # every window starts with this token (models that expect BOS: Gemma, Llama 3)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seqlen", "grad_accum"):
@@ -245,14 +246,14 @@ class WindowSampler:
     :func:`~compress.calibration.sources.random_windows`; its state is saved in checkpoints.
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seqlen: int, seed: int):
-        self.ids, self.batch_size, self.seqlen = ids, batch_size, seqlen
+    def __init__(self, ids: torch.Tensor, batch_size: int, seqlen: int, seed: int, bos: int | None = None):
+        self.ids, self.batch_size, self.seqlen, self.bos = ids, batch_size, seqlen, bos
         self.rng = random.Random(seed)
 
     def next(self) -> torch.Tensor:
         from compress.calibration.sources import random_windows
 
-        return random_windows(self.ids, self.batch_size, self.seqlen, self.rng.getrandbits(63))
+        return random_windows(self.ids, self.batch_size, self.seqlen, self.rng.getrandbits(63), bos=self.bos)
 
     def state_dict(self) -> list:
         version, internal, gauss = self.rng.getstate()
@@ -482,7 +483,7 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(train.warmup_steps))
-    sampler = WindowSampler(ids, train.batch_size, train.seqlen, train.seed)
+    sampler = WindowSampler(ids, train.batch_size, train.seqlen, train.seed, train.bos)
     losses: list[float] = []
     start = 0
 

@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.models.families import GGUF_FAMILIES
 
 __all__ = ["GGUF_FILE", "GgufExport", "GgufOptions", "export_gguf", "gguf_problem"]
 
 GGUF_FILE = "model.gguf"
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
-GGUF_MODEL_TYPES = ("llama", "mistral", "pruned_llama")
+GGUF_MODEL_TYPES = GGUF_FAMILIES
 _BLOCK = 32
 
 
@@ -73,9 +74,9 @@ class _Layer:
 def gguf_problem(model: nn.Module) -> str | None:
     """Why ``model`` cannot be written as GGUF, or None."""
     model_type = getattr(model.config, "base_model_type", None) or model.config.model_type
-    if model.config.model_type not in GGUF_MODEL_TYPES and model_type not in GGUF_MODEL_TYPES:
+    if model_type not in GGUF_MODEL_TYPES:  # a pruned_llama is judged by its base family
         return (f"GGUF export writes LLaMA-family decoders ({', '.join(GGUF_MODEL_TYPES)}); this model is "
-                f"{model.config.model_type!r}")
+                f"{model_type!r}")
     for index, layer in enumerate(_layers(model)):
         if layer.heads == 0 or layer.kv_heads == 0 or layer.ffn == 0:
             return (f"layer {index} has {layer.heads} query heads, {layer.kv_heads} KV heads and {layer.ffn} MLP "

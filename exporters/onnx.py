@@ -242,7 +242,9 @@ class DecoderWithCache(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # Full layers everywhere (no config): every present holds the whole past, as the contract
+        # says; a sliding-window layer (Mistral, Gemma 2/3) gets its window from the attention mask.
+        cache = DynamicCache()
         for layer, (key, value) in enumerate(past_key_values):
             cache.update(key, value, layer)
         out = self.model(
@@ -314,7 +316,9 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     traced.eval()
     _make_static(traced)
     # The SDPA path exports to plain MatMul/Softmax; "eager" would too but keeps an extra repeat_kv copy.
-    traced.config._attn_implementation = "sdpa"
+    # Soft-capped attention (Gemma 2) has no SDPA form and is traced eager.
+    softcap = getattr(traced.config, "attn_logit_softcapping", None)
+    traced.config._attn_implementation = "eager" if softcap else "sdpa"
     wrapper = DecoderWithCache(traced).eval()
     # torch.onnx logs one warning per torchvision op it cannot register; irrelevant for decoders.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

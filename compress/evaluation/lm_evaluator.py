@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from compress.calibration.sources import sequential_windows
+from compress.calibration.sources import sequential_windows, window_bos
 from compress.calibration.suites import dataset_name
 from compress.calibration.token_cache import source_ids
 from compress.evaluation.protocol import DenseFigures, dense_figures, evaluate_model, generations_section
@@ -28,8 +28,9 @@ class LMEvaluator:
         self.kl = kl
         self.progress = progress
         self.sources = {dataset_name(s): s for s in spec.sources()}
+        bos = window_bos(tokenizer)
         self.windows: dict[str, torch.Tensor] = {
-            name: sequential_windows(source_ids(tokenizer, source), spec.seqlen, spec.max_windows, source=source,
+            name: sequential_windows(source_ids(tokenizer, source), spec.seqlen, spec.max_windows, source=source, bos=bos,
                                      field="evaluate")
             for name, source in self.sources.items()
         }

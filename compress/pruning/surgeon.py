@@ -51,6 +51,13 @@ def _with_added_bias(linear: nn.Linear, delta: list[float]) -> nn.Linear:
     return linear
 
 
+def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> None:
+    """Keep ``keep`` entries of a projection-wide norm's weight [width] (OLMo-2's q_norm / k_norm)."""
+    with torch.no_grad():
+        norm.weight = nn.Parameter(norm.weight.detach().index_select(0, keep.to(norm.weight.device)),
+                                   requires_grad=norm.weight.requires_grad)
+
+
 def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     """[len(heads)·head_dim] row indices of the given heads."""
     idx = torch.tensor(heads, dtype=torch.long)
@@ -111,6 +118,10 @@ def apply_layer_plan(adapter, plan: LayerPlan, refit: dict[str, torch.Tensor] | 
     i = plan.index
     slices = layer_slices(adapter, plan)
     attn, mlp = adapter.attention(i), adapter.mlp(i)
+    projection_norms = getattr(adapter, "projection_norms", lambda _: {})  # decoders; MoE attention has none
+    for role, norm in projection_norms(i).items():
+        if role in slices:
+            _slice_norm(norm, slices[role][0])
     for role, (rows, cols) in slices.items():
         parent = attn if role in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp
         setattr(parent, role, _sliced_linear(getattr(parent, role), keep_rows=rows, keep_cols=cols))

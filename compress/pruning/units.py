@@ -72,6 +72,14 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / std
 
 
+def layer_gqa(gqa: str, kv_heads: int, heads_per_kv: int, min_heads: int) -> str:
+    """The GQA policy one layer uses: ``kv_groups`` falls back to ``query_heads`` where no KV group
+    may go (``kv_heads <= min_heads``) and a group has query heads to lose (``heads_per_kv > 1``)."""
+    if gqa == "kv_groups" and kv_heads <= max(min_heads, 1) and heads_per_kv > 1:
+        return "query_heads"
+    return gqa
+
+
 def build_layer_units(
     adapter,
     layer_index: int,
@@ -106,6 +114,7 @@ def build_layer_units(
         raise ValueError(f"unknown aggregation {aggregation!r}")
 
     g = widths.heads_per_kv
+    gqa = layer_gqa(gqa, widths.kv_heads, g, min_heads)
     heads_by_group = torch.arange(widths.heads).reshape(widths.kv_heads, g)  # [kv, g]
     if gqa == "kv_groups":
         attn = UnitSet(

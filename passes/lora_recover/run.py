@@ -58,17 +58,18 @@ class LoraRecoverPass(LoraRecover):
 
     # ------------------------------------------------------------------------------- parts
     def block_importance(self, ctx, ids) -> list[float]:
-        from compress.calibration.sources import random_windows
+        from compress.calibration.sources import random_windows, window_bos
         from compress.pruning.block_importance import measure_block_importance
 
         o = self.options
         windows = random_windows(ids, o.importance_samples, o.seqlen, o.seed, source=o.source,
-                                 field=f"passes.{self.name}")
+                                 field=f"passes.{self.name}", bos=window_bos(ctx.tokenizer))
         return measure_block_importance(ctx.adapter(), windows, batch_size=ctx.batch_size, metric="angular",
                                         progress=ctx.progress)
 
     # -------------------------------------------------------------------------------- run
     def run(self, ctx) -> PlanStep:
+        from compress.calibration.sources import window_bos
         from compress.training import LoRASpec, merge_lora, model_state_digest, run_fingerprint, train_lora
 
         o = self.options
@@ -87,7 +88,8 @@ class LoraRecoverPass(LoraRecover):
 
         lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=o.rank, alpha=o.alpha,
                         dropout=o.dropout, rank_pattern=rank_pattern)
-        train = replace(o.train_spec(), loss=o.loss, temperature=o.temperature, bf16=o.bf16)
+        train = replace(o.train_spec(), loss=o.loss, temperature=o.temperature, bf16=o.bf16,
+                        bos=window_bos(ctx.tokenizer))
         teacher = ctx.dense_model() if o.loss == "kl" else None
         extra = {"teacher": model_state_digest(teacher)} if teacher is not None else None
         fingerprint = run_fingerprint(ctx.model, ids, lora, train, extra)

@@ -130,6 +130,9 @@ class LoraPrunePass(LoraPrune):
         """Train with masks; returns the hooks (masks still applied, adapters attached) and the result.
         Call :meth:`finish` afterwards (it removes the hooks and adapters)."""
         from compress.errors import CompressError
+        from dataclasses import replace
+
+        from compress.calibration.sources import window_bos
         from compress.training import LoRASpec, run_fingerprint, train_lora
 
         o = self.options
@@ -140,7 +143,7 @@ class LoraPrunePass(LoraPrune):
         ids = training_ids(ctx, o.source, "loraprune")
         lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=o.rank, alpha=o.alpha,
                         dropout=o.dropout)
-        train = o.train_spec()
+        train = replace(o.train_spec(), bos=window_bos(ctx.tokenizer))
         fingerprint = run_fingerprint(ctx.model, ids, lora, train, extra={"pass": "loraprune", **o.model_dump()})
         hooks = LoraPruneHooks(self, adapter, self.skip_layers(adapter.num_layers))
         try:
