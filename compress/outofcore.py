@@ -160,8 +160,11 @@ class StreamingModel:
         release_memory(collect=False)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """[len(ids), hidden] embedding rows, gathered from the checkpoint chunk by chunk."""
-        return self.reader.gather_rows(self.embedding_name, ids, EMBEDDING_CHUNK_BYTES, self.dtype)
+        """[len(ids), hidden] input embeddings: the rows gathered from the checkpoint chunk by chunk,
+        times the embedding module's own scale where it has one (Gemma's sqrt(hidden))."""
+        rows = self.reader.gather_rows(self.embedding_name, ids, EMBEDDING_CHUNK_BYTES, self.dtype)
+        scale = getattr(self.adapter.decoder.embed_tokens, "embed_scale", None)
+        return rows if scale is None else rows * scale.to(device=rows.device, dtype=rows.dtype)
 
     # ------------------------------------------------------------------ memory
     def budget(self, windows: tuple[int, int] | None, batch_size: int, statistics: bool) -> MemoryBudget:

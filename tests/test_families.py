@@ -256,3 +256,41 @@ def test_gguf_of_a_family_llama_cpp_graphs_cannot_hold_is_refused_at_preflight(t
     assert result.exit_code == 2, result.output
     assert "formats" in text
     assert "'gemma3_text'" in text and "remove gguf" in text
+
+
+# ----------------------------------------------------------------------------- LoRA passes
+class _ByteTokenizer:
+    """One id per UTF-8 byte, modulo 128 (the tiny models' vocabulary)."""
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [b % 128 for b in text.encode("utf-8")]}
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "olmo2", "granite", "phi3"])
+def test_loraprune_and_distillation_recovery_run_on_each_family(family, tmp_path):
+    """LoRAPrune shrinks the model; distillation (KL to the dense model) then lowers the KL on text
+    it trained on; both exports reload with the in-memory logits."""
+    from compress.evaluation.compare import compare_logits
+
+    text = tmp_path / "train.txt"
+    words = ["the", "pruned", "model", "learns", "again", "from", "a", "little", "text"]
+    picks = torch.randint(0, len(words), (1200,), generator=torch.Generator().manual_seed(0)).tolist()
+    text.write_text(" ".join(words[i] for i in picks), encoding="utf-8")
+    dense = get_adapter(family_model(family)).decoder_linear_params()
+    model = family_model(family)
+    ctx = PassContext(model=model, tokenizer=_ByteTokenizer(), calibration_loader=lambda: CALIBRATION, batch_size=4,
+                      progress=False, dense_loader=lambda: family_model(family))
+    spec = get_pass("loraprune")
+    spec.cls(spec.options(ratio=0.4, steps=8, prune_every=2, batch_size=2, seqlen=16, lr=1e-2, rank=4,
+                          warmup_steps=2, source=str(text), skip_layers=[0], checkpoint_every=0)).run(ctx)
+    assert get_adapter(model).decoder_linear_params() < 0.8 * dense
+    ids = torch.tensor(_ByteTokenizer()(text.read_text(encoding="utf-8"))["input_ids"])
+    held = ids[-4 * 16:].reshape(4, 16)
+    before = compare_logits(family_model(family), model, held).mean_kl
+    spec = get_pass("lora_recover")
+    spec.cls(spec.options(steps=30, lr=1e-2, rank=4, batch_size=2, seqlen=16, warmup_steps=2, source=str(text),
+                          loss="kl", checkpoint_every=0)).run(ctx)
+    assert compare_logits(family_model(family), model, held).mean_kl < before
+    export_safetensors(model, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(reloaded), logits(model), atol=1e-5, rtol=1e-5)

@@ -241,3 +241,23 @@ def test_a_data_free_run_checks_the_cap_too(tied_folder, tmp_path):
     with pytest.raises(CompressError, match="max_memory 32.0 MiB is too small"):
         run_recipe(parse_recipe(data, "t.yaml"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_out_of_core_gemma3_writes_the_in_memory_weights(text_file, tmp_path, one_thread):
+    """Gemma 3's scaled embeddings (the streamed rows are scaled as the module scales them) and its
+    sliding / global layers (each block gets its own mask and rotary table)."""
+    from transformers import AutoTokenizer
+
+    from compress.models.loading import embedded_model_folder
+
+    folder = tmp_path / "gemma"
+    tiny_model("gemma3_text", vocab_size=49152, sliding_window=6, query_pre_attn_scalar=8,
+               layer_types=["sliding_attention", "full_attention"] * 2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_model_folder(progress=False)).save_pretrained(folder)
+    passes = [{"flap": {"ratio": 0.4, "sequential": True}}]
+    in_memory = run_recipe(parse_recipe(recipe_data(folder, tmp_path / "mem", text_file, passes), "t.yaml"),
+                           progress=False)
+    streamed = run_recipe(parse_recipe(recipe_data(folder, tmp_path / "ooc", text_file, passes, max_memory="16GiB"),
+                                       "t.yaml"), progress=False)
+    assert in_memory.passed and streamed.passed, streamed.failures
+    assert_same_weights(tmp_path / "mem", tmp_path / "ooc")
