@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress.calibration.sources import prompt_ids
 from compress.errors import CompressError
 from compress.gates import Gate
 
@@ -191,7 +192,7 @@ def generation_parity(model, tokenizer, decoder, prompts: list[str], max_new_tok
 
     results = []
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tokenizer, prompt)
         reference = torch_greedy_generate(model, ids, max_new_tokens).tokens
         candidate = greedy_generate(decoder, ids, max_new_tokens).tokens
         mismatch = next((i for i, (a, b) in enumerate(zip(reference, candidate)) if a != b), None)
@@ -413,7 +414,7 @@ def validate_gguf(model, tokenizer, path: Path, spec, windows: torch.Tensor, dty
         eos = set(eos_token_ids(model))
         prompts = []
         for prompt in spec.generation_prompts:
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(tokenizer, prompt)
             reference = torch_greedy_generate(model, ids, spec.generation_tokens).tokens
             tokens = decoder.greedy(ids, spec.generation_tokens, eos)
             prompts.append({"prompt": prompt, "identical": tokens == reference, "tokens": tokens,

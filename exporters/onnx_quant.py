@@ -48,7 +48,8 @@ class QuantOptions:
     """bits: 4 or 8 (decoder linears). block_size: input channels per scale (16 to 256). symmetric:
     no zero points (round-to-nearest parts). method: hqq or rtn for 4-bit linears. head_bits: the LM
     head's bits in a 4-bit graph (4 or 8; None keeps it in float, tied); an 8-bit graph keeps the
-    head in float. embeddings: quantize the token embedding (4-bit graphs)."""
+    head in float. embeddings: quantize the token embedding (4-bit graphs). accuracy_level: the
+    MatMulNBits compute type (4: int8 activations, ONNX Runtime's fast CPU path; 0: float)."""
 
     bits: int = 4
     block_size: int = 32
@@ -56,6 +57,7 @@ class QuantOptions:
     method: str = "hqq"
     head_bits: int | None = 8
     embeddings: bool = True
+    accuracy_level: int = 4
 
     @property
     def name(self) -> str:
@@ -124,7 +126,20 @@ def quantize_graph(proto, options: QuantOptions):
         proto = _run_quantizer(proto, rtn(head_bits), include=head)
     if embedding and options.embeddings and options.bits == 4:
         proto = _run_quantizer(proto, rtn(4, "Gather"), include=embedding)
+    set_accuracy_level(proto, options.accuracy_level)
     return proto
+
+
+def set_accuracy_level(proto, level: int) -> None:
+    """Give every MatMulNBits node ``accuracy_level`` = ``level`` (its compute type; 0 = unset)."""
+    import onnx
+
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in [a for a in node.attribute if a.name == "accuracy_level"]:
+                node.attribute.remove(attribute)
+            if level:
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
 
 
 def _run_quantizer(proto, config, include: list[str] | None = None, exclude: list[str] | None = None):

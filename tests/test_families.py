@@ -16,7 +16,7 @@ from conftest import TINY_FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
 import compress  # noqa: F401  (registers pruned_llama with the Auto classes)
-from compress.calibration.sources import random_windows, sequential_windows, window_bos
+from compress.calibration.sources import prompt_ids, random_windows, sequential_windows, window_bos
 from compress.context import PassContext
 from compress.errors import ModelSourceError
 from compress.models.adapters import get_adapter
@@ -197,6 +197,8 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_it():
     drawn = random_windows(ids, 5, 16, seed=0, bos=bos)
     assert drawn.shape == (5, 16) and (drawn[:, 0] == 2).all() and (drawn[:, 1:] >= 10).all()
     assert torch.equal(random_windows(ids, 5, 16, seed=0), random_windows(ids, 5, 16, seed=0, bos=None))
+    assert prompt_ids(_Tokenizer(adds_bos=True), "x") == [2, 7]  # generation prompts too
+    assert prompt_ids(_Tokenizer(adds_bos=False), "x") == [7]
 
 
 # ----------------------------------------------------------------------------- the layer runner

@@ -424,6 +424,14 @@ def window_bos(tokenizer) -> int | None:
     return bos if len(ids) > 0 and ids[0] == bos else None
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids of a generation prompt: the text's ids, after BOS when the model expects one
+    (:func:`window_bos`); a model that always sees BOS in front of text is lost without it."""
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    bos = window_bos(tokenizer)
+    return [bos] + ids if bos is not None else ids
+
+
 def _prepend(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
     """``windows`` [n, L] with a BOS column in front ([n, L + 1]); unchanged when ``bos`` is None."""
     if bos is None:

@@ -57,8 +57,10 @@ def generate_command(
     else:
         decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all", require_device=device is not None)
         generate = lambda ids, n, stop_at_eos: greedy_generate(decoder, ids, n, stop_at_eos)  # noqa: E731
+    from compress.calibration.sources import prompt_ids
+
     tokenizer = load_tokenizer(onnx)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tokenizer, prompt)
     result = generate(ids, max_new_tokens, stop_at_eos=not ignore_eos)
     console = stdout_console()
     console.print(Text(prompt, style="bold") + Text(tokenizer.decode(result.tokens)), soft_wrap=True)

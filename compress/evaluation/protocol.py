@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.cache import Digest, cache_root, digest
+from compress.calibration.sources import prompt_ids
 from compress.evaluation.perplexity import eval_mode, model_device
 from compress.progress import progress_bar
 
@@ -321,7 +322,7 @@ def generations_section(model, tokenizer, prompts: list[str], max_new_tokens: in
     """What a user sees: per prompt the compressed model's greedy continuation, its share of
     repeated 4-grams, and the dense model's perplexity of it (with the dense continuation beside)."""
     rows = []
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     pruned = [greedy_continuation(model, ids, max_new_tokens, eos) for ids in encoded]
     dense_model = load_dense() if load_dense is not None else None
     for prompt, ids, tokens in zip(prompts, encoded, pruned):

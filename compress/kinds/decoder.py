@@ -260,7 +260,8 @@ class DecoderKind(ModelKind):
         s = self.state
         o = s.export.onnx
         options = QuantOptions(bits=int(kind[3:]), block_size=o.block_size, symmetric=o.symmetric, method=o.int4_method,
-                               head_bits=o.head_bits, embeddings=o.quantize_embeddings)
+                               head_bits=o.head_bits, embeddings=o.quantize_embeddings,
+                               accuracy_level=o.accuracy_level)
         subdir = f"{ONNX_SUBDIR}-{kind}"
         with s.stage(f"quantize onnx {kind}"):
             exported = quantize_onnx(float_dir, s.folder / subdir, options)
