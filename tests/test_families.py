@@ -296,3 +296,39 @@ def test_loraprune_and_distillation_recovery_run_on_each_family(family, tmp_path
     export_safetensors(model, None, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits(reloaded), logits(model), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the shipped recipe
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "granite", "phi3"])
+def test_the_shipped_flap_recipe_runs_unchanged_on_a_tiny_model_of_each_family(family, tmp_path):
+    """recipes/llama-flap-50.yaml with only the model, the sizes and the evaluation shortened: a
+    tiny folder of each family prunes, reloads, and passes the ONNX gates (logits and greedy tokens
+    in ONNX Runtime and onnxruntime-genai)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from compress.models.loading import embedded_model_folder
+    from compress.recipe import load_recipe, parse_recipe
+    from compress.run import run_recipe
+
+    folder = tmp_path / family
+    six = {"layer_types": ["sliding_attention", "full_attention"] * 3} if family == "gemma3_text" else {}
+    tiny_model(family, vocab_size=49152, num_hidden_layers=6, **six).save_pretrained(folder)  # 4 pruned at 75%
+    AutoTokenizer.from_pretrained(embedded_model_folder(progress=False)).save_pretrained(folder)
+    data = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "llama-flap-50.yaml").to_dict()
+    data["model"] = str(folder)
+    data["calibration"].update(samples=8, seqlen=32)
+    data["export"]["output"] = str(tmp_path / "out")
+    data["evaluate"] = {"datasets": ["general:wiki"], "seqlen": 32, "max_windows": 4, "batch_size": 2,
+                        "continuation_tokens": 0}
+    data["validate"] = {**data["validate"], "max_geomean_ppl_ratio": None, "max_ppl_ratio": None,
+                        "generation_tokens": 6}
+    result = run_recipe(parse_recipe(data, "llama-flap-50.yaml"), progress=False)
+    assert result.passed, result.failures
+    gates = {g["name"] for g in json.loads((tmp_path / "out" / "report.json").read_text())["validation"]["gates"]}
+    assert {"reload_max_abs_diff", "onnx_logits_allclose", "onnx_generation_identical"} <= gates
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.base_model_type == ("mistral" if family == "phi3" else family)
