@@ -8,6 +8,8 @@ Variants (each an onnxruntime-genai folder):
   flap50-fp32 / -int8 / -int4   the output of ``compress run recipes/llama-flap-50-deploy.yaml`` (int4: HQQ)
   flap50-int4-rtn               its fp32 graph quantized here with ``int4_method: rtn`` (integer zero
                                 points: ONNX Runtime's fast CPU kernel; HQQ's float ones take a slow path)
+  flap50-int8-acc4              its fp32 graph quantized here to int8 with ``accuracy_level: 4`` (int8
+                                activations; the recipe's int8 graph computes in float)
   flap50-gguf-f32 / -q8_0       its GGUF (f32, written by the run) and a q8_0 GGUF written here from
                                 its safetensors, run in llama.cpp (llama-cpp-python; skipped when
                                 it is not built: bash scripts/build_llama_cpp.sh)
@@ -52,14 +54,15 @@ WORK = ROOT / "bench-results" / "deploy"
 DEPLOY = ROOT / "outputs" / "llama-flap-50-deploy"
 FAMILY_REFERENCE = {"builder-int4": "builder-fp32", "builder-fp32": "builder-fp32", "dense-fp32": "builder-fp32",
                     "flap50-fp32": "flap50-fp32", "flap50-int8": "flap50-fp32", "flap50-int4": "flap50-fp32",
-                    "flap50-int4-rtn": "flap50-fp32",
+                    "flap50-int4-rtn": "flap50-fp32", "flap50-int8-acc4": "flap50-fp32",
                     "flap50-gguf-f32": "flap50-fp32", "flap50-gguf-q8_0": "flap50-fp32"}
 
 
 def variant_folders(deploy: Path) -> dict[str, Path]:
     folders = {"builder-fp32": WORK / "builder-fp32", "builder-int4": WORK / "builder-int4",
                "dense-fp32": WORK / "dense-fp32", "flap50-fp32": deploy / "onnx", "flap50-int8": deploy / "onnx-int8",
-               "flap50-int4": deploy / "onnx-int4", "flap50-int4-rtn": WORK / "flap50-int4-rtn"}
+               "flap50-int4": deploy / "onnx-int4", "flap50-int4-rtn": WORK / "flap50-int4-rtn",
+               "flap50-int8-acc4": WORK / "flap50-int8-acc4"}
     if importlib.util.find_spec("llama_cpp") is not None:
         folders |= {"flap50-gguf-f32": deploy / "gguf", "flap50-gguf-q8_0": WORK / "flap50-gguf-q8_0"}
     return folders
@@ -95,11 +98,12 @@ def build_missing(folders: dict[str, Path]) -> None:
 
         loaded = load_model("smollm2-135m", dtype="float32", device="cpu", progress=False)
         export_onnx(loaded.model, loaded.tokenizer, folders["dense-fp32"])
-    rtn = folders["flap50-int4-rtn"]
-    if not (rtn / "genai_config.json").is_file() and (folders["flap50-fp32"] / "genai_config.json").is_file():
-        from exporters.onnx_quant import QuantOptions, quantize_onnx
+    from exporters.onnx_quant import QuantOptions, quantize_onnx
 
-        quantize_onnx(folders["flap50-fp32"], rtn, QuantOptions(bits=4, method="rtn"))
+    for name, options in (("flap50-int4-rtn", QuantOptions(bits=4, method="rtn")),
+                          ("flap50-int8-acc4", QuantOptions(bits=8, accuracy_level=4))):
+        if not (folders[name] / "genai_config.json").is_file() and (folders["flap50-fp32"] / "genai_config.json").is_file():
+            quantize_onnx(folders["flap50-fp32"], folders[name], options)
     missing = [name for name, folder in folders.items() if not (folder / "genai_config.json").is_file()
                and not name.startswith("flap50-gguf")]
     if missing:

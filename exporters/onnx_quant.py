@@ -49,7 +49,8 @@ class QuantOptions:
     no zero points (round-to-nearest parts). method: hqq or rtn for 4-bit linears. head_bits: the LM
     head's bits in a 4-bit graph (4 or 8; None keeps it in float, tied); an 8-bit graph keeps the
     head in float. embeddings: quantize the token embedding (4-bit graphs). accuracy_level: the
-    MatMulNBits compute type (4: int8 activations, ONNX Runtime's fast CPU path; 0: float)."""
+    MatMulNBits compute type (4: int8 activations, ONNX Runtime's fast CPU path; 0: float); None
+    gives 4 to 4-bit graphs and 0 to 8-bit ones (int8 activations broke the int8 greedy gate)."""
 
     bits: int = 4
     block_size: int = 32
@@ -57,7 +58,14 @@ class QuantOptions:
     method: str = "hqq"
     head_bits: int | None = 8
     embeddings: bool = True
-    accuracy_level: int = 4
+    accuracy_level: int | None = None  # None: 4 for 4-bit graphs, 0 for 8-bit graphs
+
+    @property
+    def compute_level(self) -> int:
+        """The MatMulNBits ``accuracy_level`` written: the option, else 4 (int4) / 0 (int8)."""
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return 4 if self.bits == 4 else 0
 
     @property
     def name(self) -> str:
@@ -126,7 +134,7 @@ def quantize_graph(proto, options: QuantOptions):
         proto = _run_quantizer(proto, rtn(head_bits), include=head)
     if embedding and options.embeddings and options.bits == 4:
         proto = _run_quantizer(proto, rtn(4, "Gather"), include=embedding)
-    set_accuracy_level(proto, options.accuracy_level)
+    set_accuracy_level(proto, options.compute_level)
     return proto
 
 

@@ -88,10 +88,12 @@ class OnnxSpec(StrictSection):
         8, description="int4: bits of the LM head (untied from the embedding); null keeps it in float. int8 graphs "
         "keep the head in float.")
     quantize_embeddings: bool = Field(True, description="int4: quantize the token embedding too (GatherBlockQuantized).")
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        4, description="MatMulNBits compute: 4 multiplies int8-quantized activations with the weights (ONNX "
-        "Runtime's fast CPU kernels; the model builder's CPU default); 0 dequantizes the weights to float. With "
-        "hqq (float zero points) ONNX Runtime 1.32's CPU kernel is slow at any level: int4_method rtn is the fast one.")
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
+        None, description="MatMulNBits compute: 4 multiplies int8-quantized activations with the weights (ONNX "
+        "Runtime's fast CPU kernels; the model builder's CPU default); 0 dequantizes the weights to float. Default: "
+        "4 for int4 graphs, 0 for int8 graphs (int8 activations moved 2 of 5 greedy continuations of the shipped "
+        "FLAP-50 graph, which the int8 gate refuses). With hqq (float zero points) ONNX Runtime 1.32's CPU kernel "
+        "is slow at any level: int4_method rtn is the fast int4.")
 
     @field_validator("quantize")
     @classmethod
