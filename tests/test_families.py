@@ -300,11 +300,13 @@ def test_loraprune_and_distillation_recovery_run_on_each_family(family, tmp_path
 
 # ----------------------------------------------------------------------------- the shipped recipe
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2", "granite", "phi3"])
+@pytest.mark.parametrize("family", ["gemma3_text", "olmo2", "phi3"])
 def test_the_shipped_flap_recipe_runs_unchanged_on_a_tiny_model_of_each_family(family, tmp_path):
     """recipes/llama-flap-50.yaml with only the model, the sizes and the evaluation shortened: a
-    tiny folder of each family prunes, reloads, and passes the ONNX gates (logits and greedy tokens
-    in ONNX Runtime and onnxruntime-genai)."""
+    tiny folder prunes, reloads, and passes the ONNX gates (logits and greedy tokens in ONNX Runtime
+    and onnxruntime-genai). Three families, about 40 s each: sliding and global layers (Gemma 3),
+    norms sliced with the heads (OLMo-2), fused projections unfused at load (Phi-3); Gemma, Gemma 2
+    and Granite passed the same run when it was written, and their ONNX export is tested above."""
     import json
     from pathlib import Path
 
