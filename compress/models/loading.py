@@ -105,15 +105,8 @@ def gemma3_gguf_path() -> Path:
 
 def _gemma3_folder(progress: bool = True) -> Path:
     """The safetensors copy of Gemma-3-270M (de-quantised from its GGUF on first use)."""
-    gguf = gemma3_gguf_path()
-    folder = cache_root() / "models" / GEMMA3_NAME
-    marker = _cache_marker(gguf)
-    if read_cache_marker(folder) != marker:
-        if progress:
-            print(f"De-quantising {GEMMA3_NAME} once into {folder} (about a minute)...", file=sys.stderr)
-        with transformers_progress(progress):
-            _write_cache(gguf, folder, marker)
-    return folder
+    return dequantised_folder(gemma3_gguf_path(), cache_root() / "models" / GEMMA3_NAME, GEMMA3_NAME, "about a minute",
+                              progress)
 
 
 # Named decoders that ship in PyPI packages (offline): name -> folder with config + safetensors.
@@ -388,12 +381,16 @@ def embedded_gguf_path() -> Path:
 
 def embedded_model_folder(*, progress: bool = True) -> Path:
     """The safetensors copy of the embedded model, de-quantising the GGUF into it on first use."""
-    gguf = embedded_gguf_path()
-    folder = embedded_cache_folder()
+    return dequantised_folder(embedded_gguf_path(), embedded_cache_folder(), EMBEDDED_NAME, "about 20 s", progress)
+
+
+def dequantised_folder(gguf: Path, folder: Path, name: str, duration: str, progress: bool) -> Path:
+    """``folder``: a float32 safetensors copy (model + tokenizer) of ``gguf``, written on first use
+    and again when the GGUF changes (its cache marker); ``name`` and ``duration`` are for the note."""
     marker = _cache_marker(gguf)
     if read_cache_marker(folder) != marker:
         if progress:
-            print(f"De-quantising {EMBEDDED_NAME} once into {folder} (about 20 s)...", file=sys.stderr)
+            print(f"De-quantising {name} once into {folder} ({duration})...", file=sys.stderr)
         with transformers_progress(progress):
             _write_cache(gguf, folder, marker)
     return folder
