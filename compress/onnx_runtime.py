@@ -56,7 +56,10 @@ class OrtDecoder:
     or ``all`` (every ORT fusion; what deployment and the speed benchmark use). ``require_device``:
     fail instead of falling back to the CPU when CUDA is asked for but unavailable.
     ``session_config``: extra ORT session config entries, e.g.
-    ``{"session.intra_op.allow_spinning": "0"}``.
+    ``{"session.intra_op.allow_spinning": "0"}``. ``logits``: ``all`` gives logits at every position
+    even from a fused graph that writes the last one only (it runs that graph without its final
+    slice, from the same weights); ``graph`` runs the graph as written (a generation loop reads only
+    the last position).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class OrtDecoder:
         threads: int | None = None,
         require_device: bool = False,
         session_config: dict[str, str] | None = None,
+        logits: str = "all",
     ):
         from exporters.onnx import ONNX_FILE, SPEC_FILE, DecoderIOSpec
 
@@ -87,13 +91,32 @@ class OrtDecoder:
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
         providers = select_providers(device, require=require_device)
+        model = str(self.folder / ONNX_FILE)
+        if logits == "all" and self.spec.logits == "last":  # the same weights, logits at every position
+            model = self._full_logits_graph(options)
         try:
-            self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=providers)
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as error:  # InvalidProtobuf, Fail, NoSuchFile: a damaged or incomplete export
             raise CompressError(f"{self.folder / ONNX_FILE}: ONNX Runtime cannot load it "
                                 f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})"
                                 "; export the model again") from None
         self.dtype = _NUMPY_DTYPES[self.spec.dtype]
+        self.input_names = {i.name for i in self.session.get_inputs()}
+
+    def _full_logits_graph(self, options) -> bytes:
+        """The folder's last-position graph with logits at every position (exporters.onnx_fused), as
+        bytes whose external weights ONNX Runtime reads from the folder."""
+        import onnx
+
+        from exporters.onnx import ONNX_FILE
+        from exporters.onnx_fused import full_logits_twin
+
+        try:
+            proto = onnx.load(str(self.folder / ONNX_FILE), load_external_data=False)
+        except Exception as error:  # noqa: BLE001 - a damaged graph file
+            raise CompressError(f"{self.folder / ONNX_FILE}: not a readable ONNX graph ({error}); export the model again") from None
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
+        return full_logits_twin(proto).SerializeToString()
 
     @property
     def provider(self) -> str:
@@ -111,7 +134,8 @@ class OrtDecoder:
         """One step. input_ids [b, s] int; attention_mask [b, p + s] (all ones when None); position_ids
         [b, s] (from the mask when None); past from ``empty_past`` or a previous step.
 
-        Returns (logits [b, s, vocab], present: list of (key, value) [b, kv_heads_i, p + s, head_dim]).
+        Returns (logits [b, s, vocab] ([b, 1, vocab] from a last-position graph opened with
+        ``logits="graph"``), present: list of (key, value) [b, kv_heads_i, p + s, head_dim]).
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
@@ -122,7 +146,9 @@ class OrtDecoder:
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -seq:]
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": np.asarray(position_ids, dtype=np.int64)}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "position_ids" in self.input_names:  # a fused graph takes its positions from the mask
+            feeds["position_ids"] = np.asarray(position_ids, dtype=np.int64)
         for layer, (key, value) in enumerate(past):
             key_name, value_name = self.spec.past_names(layer)
             feeds[key_name], feeds[value_name] = key, value

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import ModelSourceError
-from compress.models.families import GGUF_FAMILIES, unsupported_decoder
+from compress.models.families import FUSED_ONNX_FAMILIES, GGUF_FAMILIES, unsupported_decoder
 from compress.kinds import a_kind, kind_class, kinds_in_words, source_kind
 from compress.outputs import check_output_folder
 from compress.recipe import RecipeProblem, RecipeValidationError
@@ -61,6 +61,10 @@ def family_problems(recipe, kind: str, model_type: str | None) -> list[RecipePro
     unsupported = unsupported_decoder(model_type)
     if unsupported:
         return [RecipeProblem(("model",), f"'{recipe.model.source}': {unsupported}")]
+    if "onnx" in recipe.export.formats and recipe.export.onnx.graph == "fused" and \
+            model_type not in FUSED_ONNX_FAMILIES + ("pruned_llama",):
+        return [RecipeProblem(("export", "onnx", "graph"), f"the fused graph is written for "
+                              f"{', '.join(FUSED_ONNX_FAMILIES)} decoders; this model is {model_type!r}: use auto or traced")]
     if "gguf" in recipe.export.formats and model_type not in GGUF_FAMILIES:
         index = recipe.export.formats.index("gguf")
         return [RecipeProblem(("export", "formats", index), f"GGUF is written for {', '.join(GGUF_FAMILIES)} "
@@ -78,6 +82,9 @@ def export_kind_problems(recipe, kind: str) -> list[RecipeProblem]:
     if quantize and not cls.quantizes_onnx:
         problems.append(RecipeProblem(("export", "onnx", "quantize"), f"weight-only ONNX quantization is written for "
                                       f"decoders in memory; this run is {where}: remove {', '.join(quantize)}"))
+    if "onnx" in recipe.export.formats and recipe.export.onnx.graph == "fused" and kind != "decoder":
+        problems.append(RecipeProblem(("export", "onnx", "graph"), f"the fused graph is written for dense-MLP "
+                                      f"decoders; this run is {where}: use auto or traced"))
     if "gguf" in recipe.export.formats and not cls.writes_gguf:
         index = recipe.export.formats.index("gguf")
         problems.append(RecipeProblem(("export", "formats", index), f"GGUF is written for LLaMA-family decoders in "

@@ -283,6 +283,11 @@ def _onnx_section(onnx: dict | None) -> list[str]:
     graph = f"- **Graph:** `{onnx.get('dir', 'onnx')}/model.onnx`, opset {onnx.get('opset')}, {onnx.get('dtype')}"
     if isinstance(onnx.get("bytes"), (int, float)):
         graph += f", {fmt_count(onnx.get('nodes'))} nodes, {onnx['bytes'] / 1e6:.1f} MB with weights"
+    if onnx.get("graph") == "fused":
+        graph += (", fused (GroupQueryAttention, SkipSimplifiedLayerNormalization)"
+                  + ("; logits of the last position" if onnx.get("logits") == "last" else ""))
+    elif onnx.get("graph"):
+        graph += f", {onnx['graph']}"
     lines.append(graph)
     if onnx.get("kv_heads"):
         lines.append(f"- **KV heads per layer:** {_inline(onnx['kv_heads'])}")

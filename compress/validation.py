@@ -254,6 +254,7 @@ def validate_onnx(model, tokenizer, folder: Path, spec, windows: torch.Tensor, d
         "provider": decoder.provider,
         "graph_dtype": decoder.spec.dtype,
         "graph": graph,
+        "graph_kind": decoder.spec.graph,
         "kv_heads": decoder.spec.kv_heads,
     }
     with tf32_disabled():
@@ -267,6 +268,9 @@ def validate_onnx(model, tokenizer, folder: Path, spec, windows: torch.Tensor, d
                 f"max rel {stats['max_rel']:.3g}, cosine {stats['cosine']:.8f}; atol {atol:g}, rtol {rtol:g}",
             ))
         if spec.generation_tokens and spec.generation_prompts:
+            if decoder.spec.logits == "last":  # the greedy gate runs the graph as it is deployed
+                del decoder
+                decoder = OrtDecoder(folder, device=device, optimization="basic", logits="graph")
             generations = generation_parity(model, tokenizer, decoder, spec.generation_prompts, spec.generation_tokens)
             section["generation"] = {"max_new_tokens": spec.generation_tokens, "prompts": generations}
             identical, differing = identical_share(generations)

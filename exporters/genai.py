@@ -10,8 +10,10 @@ uniform and per-layer (pruned) widths load alike. Two settings matter:
 * ``type: llama``: every graph we write has the plain decoder contract (ids, mask, positions and a
   key/value pair per layer in; logits and the presents out), which genai's ``llama`` type runs for
   any family; family-specific genai types add inputs our graph does not have.
-* ``search.past_present_share_buffer: false``: our graph concatenates the past and the new keys
-  (its presents grow by ``seq``), so genai must not hand it one preallocated buffer for both.
+* ``search.past_present_share_buffer``: a traced graph concatenates the past and the new keys (its
+  presents grow by ``seq``), so genai must not hand it one preallocated buffer for both (false); a
+  fused graph's GroupQueryAttention writes into the shared buffer in place (true), and has no
+  ``position_ids`` input.
 
 The tokenizer files :mod:`exporters.onnx` writes beside the graph are the ones genai's
 ``Tokenizer`` reads.
@@ -42,15 +44,16 @@ def genai_config(spec, model: "nn.Module", filename: str = "model.onnx") -> dict
     eos = list(spec.eos_token_id)
     pad = spec.pad_token_id if spec.pad_token_id is not None else (eos[0] if eos else 0)
     bos = spec.bos_token_id if spec.bos_token_id is not None else pad
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if spec.graph == "traced":
+        inputs["position_ids"] = "position_ids"
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": filename,
         "head_size": spec.head_dim,
         "hidden_size": int(config.hidden_size),
         "inputs": {
-            "input_ids": "input_ids",
-            "attention_mask": "attention_mask",
-            "position_ids": "position_ids",
+            **inputs,
             "past_key_names": "past_key_values.%d.key",
             "past_value_names": "past_key_values.%d.value",
         },
@@ -83,7 +86,7 @@ def genai_config(spec, model: "nn.Module", filename: str = "model.onnx") -> dict
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": spec.graph == "fused",
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

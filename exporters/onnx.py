@@ -51,6 +51,7 @@ __all__ = [
     "OnnxExportOptions",
     "decoder_io_spec",
     "export_onnx",
+    "resolve_graph",
 ]
 
 ONNX_FILE = "model.onnx"
@@ -69,6 +70,10 @@ class OnnxExportOptions:
     """opset: ONNX opset of the default domain (18 unless a reason to change it).
     fp16: export float16 weights and activations (inputs/outputs of the cache are float16 too).
     slim: run onnxslim over the graph (constant folding, dead-node removal).
+    graph: ``traced`` (torch.onnx, the model op for op), ``fused`` (:mod:`exporters.onnx_fused`: ONNX
+    Runtime's fused attention and norms, written from the weights; LLaMA, Mistral and Qwen2 layers in
+    float32) or ``auto`` (fused where it can be written, else traced). last_logits: a fused graph
+    gives the last position's logits only (the generation graph).
     optimize: also run torch.onnx's own onnxscript optimizer before onnxslim. On SmolLM2 FLAP-50 it
     takes about as long as the rest of the export together, and the graph it gives (2,274 nodes
     instead of 2,677) decodes no faster in ONNX Runtime at its full optimisation level (logits
@@ -79,6 +84,8 @@ class OnnxExportOptions:
     fp16: bool = False
     slim: bool = True
     optimize: bool = True
+    graph: str = "traced"  # traced | fused | auto (fused where exporters.onnx_fused writes the family, else traced)
+    last_logits: bool = True  # fused graphs: logits of the last position only
 
 
 @dataclass
@@ -100,6 +107,8 @@ class DecoderIOSpec:
     pad_token_id: int | None = None
     model_type: str = ""
     quantization: dict | None = None  # weight-only quantization (exporters/onnx_quant.py); None = float weights
+    graph: str = "traced"  # traced (torch.onnx) or fused (exporters/onnx_fused.py: no position_ids input)
+    logits: str = "all"  # all: [batch, seq, vocab]; last: [batch, 1, vocab]
     files: dict = field(default_factory=lambda: {"model": ONNX_FILE, "weights": DATA_FILE})
     format: str = SPEC_FORMAT
 
@@ -112,7 +121,7 @@ class DecoderIOSpec:
 
     @property
     def input_names(self) -> list[str]:
-        names = ["input_ids", "attention_mask", "position_ids"]
+        names = ["input_ids", "attention_mask"] + (["position_ids"] if self.graph == "traced" else [])
         for i in range(self.num_layers):
             names += self.past_names(i)
         return names
@@ -131,13 +140,13 @@ class DecoderIOSpec:
         data["inputs"] = [
             {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_seq + seq"]},
-            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-        ] + [
+        ] + ([{"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]}] if self.graph == "traced" else []) + [
             {"name": name, "dtype": self.dtype, "shape": shape(i, "past_seq")}
             for i in range(self.num_layers)
             for name in self.past_names(i)
         ]
-        data["outputs"] = [{"name": "logits", "dtype": self.dtype, "shape": ["batch", "seq", self.vocab_size]}] + [
+        logits_seq = 1 if self.logits == "last" else "seq"
+        data["outputs"] = [{"name": "logits", "dtype": self.dtype, "shape": ["batch", logits_seq, self.vocab_size]}] + [
             {"name": name, "dtype": self.dtype, "shape": shape(i, "past_seq + seq")}
             for i in range(self.num_layers)
             for name in self.present_names(i)
@@ -183,6 +192,8 @@ class DecoderIOSpec:
                 return f"{name} must be a positive whole number (got {getattr(self, name)!r})"
         if self.dtype not in ("float32", "float16"):
             return f"dtype must be float32 or float16 (got {self.dtype!r})"
+        if self.graph not in ("traced", "fused") or self.logits not in ("all", "last"):
+            return f"graph must be traced or fused and logits all or last (got {self.graph!r}, {self.logits!r})"
         if not isinstance(self.eos_token_id, list) or not all(whole(e, 0) for e in self.eos_token_id):
             return f"eos_token_id must be a list of token ids (got {self.eos_token_id!r})"
         return None
@@ -310,6 +321,8 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = decoder_io_spec(model, options)
+    if resolve_graph(model, options) == "fused":
+        return _export_fused(model, tokenizer, out_dir, spec, options)
     dtype = torch.float16 if options.fp16 else torch.float32
     traced = model if _traceable_as_is(model, dtype) else copy.deepcopy(model).to(device="cpu", dtype=dtype)
     was_training, attention = traced.training, traced.config._attn_implementation
@@ -355,6 +368,35 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
         onnx.save_model(proto, str(out_dir / ONNX_FILE))
         nodes = len(proto.graph.node)
     # onnx writes the external data file owner-only; give it the graph file's permissions.
+    (out_dir / DATA_FILE).chmod((out_dir / ONNX_FILE).stat().st_mode & 0o777)
+    spec.save(out_dir / SPEC_FILE)
+    files = [ONNX_FILE, DATA_FILE, SPEC_FILE, write_genai_config(out_dir, spec, model)]
+    files += _write_tokenizer(tokenizer, out_dir)
+    size = sum((out_dir / f).stat().st_size for f in (ONNX_FILE, DATA_FILE))
+    return OnnxExport(folder=out_dir, files=files, spec=spec, nodes=nodes, bytes=size)
+
+
+def resolve_graph(model: nn.Module, options: OnnxExportOptions) -> str:
+    """``traced`` or ``fused``: what ``options.graph`` gives for ``model``; asking for a fused graph of a
+    model it cannot hold is a CompressError that says why."""
+    from exporters.onnx_fused import fused_problem
+
+    if options.graph == "traced":
+        return "traced"
+    problem = "a float16 graph is traced (the fused graph is written in float32)" if options.fp16 else fused_problem(model)
+    if problem and options.graph == "fused":
+        raise CompressError(f"export.onnx.graph: fused: {problem}; use graph: auto or traced")
+    return "traced" if problem else "fused"
+
+
+def _export_fused(model: nn.Module, tokenizer, out_dir: Path, spec: DecoderIOSpec, options: OnnxExportOptions) -> OnnxExport:
+    """The fused graph (:mod:`exporters.onnx_fused`) and the same files beside it as a traced export."""
+    from exporters.onnx_fused import FusedOptions, write_fused_graph
+
+    spec.graph, spec.logits = "fused", ("last" if options.last_logits else "all")
+    for stale in (out_dir / ONNX_FILE, out_dir / DATA_FILE):
+        stale.unlink(missing_ok=True)
+    nodes = write_fused_graph(model, out_dir, spec, FusedOptions(last_logits=options.last_logits), ONNX_FILE, DATA_FILE)
     (out_dir / DATA_FILE).chmod((out_dir / ONNX_FILE).stat().st_mode & 0o777)
     spec.save(out_dir / SPEC_FILE)
     files = [ONNX_FILE, DATA_FILE, SPEC_FILE, write_genai_config(out_dir, spec, model)]

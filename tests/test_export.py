@@ -78,9 +78,9 @@ class LayerCut:
     flap_biases: bool = False
 
 
-def head_rows(heads: list[int]) -> list[int]:
+def head_rows(heads: list[int], head_dim: int = HEAD_DIM) -> list[int]:
     """Row indices of q/k/v (columns of o_proj) belonging to `heads`."""
-    return [head * HEAD_DIM + offset for head in heads for offset in range(HEAD_DIM)]
+    return [head * head_dim + offset for head in heads for offset in range(head_dim)]
 
 
 def sliced_linear(linear: nn.Linear, rows=None, columns=None, new_bias: torch.Tensor | None = None) -> nn.Linear:
@@ -107,7 +107,8 @@ def prune_layer(layer: nn.Module, cut: LayerCut, generator: torch.Generator) -> 
     """Slice one decoder layer in place as the surgeon would, updating module attributes only."""
     attention, mlp = layer.self_attn, layer.mlp
     query_heads = [kv * GROUP_SIZE + member for kv in cut.keep_kv_heads for member in cut.keep_in_group]
-    query_rows, kv_rows = head_rows(query_heads), head_rows(list(cut.keep_kv_heads))
+    head_dim = int(attention.head_dim)
+    query_rows, kv_rows = head_rows(query_heads, head_dim), head_rows(list(cut.keep_kv_heads), head_dim)
     hidden = attention.o_proj.out_features
     o_bias = torch.randn(hidden, generator=generator) * 0.1 if cut.flap_biases else None
     attention.q_proj = sliced_linear(attention.q_proj, rows=query_rows)

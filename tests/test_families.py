@@ -334,3 +334,17 @@ def test_the_shipped_flap_recipe_runs_unchanged_on_a_tiny_model_of_each_family(f
     assert {"reload_max_abs_diff", "onnx_logits_allclose", "onnx_generation_identical"} <= gates
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.config.base_model_type == ("mistral" if family == "phi3" else family)
+
+
+def test_a_fused_onnx_graph_of_a_family_it_cannot_hold_is_refused_at_preflight(tmp_path):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    family_model("gemma3_text").save_pretrained(tmp_path / "gemma")
+    recipe = _recipe(tmp_path, tmp_path / "gemma", formats=["safetensors", "onnx"], onnx={"graph": "fused"})
+    result = CliRunner().invoke(app, ["run", recipe, "--dry-run"], env={"COLUMNS": "250"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "export.onnx.graph" in text and "'gemma3_text'" in text and "use auto or traced" in text
+    assert not (tmp_path / "out").exists()

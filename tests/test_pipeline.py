@@ -18,11 +18,12 @@ from conftest import tiny_model
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    """A tiny Llama with SmolLM2's vocabulary and tokenizer, saved as safetensors."""
+    """A tiny Llama with SmolLM2's vocabulary and tokenizer, saved as safetensors; head_dim 16, so
+    its ONNX export is the fused graph (as SmolLM2's is)."""
     from compress.models.loading import embedded_model_folder
 
     folder = tmp_path_factory.mktemp("tiny-smol")
-    model = tiny_model(vocab_size=49152)
+    model = tiny_model(vocab_size=49152, head_dim=16)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(embedded_model_folder(progress=False)).save_pretrained(folder)
     return folder
@@ -185,7 +186,8 @@ def test_quantized_onnx_variants_are_written_and_validated_against_the_float_gra
     ops = {n.op_type for n in onnx.load(str(out / "onnx-int4" / "model.onnx"), load_external_data=False).graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
     ops8 = [n.op_type for n in onnx.load(str(out / "onnx-int8" / "model.onnx"), load_external_data=False).graph.node]
-    assert ops8.count("MatMulNBits") == 7 * 4  # every decoder linear; the tied head stays a float MatMul
+    assert report["onnx"]["graph"] == "fused"  # q, k and v packed in one MatMul per layer
+    assert ops8.count("MatMulNBits") == 5 * 4  # every decoder linear; the tied head stays a float MatMul
     def levels(folder):
         return {onnx.helper.get_attribute_value(a) for n in onnx.load(str(out / folder / "model.onnx"),
                 load_external_data=False).graph.node if n.op_type == "MatMulNBits" for a in n.attribute

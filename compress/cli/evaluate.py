@@ -55,7 +55,8 @@ def generate_command(
         decoder = GenaiDecoder(onnx, device=device or "cpu")
         generate = decoder.greedy_generate
     else:
-        decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all", require_device=device is not None)
+        decoder = OrtDecoder(onnx, device=device or "cpu", optimization="all", require_device=device is not None,
+                             logits="graph")
         generate = lambda ids, n, stop_at_eos: greedy_generate(decoder, ids, n, stop_at_eos)  # noqa: E731
     from compress.calibration.sources import prompt_ids
 

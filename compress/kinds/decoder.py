@@ -238,12 +238,14 @@ class DecoderKind(ModelKind):
 
         onnx_dir = s.folder / ONNX_SUBDIR
         o = s.export.onnx
-        options = OnnxExportOptions(opset=o.opset, fp16=o.fp16, slim=o.slim, optimize=o.optimize)
+        options = OnnxExportOptions(opset=o.opset, fp16=o.fp16, slim=o.slim, optimize=o.optimize, graph=o.graph,
+                                    last_logits=o.last_logits)
         with s.stage("export onnx"):
             exported = export_onnx(s.model, s.tokenizer, onnx_dir, options)
         with s.stage("validate onnx"):
             section, gates = validate_onnx(s.model, s.tokenizer, onnx_dir, s.validate, self.check_windows(), s.device)
-        s.report["onnx"] = {"dir": ONNX_SUBDIR, "opset": options.opset, "dtype": exported.spec.dtype,
+        s.report["onnx"] = {"dir": ONNX_SUBDIR, "graph": exported.spec.graph, "logits": exported.spec.logits,
+                            "opset": options.opset, "dtype": exported.spec.dtype,
                             "slim": options.slim, "nodes": exported.nodes, "bytes": exported.bytes,
                             "kv_heads": exported.spec.kv_heads, "validation": section}
         s.files += [f"{ONNX_SUBDIR}/{name}" for name in exported.files]

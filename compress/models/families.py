@@ -28,6 +28,10 @@ GGUF_ARCHITECTURES = {"gemma3": "gemma3_text"}
 # Families the GGUF writer (exporters/gguf.py) holds: llama.cpp's `llama` and `deci` graphs.
 GGUF_FAMILIES = ("llama", "mistral", "pruned_llama")
 
+# Families whose layer the fused ONNX writer (exporters/onnx_fused.py) emits as it is (RMSNorm,
+# rotate-half rotary, SiLU-gated MLP, optional biases); a pruned_llama is judged by its base.
+FUSED_ONNX_FAMILIES = ("llama", "mistral", "qwen2")
+
 
 def unsupported_decoder(model_type: str | None) -> str | None:
     """Why a decoder of ``model_type`` cannot be pruned (naming the supported ones), or None."""
@@ -36,4 +40,4 @@ def unsupported_decoder(model_type: str | None) -> str | None:
     return f"no adapter for model type {model_type!r}; supported decoders: {', '.join(DECODER_FAMILIES)}"
 
 
-__all__ = ["DECODER_FAMILIES", "GGUF_ARCHITECTURES", "GGUF_FAMILIES", "unsupported_decoder"]
+__all__ = ["DECODER_FAMILIES", "FUSED_ONNX_FAMILIES", "GGUF_ARCHITECTURES", "GGUF_FAMILIES", "unsupported_decoder"]

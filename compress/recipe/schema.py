@@ -75,6 +75,13 @@ class OnnxSpec(StrictSection):
     optimize: bool = Field(True, description="Run torch.onnx's onnxscript optimizer before onnxslim (about half of "
                            "the export time; the graph runs no faster without it, but SPA on the exported graph "
                            "needs its folded form).")
+    graph: Literal["auto", "fused", "traced"] = Field(
+        "auto", description="fused: the deployment graph (ONNX Runtime's GroupQueryAttention and "
+        "SkipSimplifiedLayerNormalization, one node per layer with its own head counts, written from the weights in "
+        "seconds; LLaMA, Mistral and Qwen2 layers in float32); traced: torch.onnx's trace of the model, op for op "
+        "(every family, fp16, MoE); auto: fused where it can be written, else traced.")
+    last_logits: bool = Field(True, description="fused graphs: logits of the last position only ([batch, 1, vocab]: "
+                              "what generation reads); the gates still compare every position, from the same weights.")
     quantize: list[Literal["int8", "int4"]] = Field(
         default_factory=list, description="Also write weight-only quantized decoders (MatMulNBits), one folder each: "
         "onnx-int8/, onnx-int4/. The float graph is still written and validated.")
