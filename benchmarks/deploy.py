@@ -4,10 +4,13 @@ in onnxruntime-genai on the CPU (issue 22).
 Variants (each an onnxruntime-genai folder):
   builder-fp32 / builder-int4   the dense SmolLM2 exported by ``python -m onnxruntime_genai.models.builder``
                                 (fused GroupQueryAttention and norms); built here on first use
-  dense-fp32                    the dense SmolLM2 exported by compress (exporters/onnx.py)
-  flap50-fp32 / -int8 / -int4   the output of ``compress run recipes/llama-flap-50-deploy.yaml`` (int4: HQQ)
-  flap50-int4-rtn               its fp32 graph quantized here with ``int4_method: rtn`` (integer zero
-                                points: ONNX Runtime's fast CPU kernel; HQQ's float ones take a slow path)
+  dense-fp32                    the dense SmolLM2 exported by compress: the fused graph (exporters/onnx_fused.py)
+  dense-traced-fp32             the same, traced by torch.onnx (exporters/onnx.py, ``graph: traced``)
+  flap50-fp32 / -int8 / -int4   the output of ``compress run recipes/llama-flap-50-deploy.yaml`` (fused; int4: GPTQ)
+  flap50-traced-fp32            its pruned model exported here as the traced graph
+  flap50-int4-rtn / -hqq        its fp32 graph quantized here with ``int4_method: rtn`` (integer zero
+                                points: ONNX Runtime's fast CPU kernel) and ``hqq`` (float zero points: a
+                                slow path), both with the recipe's int8 head and float embedding
   flap50-int8-acc4              its fp32 graph quantized here to int8 with ``accuracy_level: 4`` (int8
                                 activations; the recipe's int8 graph computes in float)
   flap50-gguf-f32 / -q8_0       its GGUF (f32, written by the run) and a q8_0 GGUF written here from
@@ -43,26 +46,27 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repo_paths import ROOT, command_line, display  # noqa: E402
+from repo_paths import ROOT, command_line, display
 
 sys.path.insert(0, str(ROOT))
 
-from compress.genai_runtime import GenaiDecoder  # noqa: E402
-from compress.llama_cpp_runtime import LlamaCppDecoder  # noqa: E402
+from compress.genai_runtime import GenaiDecoder
+from compress.llama_cpp_runtime import LlamaCppDecoder
 
 WORK = ROOT / "bench-results" / "deploy"
 DEPLOY = ROOT / "outputs" / "llama-flap-50-deploy"
 FAMILY_REFERENCE = {"builder-int4": "builder-fp32", "builder-fp32": "builder-fp32", "dense-fp32": "builder-fp32",
-                    "flap50-fp32": "flap50-fp32", "flap50-int8": "flap50-fp32", "flap50-int4": "flap50-fp32",
-                    "flap50-int4-rtn": "flap50-fp32", "flap50-int8-acc4": "flap50-fp32",
+                    "dense-traced-fp32": "builder-fp32", "flap50-traced-fp32": "flap50-fp32", "flap50-fp32": "flap50-fp32", "flap50-int8": "flap50-fp32", "flap50-int4": "flap50-fp32",
+                    "flap50-int4-rtn": "flap50-fp32", "flap50-int8-acc4": "flap50-fp32", "flap50-int4-hqq": "flap50-fp32",
                     "flap50-gguf-f32": "flap50-fp32", "flap50-gguf-q8_0": "flap50-fp32"}
 
 
 def variant_folders(deploy: Path) -> dict[str, Path]:
     folders = {"builder-fp32": WORK / "builder-fp32", "builder-int4": WORK / "builder-int4",
-               "dense-fp32": WORK / "dense-fp32", "flap50-fp32": deploy / "onnx", "flap50-int8": deploy / "onnx-int8",
+               "dense-fp32": WORK / "dense-fused-fp32", "dense-traced-fp32": WORK / "dense-fp32",
+               "flap50-traced-fp32": WORK / "flap50-traced-fp32", "flap50-fp32": deploy / "onnx", "flap50-int8": deploy / "onnx-int8",
                "flap50-int4": deploy / "onnx-int4", "flap50-int4-rtn": WORK / "flap50-int4-rtn",
-               "flap50-int8-acc4": WORK / "flap50-int8-acc4"}
+               "flap50-int8-acc4": WORK / "flap50-int8-acc4", "flap50-int4-hqq": WORK / "flap50-int4-hqq"}
     if importlib.util.find_spec("llama_cpp") is not None:
         folders |= {"flap50-gguf-f32": deploy / "gguf", "flap50-gguf-q8_0": WORK / "flap50-gguf-q8_0"}
     return folders
@@ -91,16 +95,19 @@ def build_missing(folders: dict[str, Path]) -> None:
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o",
                             str(folder), "-p", precision, "-e", "cpu", "-c", str(WORK / "cache_dir")],
                            check=True, stdout=subprocess.DEVNULL)
-    if not (folders["dense-fp32"] / "genai_config.json").is_file():
-        print("exporting the dense model with compress", flush=True)
-        from compress.models.loading import load_model
-        from exporters.onnx import export_onnx
+    from compress.models.loading import load_model
+    from exporters.onnx import OnnxExportOptions, export_onnx
 
-        loaded = load_model("smollm2-135m", dtype="float32", device="cpu", progress=False)
-        export_onnx(loaded.model, loaded.tokenizer, folders["dense-fp32"])
+    for name, source, graph in (("dense-fp32", "smollm2-135m", "fused"), ("dense-traced-fp32", "smollm2-135m", "traced"),
+                                ("flap50-traced-fp32", str(DEPLOY), "traced")):
+        if not (folders[name] / "genai_config.json").is_file():
+            print(f"exporting {name} with compress", flush=True)
+            loaded = load_model(source, dtype="float32", device="cpu", progress=False)
+            export_onnx(loaded.model, loaded.tokenizer, folders[name], OnnxExportOptions(graph=graph, optimize=False))
     from exporters.onnx_quant import QuantOptions, quantize_onnx
 
-    for name, options in (("flap50-int4-rtn", QuantOptions(bits=4, method="rtn")),
+    for name, options in (("flap50-int4-rtn", QuantOptions(bits=4, method="rtn", embeddings=False)),
+                          ("flap50-int4-hqq", QuantOptions(bits=4, method="hqq", embeddings=False)),
                           ("flap50-int8-acc4", QuantOptions(bits=8, accuracy_level=4))):
         if not (folders[name] / "genai_config.json").is_file() and (folders["flap50-fp32"] / "genai_config.json").is_file():
             quantize_onnx(folders["flap50-fp32"], folders[name], options)
@@ -151,9 +158,34 @@ def time_variant(model, prompt: list[int], long_prompt: list[int], new_tokens: i
             "prefill_8x128_ms": prefill_8}
 
 
+class FullLogits:
+    """A last-position graph of ours (exporters/onnx_fused.py) read at every position: ONNX Runtime
+    on the same folder and weights without the final slice (onnxruntime-genai returns only the last
+    position of such a graph)."""
+
+    def __init__(self, folder: Path, threads: int):
+        from compress.onnx_runtime import OrtDecoder
+
+        self.decoder = OrtDecoder(folder, optimization="all", threads=threads, logits="all")
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self.decoder(np.asarray([ids], dtype=np.int64))[0][0]
+
+
+def logits_source(model, folder: Path, threads: int):
+    """What reads ``folder``'s teacher-forced logits: the variant itself, or FullLogits for a
+    last-position graph."""
+    spec = folder / "export.json"
+    if spec.is_file() and json.loads(spec.read_text()).get("logits") == "last":
+        return FullLogits(folder, threads)
+    return model
+
+
 def perplexity(model, windows) -> tuple[float, list]:
     """PPL over every predicted token of ``windows`` [n, T] (float64 sums) and each window's argmax."""
-    from compress.validation import next_token_nll  # imports torch: not at the top, the RSS probe imports this module
+    from compress.validation import (
+        next_token_nll,  # imports torch: not at the top, the RSS probe imports this module
+    )
 
     nll, count, argmaxes = 0.0, 0, []
     for window in windows.tolist():
@@ -257,7 +289,7 @@ def main() -> None:
     quality: dict[str, tuple] = {}
     for name, model in models.items():
         print(f"quality {name}", flush=True)
-        ppl, argmaxes = perplexity(model, windows)
+        ppl, argmaxes = perplexity(logits_source(model, folders[name], args.threads), windows)
         quality[name] = (ppl, argmaxes, greedy(model, prompts, 32))
         rows[name]["ppl"] = ppl
     for name, row in rows.items():
@@ -305,7 +337,9 @@ def main() -> None:
                      "prompt_tokens": 128, "long_prompt_tokens": 512, "ppl_windows": int(windows.shape[0]),
                      "ppl_seqlen": 128, "greedy_prompts": len(prompts), "greedy_tokens": 32,
                      "runtime": "onnxruntime-genai, CPU (flap50-gguf-*: llama.cpp through llama-cpp-python, "
-                                "KV cache f32)"},
+                                "KV cache f32)",
+                     "ppl_logits": "onnxruntime-genai's logits; for our last-position (fused) graphs, ONNX Runtime "
+                                   "on the same folder without the final slice"},
         "rows": list(rows.values()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,10 +61,13 @@ def family_problems(recipe, kind: str, model_type: str | None) -> list[RecipePro
     unsupported = unsupported_decoder(model_type)
     if unsupported:
         return [RecipeProblem(("model",), f"'{recipe.model.source}': {unsupported}")]
-    if "onnx" in recipe.export.formats and recipe.export.onnx.graph == "fused" and \
-            model_type not in FUSED_ONNX_FAMILIES + ("pruned_llama",):
-        return [RecipeProblem(("export", "onnx", "graph"), f"the fused graph is written for "
-                              f"{', '.join(FUSED_ONNX_FAMILIES)} decoders; this model is {model_type!r}: use auto or traced")]
+    onnx = recipe.export.onnx
+    fused_only = onnx.graph == "fused" or ("int4" in onnx.quantize and onnx.int4_method == "gptq")
+    if "onnx" in recipe.export.formats and fused_only and model_type not in FUSED_ONNX_FAMILIES + ("pruned_llama",):
+        field = ("export", "onnx", "graph" if onnx.graph == "fused" else "int4_method")
+        return [RecipeProblem(field, f"the fused graph (which int4_method gptq quantizes) is written for "
+                              f"{', '.join(FUSED_ONNX_FAMILIES)} decoders; this model is {model_type!r}: "
+                              + ("use auto or traced" if onnx.graph == "fused" else "use hqq or rtn"))]
     if "gguf" in recipe.export.formats and model_type not in GGUF_FAMILIES:
         index = recipe.export.formats.index("gguf")
         return [RecipeProblem(("export", "formats", index), f"GGUF is written for {', '.join(GGUF_FAMILIES)} "
@@ -85,6 +88,11 @@ def export_kind_problems(recipe, kind: str) -> list[RecipeProblem]:
     if "onnx" in recipe.export.formats and recipe.export.onnx.graph == "fused" and kind != "decoder":
         problems.append(RecipeProblem(("export", "onnx", "graph"), f"the fused graph is written for dense-MLP "
                                       f"decoders; this run is {where}: use auto or traced"))
+    onnx = recipe.export.onnx
+    if "int4" in onnx.quantize and onnx.int4_method == "gptq":
+        if onnx.graph == "traced" or recipe.calibration is None:
+            why = "the fused graph (export.onnx.graph: auto or fused)" if onnx.graph == "traced" else "a calibration section"
+            problems.append(RecipeProblem(("export", "onnx", "int4_method"), f"gptq needs {why}; or use hqq or rtn"))
     if "gguf" in recipe.export.formats and not cls.writes_gguf:
         index = recipe.export.formats.index("gguf")
         problems.append(RecipeProblem(("export", "formats", index), f"GGUF is written for LLaMA-family decoders in "

@@ -312,10 +312,11 @@ def write_fused_graph(model: nn.Module, out_dir: Path, spec, options: FusedOptio
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"])]
     outputs = [helper.make_tensor_value_info("logits", dtype, ["batch", 1 if options.last_logits else "seq",
                                                               spec.vocab_size])]
-    for i in range(spec.num_layers):
-        shape = lambda seq: ["batch", spec.kv_heads[i], seq, head_dim]  # noqa: E731
-        inputs += [helper.make_tensor_value_info(name, dtype, shape("past_seq")) for name in spec.past_names(i)]
-        outputs += [helper.make_tensor_value_info(name, dtype, shape("total_seq")) for name in spec.present_names(i)]
+    for i, heads in enumerate(spec.kv_heads):
+        inputs += [helper.make_tensor_value_info(name, dtype, ["batch", heads, "past_seq", head_dim])
+                   for name in spec.past_names(i)]
+        outputs += [helper.make_tensor_value_info(name, dtype, ["batch", heads, "total_seq", head_dim])
+                    for name in spec.present_names(i)]
     graph = helper.make_graph(writer.nodes, "compress-fused-decoder", inputs, outputs, writer.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset),
                                                     helper.make_opsetid(MS_DOMAIN, 1)],

@@ -8,7 +8,8 @@ per block of ``block_size`` input channels). Three parts get their own treatment
 pruned model's flat output distribution makes its argmax easy to move:
 
 * **decoder linears**: 8 bits round-to-nearest, or 4 bits with HQQ (half-quadratic, data-free;
-  ``method: hqq``, the default) or round-to-nearest (``method: rtn``);
+  ``method: hqq``, the default), round-to-nearest (``method: rtn``) or GPTQ on calibration
+  statistics (``method: gptq``, fused graphs; :mod:`exporters.onnx_gptq`);
 * **the LM head**: in the int4 graph, ``head_bits`` (8 by default); the tied head is exported as
   ``MatMul(x, Transpose(embedding))`` and is untied into a weight of its own first. The int8 graph
   keeps it in float and tied: the head decides near-ties between tokens, and an 8-bit head moved
@@ -55,7 +56,7 @@ class QuantOptions:
     bits: int = 4
     block_size: int = 32
     symmetric: bool = False
-    method: str = "hqq"
+    method: str = "hqq"  # 4-bit linears: hqq, rtn, or gptq (needs the linears' input Hessians)
     head_bits: int | None = 8
     embeddings: bool = True
     accuracy_level: int | None = None  # None: 4 for 4-bit graphs, 0 for 8-bit graphs
@@ -72,19 +73,24 @@ class QuantOptions:
         return f"int{self.bits}"
 
 
-def quantize_onnx(source: Path, out_dir: Path, options: QuantOptions = QuantOptions()) -> OnnxExport:
+def quantize_onnx(source: Path, out_dir: Path, options: QuantOptions = QuantOptions(),
+                  hessians: dict | None = None) -> OnnxExport:
     """Quantize the float decoder in ``source`` into ``out_dir`` (graph, weights, export.json, and
     every other file of ``source`` copied: genai_config.json, the tokenizer). The caller owns
-    atomicity of ``out_dir``."""
+    atomicity of ``out_dir``. ``hessians``: for ``method: gptq``, the input second moments of the
+    fused graph's linears (:func:`exporters.onnx_gptq.linear_hessians`)."""
     import onnx
 
     source, out_dir = Path(source), Path(out_dir)
     spec = DecoderIOSpec.load(source)
+    if linear_method(options) == "gptq" and (spec.graph != "fused" or not hessians):
+        raise CompressError(f"{source}: int4_method gptq quantizes the fused graph (export.onnx.graph: fused or auto) "
+                            f"with calibration statistics; this graph is {spec.graph}")
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(str(source / ONNX_FILE))
     # the head stays tied to the (float) embedding when it is not quantized
     untie_transposed_weights(proto, skip_outputs=() if head_bits_of(options) else ("logits",))
-    proto = quantize_graph(proto, options)
+    proto = quantize_graph(proto, options, hessians)
     if not any(node.op_type == "MatMulNBits" for node in proto.graph.node):
         raise CompressError(f"{source / ONNX_FILE}: no MatMul with a constant weight to quantize")
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quant-") as scratch:
@@ -112,10 +118,10 @@ def head_bits_of(options: QuantOptions) -> int | None:
 
 
 def linear_method(options: QuantOptions) -> str:
-    return "hqq" if options.bits == 4 and options.method == "hqq" else "rtn"
+    return options.method if options.bits == 4 and options.method in ("hqq", "gptq") else "rtn"
 
 
-def quantize_graph(proto, options: QuantOptions):
+def quantize_graph(proto, options: QuantOptions, hessians: dict | None = None):
     """The three parts in turn (linears, LM head, embedding); returns the quantized ModelProto."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig
 
@@ -127,9 +133,14 @@ def quantize_graph(proto, options: QuantOptions):
         return DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=bits,
                                             op_types_to_quantize=(op_type,), quant_axes=((op_type, 0 if op_type == "MatMul" else 1),))
 
-    linears = (HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4, op_types_to_quantize=("MatMul",))
-               if linear_method(options) == "hqq" else rtn(options.bits))
-    proto = _run_quantizer(proto, linears, exclude=head)
+    if linear_method(options) == "gptq":
+        from exporters.onnx_gptq import gptq_graph
+
+        gptq_graph(proto, hessians or {}, options.block_size, options.compute_level)
+    else:
+        linears = (HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4, op_types_to_quantize=("MatMul",))
+                   if linear_method(options) == "hqq" else rtn(options.bits))
+        proto = _run_quantizer(proto, linears, exclude=head)
     if head and head_bits:
         proto = _run_quantizer(proto, rtn(head_bits), include=head)
     if embedding and options.embeddings and options.bits == 4:

@@ -20,7 +20,13 @@ from test_export import LayerCut, kv_varying_cuts, make_model, prune
 from compress.errors import CompressError
 from compress.onnx_runtime import OrtDecoder, greedy_generate, torch_greedy_generate
 from compress.validation import check_graph
-from exporters.onnx import ONNX_FILE, SPEC_FILE, OnnxExportOptions, export_onnx, resolve_graph
+from exporters.onnx import (
+    ONNX_FILE,
+    SPEC_FILE,
+    OnnxExportOptions,
+    export_onnx,
+    resolve_graph,
+)
 
 ATOL, RTOL = 1e-4, 1e-3
 FUSED = OnnxExportOptions(graph="fused")
@@ -132,3 +138,62 @@ def test_auto_writes_fused_where_it_can_and_traced_elsewhere():
     assert resolve_graph(make_model("gemma", head_dim=16), OnnxExportOptions(graph="auto")) == "traced"
     with pytest.raises(CompressError, match="export.onnx.graph: fused: .*'gemma'"):
         resolve_graph(make_model("gemma", head_dim=16), FUSED)
+
+
+# ------------------------------------------------------------------------------------ GPTQ
+def test_gptq_spends_the_rounding_error_where_the_inputs_do_not_look():
+    from exporters.onnx_gptq import gptq_quantize
+
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(64, 64, generator=generator, dtype=torch.float64)
+    x = torch.randn(4000, 64, generator=generator, dtype=torch.float64) @ mixing
+    x[:, 5] *= 20  # an outlier channel, as in a gated MLP activation
+    weight = torch.randn(64, 48, generator=generator).numpy()
+    error = {}
+    for name, hessian in (("gptq", x.T @ x), ("nearest", torch.eye(64, dtype=torch.float64))):  # H = I: no error feedback
+        for act_order in (False, True):
+            quant = gptq_quantize(weight, hessian, block_size=16, act_order=act_order)
+            assert quant.q.max() <= 15 and quant.zero_points.max() <= 15
+            error[name, act_order] = torch.linalg.norm(x @ torch.from_numpy(quant.dequantized - weight).double()).item()
+    assert error["nearest", True] == error["nearest", False]  # without feedback the order changes nothing
+    assert max(error["gptq", False], error["gptq", True]) < 0.6 * error["nearest", False]
+
+
+def test_gptq_codes_run_in_matmul_nbits_as_dequantized():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx_gptq import gptq_quantize, pack_matmul_nbits
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((40, 24)).astype(np.float32)  # K = 40: a partial last block
+    quant = gptq_quantize(weight, torch.eye(40, dtype=torch.float64) + 0.1, block_size=16, act_order=True)
+    packed, scales, zeros = pack_matmul_nbits(quant)
+    node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=40, N=24, bits=4,
+                            block_size=16)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 24])],
+                              [numpy_helper.from_array(a, n) for a, n in ((packed, "B"), (scales, "s"), (zeros, "z"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ quant.dequantized, atol=1e-4)
+
+
+def test_gptq_int4_graph_from_calibration_statistics(kv_varying, fused_export, tmp_path):
+    from exporters.onnx_gptq import linear_hessians
+    from exporters.onnx_quant import QuantOptions, quantize_onnx
+
+    windows = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    hessians = linear_hessians(kv_varying, windows)
+    assert set(hessians) >= {"layers.0.attn.qkv_proj.weight", "layers.2.mlp.down_proj.weight"}
+    assert hessians["layers.1.attn.o_proj.weight"].shape == (4 * 16, 4 * 16)  # layer 1 keeps 4 query heads
+    options = QuantOptions(bits=4, method="gptq", block_size=16, head_bits=8, embeddings=False)
+    quantized = quantize_onnx(fused_export.folder, tmp_path / "int4", options, hessians)
+    proto = onnx.load(str(quantized.folder / ONNX_FILE), load_external_data=False)
+    assert sum(node.op_type == "MatMulNBits" for node in proto.graph.node) == 5 * 4 + 1  # linears + the head
+    reference, candidate = OrtDecoder(fused_export.folder), OrtDecoder(quantized.folder)
+    logits = reference(windows.numpy())[0], candidate(windows.numpy())[0]
+    assert np.isfinite(logits[1]).all() and np.corrcoef(logits[0].ravel(), logits[1].ravel())[0, 1] > 0.9
+    with pytest.raises(CompressError, match="gptq"):
+        quantize_onnx(fused_export.folder, tmp_path / "none", options, None)

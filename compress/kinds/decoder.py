@@ -12,6 +12,7 @@ import torch
 from compress.calibration.sources import random_windows, window_bos
 from compress.calibration.token_cache import source_ids
 from compress.context import PassContext
+from compress.errors import CompressError
 from compress.evaluation.lm_evaluator import LMEvaluator
 from compress.kinds.base import ONNX_SUBDIR, ModelKind, base_header, target_ratio
 from compress.models.adapters import get_adapter
@@ -266,7 +267,8 @@ class DecoderKind(ModelKind):
                                accuracy_level=o.accuracy_level)
         subdir = f"{ONNX_SUBDIR}-{kind}"
         with s.stage(f"quantize onnx {kind}"):
-            exported = quantize_onnx(float_dir, s.folder / subdir, options)
+            hessians = self.linear_hessians(o.gptq_windows) if options.bits == 4 and options.method == "gptq" else None
+            exported = quantize_onnx(float_dir, s.folder / subdir, options, hessians)
         with s.stage(f"validate onnx {kind}"):
             section, gates = validate_quantized(float_dir, s.folder / subdir, s.validate,
                                                 self.quant_windows(s.validate.quant_windows), generations, s.device)
@@ -275,6 +277,18 @@ class DecoderKind(ModelKind):
              "bytes": exported.bytes, "validation": section})
         s.files += [f"{subdir}/{name}" for name in exported.files]
         s.gate(*gates)
+
+    def linear_hessians(self, count: int) -> dict:
+        """Input second moments of every decoder linear of the compressed model on the first ``count``
+        calibration windows (int4_method gptq)."""
+        from exporters.onnx_gptq import linear_hessians
+
+        s = self.state
+        load = calibration_loader(s.recipe.calibration if s.recipe is not None else None, s.tokenizer)
+        if load is None:
+            raise CompressError("export.onnx.int4_method: gptq reads calibration windows; the recipe has no calibration "
+                                "section")
+        return linear_hessians(s.model, load()[:count])
 
     def gguf(self) -> None:
         s = self.state

@@ -88,9 +88,13 @@ class OnnxSpec(StrictSection):
     block_size: int = Field(32, description="Quantization: input channels per scale (16, 32, 64, 128 or 256).")
     symmetric: bool = Field(False, description="Quantization: symmetric blocks (no zero points) where rounding to "
                             "nearest.")
-    int4_method: Literal["hqq", "rtn"] = Field(
-        "hqq", description="int4: how the decoder linears are quantized: hqq (half-quadratic, data-free) or rtn "
-        "(round to nearest).")
+    int4_method: Literal["hqq", "rtn", "gptq"] = Field(
+        "hqq", description="int4: how the decoder linears are quantized: hqq (half-quadratic, data-free; float zero "
+        "points, which ONNX Runtime's CPU kernel runs slowly), rtn (round to nearest; fast, least accurate) or gptq "
+        "(GPTQ with integer zero points on the linears' input statistics from calibration windows: fast and close to "
+        "hqq; needs the fused graph and a calibration section).")
+    gptq_windows: int = Field(64, gt=0, description="int4_method gptq: calibration windows whose activations give each "
+                              "linear's input second moments (at most calibration.samples).")
     head_bits: Optional[Literal[4, 8]] = Field(
         8, description="int4: bits of the LM head (untied from the embedding); null keeps it in float. int8 graphs "
         "keep the head in float.")
