@@ -13,6 +13,7 @@ Variants (each an onnxruntime-genai folder):
                                 slow path), both with the recipe's int8 head and float embedding
   flap50-int8-acc4              its fp32 graph quantized here to int8 with ``accuracy_level: 4`` (int8
                                 activations; the recipe's int8 graph computes in float)
+  flap20-fp32 / -int8 / -int4   the same recipe at FLAP ratio 0.2 (run here once, into bench-results/)
   flap50-gguf-f32 / -q8_0       its GGUF (f32, written by the run) and a q8_0 GGUF written here from
                                 its safetensors, run in llama.cpp (llama-cpp-python; skipped when
                                 it is not built: bash scripts/build_llama_cpp.sh)
@@ -55,10 +56,12 @@ from compress.llama_cpp_runtime import LlamaCppDecoder
 
 WORK = ROOT / "bench-results" / "deploy"
 DEPLOY = ROOT / "outputs" / "llama-flap-50-deploy"
+FLAP20 = WORK / "llama-flap-20-deploy"  # the deploy recipe at ratio 0.2, ONNX only, run here on first use
 FAMILY_REFERENCE = {"builder-int4": "builder-fp32", "builder-fp32": "builder-fp32", "dense-fp32": "builder-fp32",
                     "dense-traced-fp32": "builder-fp32", "flap50-traced-fp32": "flap50-fp32", "flap50-fp32": "flap50-fp32", "flap50-int8": "flap50-fp32", "flap50-int4": "flap50-fp32",
                     "flap50-int4-rtn": "flap50-fp32", "flap50-int8-acc4": "flap50-fp32", "flap50-int4-hqq": "flap50-fp32",
-                    "flap50-gguf-f32": "flap50-fp32", "flap50-gguf-q8_0": "flap50-fp32"}
+                    "flap50-gguf-f32": "flap50-fp32", "flap50-gguf-q8_0": "flap50-fp32",
+                    "flap20-fp32": "flap20-fp32", "flap20-int8": "flap20-fp32", "flap20-int4": "flap20-fp32"}
 
 
 def variant_folders(deploy: Path) -> dict[str, Path]:
@@ -66,7 +69,8 @@ def variant_folders(deploy: Path) -> dict[str, Path]:
                "dense-fp32": WORK / "dense-fused-fp32", "dense-traced-fp32": WORK / "dense-fp32",
                "flap50-traced-fp32": WORK / "flap50-traced-fp32", "flap50-fp32": deploy / "onnx", "flap50-int8": deploy / "onnx-int8",
                "flap50-int4": deploy / "onnx-int4", "flap50-int4-rtn": WORK / "flap50-int4-rtn",
-               "flap50-int8-acc4": WORK / "flap50-int8-acc4", "flap50-int4-hqq": WORK / "flap50-int4-hqq"}
+               "flap50-int8-acc4": WORK / "flap50-int8-acc4", "flap50-int4-hqq": WORK / "flap50-int4-hqq",
+               "flap20-fp32": FLAP20 / "onnx", "flap20-int8": FLAP20 / "onnx-int8", "flap20-int4": FLAP20 / "onnx-int4"}
     if importlib.util.find_spec("llama_cpp") is not None:
         folders |= {"flap50-gguf-f32": deploy / "gguf", "flap50-gguf-q8_0": WORK / "flap50-gguf-q8_0"}
     return folders
@@ -84,6 +88,30 @@ def write_q8_gguf(deploy: Path, folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- building
+def run_flap20(out: Path) -> None:
+    """``recipes/llama-flap-50-deploy.yaml`` at FLAP ratio 0.2 into ``out`` (fp32, int8 and int4 ONNX,
+    each gated as in the recipe; no GGUF; a short evaluation, whose windows the quantized gates read)."""
+    from compress.recipe import load_recipe, parse_recipe
+    from compress.run import run_recipe
+
+    recipe = ROOT / "recipes" / "llama-flap-50-deploy.yaml"
+    data = load_recipe(recipe).to_dict()
+    data["name"] = "llama-flap-20-deploy"
+    data["passes"][0]["flap"]["ratio"] = 0.2
+    data["export"].update(output=str(out), formats=["safetensors", "onnx"])
+    data["evaluate"].update(max_windows=4, continuation_tokens=0)  # the quantized gates read evaluation windows
+    data["validate"].update(max_geomean_ppl_ratio=None, max_ppl_ratio=None)
+    result = run_recipe(parse_recipe(data, str(recipe)), progress=False)
+    if not result.passed:  # the folders are written (and marked FAILED): measured all the same
+        print(f"the FLAP-20 deploy run failed gates: {result.failures}", flush=True)
+
+
+def gate_failures(folder: Path) -> list[str]:
+    """The failed gates of the run that wrote ``folder`` (its FAILED marker), else []."""
+    marker = folder / "FAILED"
+    return marker.read_text().splitlines()[1:] if marker.is_file() else []
+
+
 def build_missing(folders: dict[str, Path]) -> None:
     from compress.models.loading import embedded_model_folder
 
@@ -95,6 +123,9 @@ def build_missing(folders: dict[str, Path]) -> None:
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o",
                             str(folder), "-p", precision, "-e", "cpu", "-c", str(WORK / "cache_dir")],
                            check=True, stdout=subprocess.DEVNULL)
+    if not (folders["flap20-fp32"] / "genai_config.json").is_file():
+        print("running the deploy recipe at FLAP 20%", flush=True)
+        run_flap20(FLAP20)
     from compress.models.loading import load_model
     from exporters.onnx import OnnxExportOptions, export_onnx
 
@@ -341,6 +372,7 @@ def main() -> None:
                      "ppl_logits": "onnxruntime-genai's logits; for our last-position (fused) graphs, ONNX Runtime "
                                    "on the same folder without the final slice"},
         "rows": list(rows.values()),
+        "flap20_run_failed_gates": gate_failures(FLAP20),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")

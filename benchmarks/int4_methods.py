@@ -53,10 +53,10 @@ def quantize(source: Path, folder: Path, name: str, hessians) -> float:
 
         proto = onnx.load(str(source / "model.onnx"))
         part = PARTS[name[4:]]
-        nodes = [n.name for n in proto.graph.node if n.op_type == "MatMul" and part in n.input[1]]
+        others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and part not in n.input[1]]
         config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, bits=4, op_types_to_quantize=("MatMul",),
                                               quant_axes=(("MatMul", 0),))
-        proto = _run_quantizer(proto, config, include=nodes)
+        proto = _run_quantizer(proto, config, exclude=others)  # (nodes_to_include adds to the op types; it does not restrict)
         set_accuracy_level(proto, 4)
         _save_like(source, folder, proto)
         return time.perf_counter() - start
