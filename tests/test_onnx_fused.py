@@ -197,3 +197,16 @@ def test_gptq_int4_graph_from_calibration_statistics(kv_varying, fused_export, t
     assert np.isfinite(logits[1]).all() and np.corrcoef(logits[0].ravel(), logits[1].ravel())[0, 1] > 0.9
     with pytest.raises(CompressError, match="gptq"):
         quantize_onnx(fused_export.folder, tmp_path / "none", options, None)
+
+
+def test_spa_refuses_a_fused_graph_by_name(fused_export):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.models.onnx_graph import find_groups, load_graph
+
+    with pytest.raises(CompressError, match="GroupQueryAttention.*export.onnx.graph: traced"):
+        find_groups(load_graph(fused_export.folder / ONNX_FILE))
+    result = CliRunner().invoke(app, ["inspect", str(fused_export.folder / ONNX_FILE)], env={"COLUMNS": "250"})
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "fused ops" in " ".join(result.output.split())

@@ -33,8 +33,24 @@ def load_onnx(path: str | Path, weights: bool = False) -> onnx.ModelProto:
         raise CompressError(f"{path}: not a readable ONNX model ({exc})") from None
 
 
+# ONNX Runtime's fused kernels (compress's fused decoder graph, onnxruntime-genai's model builder): their
+# head counts are attributes and their channels are packed, which the op-by-op propagation cannot follow.
+FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
+             "MatMulNBits")
+
+
+def fused_ops(model: onnx.ModelProto) -> list[str]:
+    """The fused ONNX Runtime ops in ``model``'s graph (sorted, once each)."""
+    return sorted({node.op_type for node in model.graph.node if node.op_type in FUSED_OPS})
+
+
 def find_groups(model: onnx.ModelProto, resizable_io: tuple[str, ...] = RESIZABLE_IO) -> tuple[list[ChannelGroup], GraphAtoms]:
     """Groups in a deterministic order (first initializer, then axis, then factor position)."""
+    fused = fused_ops(model)
+    if fused:
+        raise CompressError(f"the graph uses ONNX Runtime's fused ops ({', '.join(fused)}), whose channels cannot be "
+                            "grouped op by op: prune the PyTorch model instead, or prune a graph exported with "
+                            "export.onnx.graph: traced")
     graph = GraphAtoms.build(model, resizable_io)
     by_root: dict[int, tuple[Atom, list[ParamSlice]]] = {}
     order: list[int] = []
