@@ -85,6 +85,9 @@ def export_kind_problems(recipe, kind: str) -> list[RecipeProblem]:
     if quantize and not cls.quantizes_onnx:
         problems.append(RecipeProblem(("export", "onnx", "quantize"), f"weight-only ONNX quantization is written for "
                                       f"decoders in memory; this run is {where}: remove {', '.join(quantize)}"))
+    if "onnx" in recipe.export.formats and recipe.export.onnx.graph == "fused" and recipe.export.onnx.fp16:
+        problems.append(RecipeProblem(("export", "onnx", "graph"), "the fused graph is written in float32; with fp16 "
+                                      "use graph: auto or traced"))
     if "onnx" in recipe.export.formats and recipe.export.onnx.graph == "fused" and kind != "decoder":
         problems.append(RecipeProblem(("export", "onnx", "graph"), f"the fused graph is written for dense-MLP "
                                       f"decoders; this run is {where}: use auto or traced"))

@@ -348,3 +348,7 @@ def test_a_fused_onnx_graph_of_a_family_it_cannot_hold_is_refused_at_preflight(t
     assert result.exit_code == 2, result.output
     assert "export.onnx.graph" in text and "'gemma3_text'" in text and "use auto or traced" in text
     assert not (tmp_path / "out").exists()
+    family_model("llama").save_pretrained(tmp_path / "llama")
+    recipe = _recipe(tmp_path, tmp_path / "llama", formats=["safetensors", "onnx"], onnx={"graph": "fused", "fp16": True})
+    result = CliRunner().invoke(app, ["run", recipe, "--dry-run"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2 and "float32" in " ".join(result.output.split()), result.output
