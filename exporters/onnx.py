@@ -367,6 +367,11 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, options: OnnxExportO
         os.replace(raw.with_name(DATA_FILE), out_dir / DATA_FILE)
         onnx.save_model(proto, str(out_dir / ONNX_FILE))
         nodes = len(proto.graph.node)
+    return _finish_export(model, tokenizer, out_dir, spec, nodes)
+
+
+def _finish_export(model: nn.Module, tokenizer, out_dir: Path, spec: DecoderIOSpec, nodes: int) -> OnnxExport:
+    """The files beside a written graph and its weights: export.json, genai_config.json, the tokenizer."""
     # onnx writes the external data file owner-only; give it the graph file's permissions.
     (out_dir / DATA_FILE).chmod((out_dir / ONNX_FILE).stat().st_mode & 0o777)
     spec.save(out_dir / SPEC_FILE)
@@ -397,12 +402,7 @@ def _export_fused(model: nn.Module, tokenizer, out_dir: Path, spec: DecoderIOSpe
     for stale in (out_dir / ONNX_FILE, out_dir / DATA_FILE):
         stale.unlink(missing_ok=True)
     nodes = write_fused_graph(model, out_dir, spec, FusedOptions(last_logits=options.last_logits), ONNX_FILE, DATA_FILE)
-    (out_dir / DATA_FILE).chmod((out_dir / ONNX_FILE).stat().st_mode & 0o777)
-    spec.save(out_dir / SPEC_FILE)
-    files = [ONNX_FILE, DATA_FILE, SPEC_FILE, write_genai_config(out_dir, spec, model)]
-    files += _write_tokenizer(tokenizer, out_dir)
-    size = sum((out_dir / f).stat().st_size for f in (ONNX_FILE, DATA_FILE))
-    return OnnxExport(folder=out_dir, files=files, spec=spec, nodes=nodes, bytes=size)
+    return _finish_export(model, tokenizer, out_dir, spec, nodes)
 
 
 def _traceable_as_is(model: nn.Module, dtype: torch.dtype) -> bool:

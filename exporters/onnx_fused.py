@@ -44,14 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from compress.models.families import FUSED_ONNX_FAMILIES
 
-__all__ = ["FUSED_FAMILIES", "FusedOptions", "full_logits_twin", "fused_problem", "write_fused_graph"]
+__all__ = ["FusedOptions", "full_logits_twin", "fused_problem", "write_fused_graph"]
 
-FUSED_FAMILIES = FUSED_ONNX_FAMILIES  # config model_type, or a pruned_llama's base_model_type
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin that do not depend on the sequence length
 LAST_POSITION = "last_position"  # name prefix of the nodes that keep only the last position's hidden state
 MS_DOMAIN = "com.microsoft"
@@ -76,8 +77,8 @@ def fused_problem(model: nn.Module) -> str | None:
     """Why ``model`` cannot be written as a fused graph (None when it can)."""
     config = model.config
     family = family_of(config)
-    if family not in FUSED_FAMILIES:
-        return f"the fused ONNX graph is written for {', '.join(FUSED_FAMILIES)} decoders, not {family!r}"
+    if family not in FUSED_ONNX_FAMILIES:  # config model_type, or a pruned_llama's base_model_type
+        return f"the fused ONNX graph is written for {', '.join(FUSED_ONNX_FAMILIES)} decoders, not {family!r}"
     rotary = getattr(model.model, "rotary_emb", None)
     rope_type = getattr(rotary, "rope_type", "default")
     if rotary is None or rope_type not in _ROPE_TYPES:
@@ -100,22 +101,16 @@ class _GraphWriter:
     """Nodes, inline constants, and initializers streamed into one external data file."""
 
     def __init__(self, data_path: Path):
-        from onnx import TensorProto
-
         self.data_path = Path(data_path)
         self.file = open(self.data_path, "wb")  # noqa: SIM115 - closed in close()
         self.nodes: list = []
         self.initializers: list = []
-        self.names: dict[str, int] = {}
-        self._tensor_proto = TensorProto
 
     def close(self) -> None:
         self.file.close()
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """An initializer kept in the data file (aligned), read without loading it into the graph."""
-        from onnx import helper
-
         array = np.ascontiguousarray(array)
         offset = self.file.tell()
         pad = (-offset) % _ALIGN
@@ -124,11 +119,11 @@ class _GraphWriter:
             offset += pad
         data = array.tobytes()
         self.file.write(data)
-        tensor = self._tensor_proto()
+        tensor = TensorProto()
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         tensor.dims.extend(array.shape)
-        tensor.data_location = self._tensor_proto.EXTERNAL
+        tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(len(data)))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
@@ -136,15 +131,11 @@ class _GraphWriter:
         return name
 
     def const(self, name: str, array) -> str:
-        from onnx import numpy_helper
-
         self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
     def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
              **attributes) -> list[str]:
-        from onnx import helper
-
         names = outputs if isinstance(outputs, list) else [f"{name}/output_{k}" for k in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain or None, **attributes))
         return names
@@ -216,9 +207,6 @@ def write_fused_graph(model: nn.Module, out_dir: Path, spec, options: FusedOptio
                       onnx_file: str = "model.onnx", data_file: str = "model.onnx.data") -> int:
     """Write the fused graph of ``model`` (float32) and its weights into ``out_dir``; ``spec`` is its
     :class:`exporters.onnx.DecoderIOSpec`. Returns the node count. The caller owns atomicity."""
-    import onnx
-    from onnx import TensorProto, helper
-
     from compress.models.adapters import get_adapter
 
     problem = fused_problem(model)
@@ -299,11 +287,10 @@ def write_fused_graph(model: nn.Module, out_dir: Path, spec, options: FusedOptio
             head_weight = writer.node("Transpose", [embed], "lm_head/transpose", perm=[1, 0])[0]
         else:
             head_weight = writer.weight("lm_head.weight", _array(head.weight).T)
-        logits = writer.node("MatMul", [hidden, head_weight], "lm_head", outputs=["logits"])[0]
-        if getattr(head, "bias", None) is not None:
-            writer.nodes[-1].output[0] = "lm_head/output_0"
-            writer.node("Add", ["lm_head/output_0", writer.weight("lm_head.bias", _array(head.bias))], "lm_head/bias",
-                        outputs=[logits])
+        bias = getattr(head, "bias", None)
+        logits = writer.node("MatMul", [hidden, head_weight], "lm_head", outputs=["logits"] if bias is None else 1)[0]
+        if bias is not None:
+            writer.node("Add", [logits, writer.weight("lm_head.bias", _array(bias))], "lm_head/bias", outputs=["logits"])
     finally:
         writer.close()
 
@@ -329,9 +316,7 @@ def write_fused_graph(model: nn.Module, out_dir: Path, spec, options: FusedOptio
 def full_logits_twin(proto):
     """A copy of the fused graph ``proto`` with the last-position slices removed: logits
     [batch, seq, vocab] from the same weights (what the parity gates compare with PyTorch)."""
-    from onnx import ModelProto
-
-    twin = ModelProto()
+    twin = onnx.ModelProto()
     twin.CopyFrom(proto)
     sliced = {node.output[0]: node.input[0] for node in twin.graph.node if node.name.startswith(LAST_POSITION)}
     if not sliced:
