@@ -66,15 +66,14 @@ def quantize(source: Path, folder: Path, name: str, hessians) -> float:
                "gptq": QuantOptions(bits=4, method="gptq", head_bits=None, embeddings=False),
                "gptq-head8": QuantOptions(bits=4, method="gptq", head_bits=8, embeddings=False),
                "gptq-head8-emb4": QuantOptions(bits=4, method="gptq", head_bits=8, embeddings=True)}[name]
-    if name == "gptq-in-order":
-        import exporters.onnx_gptq as gptq
+    if name == "gptq-in-order":  # the linears only, as quantize_onnx's gptq path with act order off
+        import onnx
 
-        original = gptq.gptq_graph
-        gptq.gptq_graph = lambda *a, **k: original(*a, **{**k, "act_order": False})
-        try:
-            quantize_onnx(source, folder, options, hessians)
-        finally:
-            gptq.gptq_graph = original
+        from exporters.onnx_gptq import gptq_graph
+
+        proto = onnx.load(str(source / "model.onnx"))
+        gptq_graph(proto, hessians, options.block_size, options.compute_level, act_order=False)
+        _save_like(source, folder, proto)
     else:
         quantize_onnx(source, folder, options, hessians)
     return time.perf_counter() - start
