@@ -92,6 +92,13 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
                                              "sequential": True, **LSD})],
     "flap-lsd-uniform-qh-seq-20": [("flap", {"ratio": 0.2, "allocator": "uniform", "gqa": "query_heads",
                                              "sequential": True, **LSD})],
+    # ls_target dense_output: down_proj also absorbs the drift from the dense model's block output
+    "flap-lsd-uniform-qh-seq-drift-50": [("flap", {"ratio": 0.5, "allocator": "uniform", "gqa": "query_heads",
+                                                   "sequential": True, "ls_target": "dense_output", **LSD})],
+    "flap-lsd-uniform-qh-seq-drift-20": [("flap", {"ratio": 0.2, "allocator": "uniform", "gqa": "query_heads",
+                                                   "sequential": True, "ls_target": "dense_output", **LSD})],
+    "cfsp-lsd-seq-drift-50": [("cfsp", {"ratio": 0.5, "sequential": True, "ls_target": "dense_output", **LSD})],
+    "cfsp-lsd-seq-drift-20": [("cfsp", {"ratio": 0.2, "sequential": True, "ls_target": "dense_output", **LSD})],
     # the search allocator (Týr-the-Pruner style)
     "flap-lsd-search-seq-50": [("flap", {"ratio": 0.5, "allocator": "search", "sequential": True, **LSD})],
     "flap-search-50": [("flap", {"ratio": 0.5, "allocator": "search"})],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.schema import Seed
 from compress.pruning.settings import PrunerSettings
@@ -56,6 +56,24 @@ class StructuredOptions(BaseModel):
         "zero", description="least_squares: the ridge pulls the refit weights toward 'zero' or toward the "
         "'dense' weights (an infinite ridge toward dense is FLAP's bias compensation)."
     )
+    ls_target: Literal["consumer", "dense_output"] = Field(
+        "consumer", description="least_squares: what the refit reproduces. 'consumer': each consumer's dense output "
+        "on the pruned model's inputs. 'dense_output' (needs sequential: true): then down_proj is refit once more "
+        "so the block's output follows the dense model's own block output, absorbing the drift carried from the "
+        "layers above; its ridge is chosen on held-out calibration windows (docs/general.md)."
+    )
+
+    @model_validator(mode="after")
+    def _dense_output_needs(self):
+        if self.ls_target == "dense_output":
+            if self.compensation != "least_squares":
+                raise ValueError("ls_target: dense_output needs compensation: least_squares")
+            if not getattr(self, "sequential", False):
+                raise ValueError("ls_target: dense_output needs sequential: true (it follows the pruned model's "
+                                 "stream beside the dense one)")
+        return self
+
+
 
 
 AllocatorName = Literal["uniform", "global", "block_budget", "search"]
@@ -80,6 +98,7 @@ def pruner_settings(options: StructuredOptions, **method) -> PrunerSettings:
         compensation=options.compensation,
         ls_damp=None if options.ls_damp == "auto" else options.ls_damp,
         ls_prior=options.ls_prior,
+        ls_target=options.ls_target,
         search_evaluations=options.search_evaluations,
         search_windows=options.search_windows,
         block_metric=options.block_metric,

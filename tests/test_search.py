@@ -177,3 +177,59 @@ def test_sequential_least_squares_with_auto_damp_under_every_allocator(allocator
                  compensation="least_squares", ls_damp="auto", ls_prior="dense")
     pruned_layers = {p.index for p in step.layers if p.keep_channels is not None or p.keep_heads is not None}
     assert pruned_layers and {int(k.split(".")[0]) for k in step.details["ls_damp_chosen"]} == pruned_layers
+
+
+# ----------------------------------------------------------------------------- drift correction
+def test_drift_delta_is_the_ridge_least_squares_fit_of_the_error():
+    from compress.pruning.compensation import DriftStats, choose_drift_damp, drift_delta, drift_error
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g) + 0.5
+    error = x @ torch.randn(6, 4, generator=g) + 0.1 * torch.randn(400, 4, generator=g) + 2.0
+    stats = DriftStats(6, 4)
+    stats.update(x[:150].reshape(10, 15, 6), error[:150].reshape(10, 15, 4))
+    stats.update(x[150:], error[150:])
+    design = torch.cat([x, torch.ones(400, 1)], dim=1).double()
+    direct = torch.linalg.lstsq(design, error.double()).solution
+    torch.testing.assert_close(drift_delta(stats, 0.0), direct, atol=1e-6, rtol=1e-6)
+    delta = drift_delta(stats, 0.1)
+    residual = (error.double() - design @ delta).square().sum()
+    assert math.isclose(drift_error(stats, delta), float(residual), rel_tol=1e-8)
+    assert drift_error(stats, drift_delta(stats, math.inf)) == pytest.approx(float(error.double().square().sum()))
+    damp, best, errors = choose_drift_damp(stats, stats)
+    assert errors[str(damp)] == min(errors.values()) and drift_error(stats, best) < stats.error_energy
+
+
+def test_dense_output_target_follows_the_dense_model_and_replays(tmp_path):
+    """ls_target dense_output: every sliced down_proj gets a drift damp chosen on held-out windows,
+    the pruned model is closer to the dense one on its calibration text than with the consumer
+    target, and the plan (refit weights and bias) replays bit for bit."""
+    from compress.plan import Plan
+    from compress.run import apply_plan
+
+    options = dict(ratio=0.5, allocator="uniform", sequential=True, compensation="least_squares", ls_damp="auto",
+                   ls_prior="dense", skip_layers=[])
+    models, steps = {}, {}
+    for target in ("consumer", "dense_output"):
+        models[target] = tiny_model(num_hidden_layers=6)
+        steps[target] = prune(models[target], ls_target=target, **options)
+    chosen = steps["dense_output"].details["ls_damp_chosen"]
+    assert {k for k in chosen if k.endswith(".drift")} == {f"{i}.drift" for i in range(6)}
+    assert not any(k.endswith(".drift") for k in steps["consumer"].details["ls_damp_chosen"])
+    kl = {t: compare_logits(tiny_model(num_hidden_layers=6), m, CALIBRATION).mean_kl for t, m in models.items()}
+    assert kl["dense_output"] < kl["consumer"]
+    plan = Plan(model={"num_layers": 6}, steps=[steps["dense_output"]])
+    plan.save(tmp_path / "plan.json")
+    replayed = tiny_model(num_hidden_layers=6)
+    apply_plan(replayed, Plan.load(tmp_path / "plan.json"))
+    for key, value in models["dense_output"].state_dict().items():
+        assert torch.equal(value, replayed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"sequential": True, "compensation": "bias"}, "least_squares"),
+    ({"sequential": False, "compensation": "least_squares"}, "sequential"),
+])
+def test_dense_output_target_needs_sequential_least_squares(options, field):
+    with pytest.raises(ValueError, match=field):
+        get_pass("flap").options(ratio=0.5, ls_target="dense_output", **options)

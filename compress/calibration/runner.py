@@ -46,6 +46,7 @@ class LayerRunner:
         self.calibration_batches = 0  # batches before this index are calibration, the rest held out
         self.in_heldout = False
         self.next_layer = 0
+        self.dense_hidden: list[torch.Tensor] | None = None  # track_dense: the dense model's stream, per batch
 
     @torch.no_grad()
     def capture_inputs(self) -> None:
@@ -60,8 +61,10 @@ class LayerRunner:
         self.next_layer = 0
 
     @torch.no_grad()
-    def run_block(self, layer_index: int, update: bool = True) -> None:
-        """Run block ``layer_index`` on every batch; with ``update`` its outputs replace the inputs."""
+    def run_block(self, layer_index: int, update: bool = True,
+                  on_output: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        """Run block ``layer_index`` on every batch; with ``update`` its outputs replace the inputs;
+        ``on_output(b, out)`` sees batch ``b``'s output [b, seqlen, hidden] (hooks have run by then)."""
         if not self.hidden:
             self.capture_inputs()
         block = self.adapter.layers[layer_index]
@@ -69,11 +72,31 @@ class LayerRunner:
             self.in_heldout = b >= self.calibration_batches
             out = block(hidden, **kwargs.layer(layer_index))
             out = out[0] if isinstance(out, tuple) else out
+            if on_output is not None:
+                on_output(b, out)
             if update:
                 self.hidden[b] = out
         self.in_heldout = False
         if update:
             self.next_layer = layer_index + 1
+
+    def track_dense(self) -> None:
+        """Keep a second stream beside the one the blocks update: the dense model's own hidden states
+        (block 0's inputs now), advanced by :meth:`run_dense_block` while each block is still dense."""
+        if not self.hidden:
+            self.capture_inputs()
+        self.dense_hidden = list(self.hidden)
+
+    @torch.no_grad()
+    def run_dense_block(self, layer_index: int) -> None:
+        """Advance the dense stream through block ``layer_index``, which must not be pruned yet:
+        ``dense_hidden`` then holds the dense model's outputs of that block."""
+        if self.dense_hidden is None:
+            raise RuntimeError("run_dense_block needs track_dense() first")
+        block = self.adapter.layers[layer_index]
+        for b, (hidden, kwargs) in enumerate(zip(self.dense_hidden, self.block_kwargs)):
+            out = block(hidden, **kwargs.layer(layer_index))
+            self.dense_hidden[b] = out[0] if isinstance(out, tuple) else out
 
     def blocks(self, description: str = "calibrating") -> Iterator[int]:
         """Layer indices in order, with a progress bar."""
@@ -83,6 +106,7 @@ class LayerRunner:
         """Drop the held activations."""
         self.hidden.clear()
         self.block_kwargs.clear()
+        self.dense_hidden = None
 
 
 class BlockKwargs:

@@ -127,3 +127,56 @@ def choose_damp(weight: torch.Tensor, gram: GramStats, heldout: GramStats, keep:
         if best is None or error <= best[0]:
             best = (error, damp, refit, intercept)
     return best[1], best[2], best[3], errors
+
+
+class DriftStats:
+    """What a drift correction of a pruned consumer needs, over tokens t: the augmented second moment
+    G = sum_t [x_t; 1][x_t; 1]^T of its (kept) input x [.., k], the cross moment C = sum_t [x_t; 1] e_t^T
+    with the error e = (dense model's block output) - (pruned block's output) [.., out], and
+    s = sum_t ||e_t||^2; all float64."""
+
+    def __init__(self, channels: int, outputs: int, device: torch.device | str = "cpu"):
+        self.gram = GramStats(channels, device)
+        self.cross = torch.zeros(channels + 1, outputs, dtype=torch.float64, device=device)
+        self.error_energy = 0.0
+
+    def update(self, x: torch.Tensor, error: torch.Tensor) -> None:
+        device = self.cross.device
+        flat = x.detach().reshape(-1, self.gram.channels).to(device=device, dtype=torch.float64)
+        err = error.detach().reshape(-1, self.cross.shape[1]).to(device=device, dtype=torch.float64)
+        augmented = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=torch.float64, device=device)], dim=1)
+        self.gram.matrix += augmented.T @ augmented
+        self.cross += augmented.T @ err
+        self.error_energy += float(err.square().sum())
+
+
+def drift_delta(stats: DriftStats, damp: float) -> torch.Tensor:
+    """The change [k + 1, out] of a consumer's [W^T; c] that best removes the drift on ``stats``:
+    argmin_D sum_t ||e_t - D^T [x_t; 1]||^2 + lambda ||D[:k]||^2, lambda = damp * mean(diag G[:k, :k])
+    (a ridge toward the current weights; the bias row is free). ``damp = inf``: no change."""
+    G, k = stats.gram.matrix, stats.gram.channels
+    if math.isinf(damp):
+        return torch.zeros_like(stats.cross)
+    system = G.clone()
+    system.diagonal()[:k] += damp * G.diagonal()[:k].mean().clamp_min(1e-12)
+    return torch.linalg.solve(system, stats.cross)
+
+
+def drift_error(stats: DriftStats, delta: torch.Tensor) -> float:
+    """sum_t ||e_t - delta^T [x_t; 1]||^2 on the tokens ``stats`` summarises, from its moments alone."""
+    return float(stats.error_energy - 2 * (delta * stats.cross).sum() + (delta * (stats.gram.matrix @ delta)).sum())
+
+
+def choose_drift_damp(fit: DriftStats, heldout: DriftStats,
+                      grid: tuple[float, ...] = DAMP_GRID) -> tuple[float, torch.Tensor, dict[str, float]]:
+    """The damp of ``grid`` whose correction (fitted on ``fit``) leaves the least drift on the held-out
+    tokens; returns (damp, delta [k + 1, out], held-out drift per damp). Ties: the larger damp."""
+    errors: dict[str, float] = {}
+    best = None
+    for damp in grid:
+        delta = drift_delta(fit, damp)
+        error = drift_error(heldout, delta)
+        errors[str(damp)] = error
+        if best is None or error <= best[0]:
+            best = (error, damp, delta)
+    return best[1], best[2], errors

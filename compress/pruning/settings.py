@@ -17,6 +17,7 @@ class PrunerSettings:
     compensation: str = "bias"  # "bias" | "least_squares" | "none"
     ls_damp: float | None = 1e-2  # least_squares: ridge strength (relative to mean diag X^T X); None = auto
     ls_prior: str = "zero"  # least_squares: ridge toward "zero" or toward the "dense" weights
+    ls_target: str = "consumer"  # least_squares: "consumer" | "dense_output" (sequential: down_proj absorbs the drift)
     min_heads: int = 1
     min_channels: int = 1
     round_to: int = 1

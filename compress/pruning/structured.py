@@ -24,7 +24,7 @@ from compress.pruning.allocators import (
 )
 from compress.pruning.blocks import InMemoryBlocks
 from compress.pruning.block_importance import BlockDistance, measure_block_importance
-from compress.pruning.compensation import GramStats, choose_damp, least_squares_refit
+from compress.pruning.compensation import DriftStats, GramStats, choose_damp, choose_drift_damp, least_squares_refit
 from compress.pruning.scores import ConsumerStats, LayerScores
 from compress.pruning.search import SearchResult, SearchSettings, search_allocation
 from compress.pruning.settings import PrunerSettings
@@ -63,8 +63,15 @@ class StructuredPruner:
 
     @property
     def needs_heldout(self) -> bool:
-        """Held-out calibration windows are run too (ls_damp auto chooses the ridge on them)."""
-        return self.settings.compensation == "least_squares" and self.settings.ls_damp is None
+        """Held-out calibration windows are run too (ls_damp auto and the drift correction choose
+        their ridge on them)."""
+        return self.settings.compensation == "least_squares" and (self.settings.ls_damp is None or self.corrects_drift)
+
+    @property
+    def corrects_drift(self) -> bool:
+        """ls_target dense_output: down_proj also absorbs the block output's drift from the dense model."""
+        s = self.settings
+        return s.compensation == "least_squares" and s.ls_target == "dense_output" and s.sequential
 
     def observe_block(self, runner: LayerRunner, layer_index: int, update: bool, refit: bool = True) -> ConsumerStats:
         """Run one block on the calibration set, recording its consumers' input statistics (without
@@ -239,7 +246,7 @@ class StructuredPruner:
     def _run_layerwise(self, adapter, blocks) -> PlanStep:
         """Uniform allocation decides each layer alone, so layers are pruned as they are reached;
         with ``sequential`` the pruned block's outputs feed the next block."""
-        runner = blocks.runner(adapter, heldout=self.needs_heldout)
+        runner = self._sequential_runner(adapter, blocks)
         plans = []
         try:
             for i in blocks.sweep(adapter, "pruning layers"):
@@ -295,7 +302,7 @@ class StructuredPruner:
             counts = self._search(adapter, all_units, all_stats, counts, ctx)
         if not s.sequential:
             return self._slice_all(adapter, blocks, all_units, counts, all_stats)
-        runner = blocks.runner(adapter, heldout=self.needs_heldout)
+        runner = self._sequential_runner(adapter, blocks)
         plans = []
         try:
             for i in blocks.sweep(adapter, "re-scoring on pruned inputs"):
@@ -304,6 +311,14 @@ class StructuredPruner:
         finally:
             runner.close()
         return self._step(plans)
+
+    def _sequential_runner(self, adapter, blocks) -> LayerRunner:
+        """The runner of the sweep that slices (with the dense model's stream beside the pruned one
+        when the drift is corrected)."""
+        runner = blocks.runner(adapter, heldout=self.needs_heldout)
+        if self.corrects_drift:
+            runner.track_dense()
+        return runner
 
     # ------------------------------------------------------------------ one layer
     def _slice_all(self, adapter, blocks, all_units, counts, all_stats) -> PlanStep:
@@ -324,11 +339,52 @@ class StructuredPruner:
         units = self.layer_units(adapter, index, self.scorer(adapter, index, stats))
         (attention, mlp), = self.allocate([units]) if counts is None else (counts,)
         plan = self.layer_plan(adapter, units, attention, mlp, stats)
+        drift = sequential and self.corrects_drift
+        if drift:
+            runner.run_dense_block(index)  # the dense model's outputs of this block, before it is sliced
+            consumer_bias = adapter.mlp_consumer(index).bias
+            base_bias = consumer_bias.detach().clone() if consumer_bias is not None else None
         self._apply(adapter, plan)
+        if drift:
+            self._correct_drift(adapter, runner, plan, base_bias)
         if sequential:
             runner.run_block(index, update=True)
         blocks.emit(index)
         return plan
+
+    def _correct_drift(self, adapter, runner, plan: LayerPlan, base_bias: torch.Tensor | None) -> None:
+        """Refit the sliced down_proj once more so the block's output follows the dense model's own
+        block output (the runner's dense stream), absorbing the drift carried from upstream layers
+        and left by this block's attention: a ridge correction toward the refit weights, its strength
+        chosen on the held-out windows (infinite: none). Updates the refit artifact and the plan's
+        bias, so replaying the plan gives these weights."""
+        i, key = plan.index, f"{plan.index}.down_proj"
+        if key not in self.refit or plan.down_proj_bias is None:  # the MLP was kept whole
+            return
+        consumer = adapter.mlp_consumer(i)
+        device = consumer.weight.device
+        fit = DriftStats(consumer.in_features, consumer.out_features, device)
+        heldout = DriftStats(consumer.in_features, consumer.out_features, device)
+        inputs: dict[str, torch.Tensor] = {}
+
+        def compare(b: int, out: torch.Tensor) -> None:
+            (heldout if runner.in_heldout else fit).update(inputs["mlp"], runner.dense_hidden[b] - out)
+
+        with input_hooks({"mlp": consumer}, inputs.__setitem__):
+            runner.run_block(i, update=False, on_output=compare)
+        damp, delta, _ = choose_drift_damp(fit, heldout)
+        self.chosen_damps[f"{i}.drift"] = damp
+        if not delta.any():
+            return
+        k = consumer.in_features
+        weight = self.refit[key].to(torch.float64) + delta[:k].T.cpu()
+        self.refit[key] = weight.to(consumer.weight.dtype)
+        plan.down_proj_bias = LayerPlan.bias_values(torch.tensor(plan.down_proj_bias, dtype=torch.float64)
+                                                    + delta[k].cpu())
+        added = torch.tensor(plan.down_proj_bias, dtype=torch.float32, device=device).to(consumer.weight.dtype)
+        with torch.no_grad():  # what apply_layer_plan builds from the updated plan
+            consumer.weight.copy_(self.refit[key].to(device))
+            consumer.bias.copy_(added if base_bias is None else base_bias + added)
 
     def _finish_layer(self, adapter, blocks, plan: LayerPlan) -> LayerPlan:
         self._apply(adapter, plan)
