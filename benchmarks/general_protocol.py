@@ -38,10 +38,19 @@ MODEL = "smollm2-135m"
 SEQLEN = 128
 CALIBRATION = {"source": "general", "samples": 256, "seqlen": 128, "seed": 0}
 LSD = {"compensation": "least_squares", "ls_prior": "dense", "ls_damp": "auto"}
-# --distill: lora_recover's options for the recovery rows (steps set by --distill; warm-up in steps, so the
-# first 100 steps of a 500-step run are the 100-step run, and one run gives every row)
-DISTILL = {"loss": "kl", "source": "general", "seqlen": 128, "batch_size": 8, "rank": 32, "alpha": 32.0,
-           "lr": 5e-4, "warmup_steps": 10, "bf16": True, "checkpoint_every": 0}
+# --distill: the recovery rows (steps set by --distill; warm-up in steps and a constant rate after it, so
+# the first 100 steps of a 500-step run are the 100-step run, and one run gives every row).
+# --recovery full: the distill pass (every parameter of the decoder blocks), rows "+distill-full<N>";
+# --recovery lora: lora_recover with loss kl (rank-32 LoRA), rows "+distill<N>" (the earlier rows).
+# --lr-schedule cosine: the rate decays to a tenth at the last step, so only the last row is that run's
+# own schedule; rows "+distill-full-cos<N>".
+RECOVERY = {
+    "full": ("distill", "distill-full", {"source": "general", "seqlen": 128, "batch_size": 8, "lr": 2e-4,
+                                         "warmup_steps": 10, "bf16": True, "checkpoint_every": 0}),
+    "lora": ("lora_recover", "distill", {"loss": "kl", "source": "general", "seqlen": 128, "batch_size": 8,
+                                         "rank": 32, "alpha": 32.0, "lr": 5e-4, "warmup_steps": 10, "bf16": True,
+                                         "checkpoint_every": 0}),
+}
 
 # name -> list of (pass, options) run in order; [] = the dense model
 CONFIGS: dict[str, list[tuple[str, dict]]] = {
@@ -112,9 +121,9 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
 
 
 def run_one(name: str, calibration: dict, windows: int, threads: int, distill: list[int], model_name: str = MODEL,
-            eval_batch: int = 8) -> list[dict]:
+            eval_batch: int = 8, recovery: str = "full", schedule: str = "constant") -> list[dict]:
     """Load, prune and evaluate one configuration in this process; with ``distill`` (step counts),
-    then distil it (lora_recover's training with ``DISTILL``) and evaluate after each count too."""
+    then distil it (``--recovery``: see ``RECOVERY``) and evaluate after each count too."""
     import torch
 
     from compress.calibration.sources import random_windows, window_bos
@@ -177,35 +186,51 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
         "eval_s": round(time.perf_counter() - start, 1),
         "evaluation": section,
     }
-    return [row] + (distilled_rows(row, model, ctx, evaluator, distill) if distill else [])
+    return [row] + (distilled_rows(row, model, ctx, evaluator, distill, recovery, schedule) if distill else [])
 
 
-def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int]) -> list[dict]:
-    """Distil ``model`` for max(checkpoints) steps and evaluate it (adapters attached) after each count."""
+def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], recovery: str,
+                   schedule: str = "constant") -> list[dict]:
+    """Distil ``model`` for max(checkpoints) steps with the ``recovery`` pass's training (``RECOVERY``)
+    and evaluate it (LoRA adapters still attached) after each count; the evaluation time is not
+    counted in ``train_s``."""
+    from dataclasses import replace
+
+    from compress.calibration.sources import window_bos
     from compress.registry import get_pass
-    from compress.training import LoRASpec, train_lora
+    from compress.training import LoRASpec, train_lora, train_weights
     from passes._common import target_names, training_ids
+    from passes.distill.run import block_parameter_names
 
-    options = get_pass("lora_recover").options(**{**DISTILL, "steps": max(checkpoints)})
+    pass_name, suffix, settings = RECOVERY[recovery]
+    settings = {**settings, "lr_schedule": schedule}
+    suffix += "-cos" if schedule == "cosine" else ""
+    options = get_pass(pass_name).options(**{**settings, "steps": max(checkpoints)})
+    train = replace(options.train_spec(), loss="kl", temperature=options.temperature, bf16=options.bf16,
+                    bos=window_bos(ctx.tokenizer))
+    rows, trained, started = [], 0.0, time.perf_counter()
+
+    def callback(step: int, loss: float) -> None:
+        nonlocal trained, started
+        if step in checkpoints:
+            trained += time.perf_counter() - started
+            section = evaluator.evaluate(model)
+            rows.append({**base, "config": f"{base['config']}+{suffix}{step}",
+                         "distill": {"pass": pass_name, **settings, "steps": step, "train_s": round(trained, 1),
+                                     "last_loss": loss},
+                         "evaluation": section})
+            model.train()
+            started = time.perf_counter()
+
+    ids = training_ids(ctx, options.source, pass_name)
+    if recovery == "full":
+        train_weights(model, ids, block_parameter_names(model, ctx.adapter()), train, progress=False,
+                      callback=callback, teacher=ctx.dense_model())
+        return rows
     names = target_names(ctx, options.target_modules)
     lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=options.rank,
                     alpha=options.alpha, dropout=options.dropout)
-    from dataclasses import replace
-
-    train = replace(options.train_spec(), loss="kl", temperature=options.temperature, bf16=options.bf16)
-    rows, started = [], time.perf_counter()
-
-    def callback(step: int, loss: float) -> None:
-        if step in checkpoints:
-            trained = time.perf_counter() - started
-            section = evaluator.evaluate(model)
-            rows.append({**base, "config": f"{base['config']}+distill{step}",
-                         "distill": {**DISTILL, "steps": step, "train_s": round(trained, 1), "last_loss": loss},
-                         "evaluation": section})
-            model.train()
-
-    train_lora(model, training_ids(ctx, options.source, "lora_recover"), lora, train, progress=False,
-               callback=callback, teacher=ctx.dense_model())
+    train_lora(model, ids, lora, train, progress=False, callback=callback, teacher=ctx.dense_model())
     return rows
 
 
@@ -264,6 +289,10 @@ def main() -> None:
     parser.add_argument("--tag", help="suffix of the row key (variants of the same config)")
     parser.add_argument("--distill", type=int, nargs="*", default=[],
                         help="also distil each config and add a row after each of these step counts")
+    parser.add_argument("--recovery", choices=sorted(RECOVERY), default="full",
+                        help="--distill: 'full' (the distill pass) or 'lora' (lora_recover, loss kl)")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                        help="--distill: the learning rate after the warm-up")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=MODEL, help="model source (default: the embedded SmolLM2-135M)")
@@ -278,7 +307,7 @@ def main() -> None:
 
     if args.one:
         rows = run_one(args.one, calibration, args.windows, args.threads, sorted(args.distill), args.model,
-                       args.eval_batch)
+                       args.eval_batch, args.recovery, args.lr_schedule)
         args.row_out.write_text(json.dumps(rows if args.distill else rows[0]))
         return
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"protocol": {}, "rows": {}}
@@ -294,7 +323,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", name, "--row-out", str(row_file), "--threads", str(args.threads),
                    "--calibration", args.calibration, "--samples", str(args.samples), "--calib-seqlen",
                    str(args.calib_seqlen), "--windows", str(args.windows), "--model", args.model,
-                   "--eval-batch", str(args.eval_batch),
+                   "--eval-batch", str(args.eval_batch), "--recovery", args.recovery, "--lr-schedule", args.lr_schedule,
                    "--distill", *[str(n) for n in args.distill]]
             subprocess.run(cmd, check=True)
             written = json.loads(row_file.read_text())

@@ -5,6 +5,8 @@ needs to train low-rank adapters on a causal LM (LoRAPrune, …). The pieces:
 
     attach_lora(model, spec, seed)            peft LoRA layers injected in place (``inject_adapter_in_model``)
     train_lora(model, ids, spec, train, …)     attach + AdamW on random windows of ``ids``; LoRA stays attached
+    train_weights(model, ids, names, train, …) the same loop on the model's own parameters ``names``
+                                                (full fine-tuning, e.g. the ``distill`` pass)
     TrainingHooks                               where a pass plugs in (scores before each optimizer step, masks
                                                 after it, state saved in the checkpoint), e.g. ``loraprune``
     merge_lora(model) -> factors               detach the adapters, add ``scaling · B @ A`` to each weight
@@ -23,7 +25,8 @@ the batches come from a private ``random.Random(seed)`` that draws one seed per 
 ``checkpoint_every`` optimizer steps and at the end (LoRA weights, optimizer, scheduler, both RNG
 states, step, losses; to a temporary file renamed into place), and a restarted run with the same
 fingerprint (model weights, token stream, LoRA and training settings) resumes from it and ends on
-the same weights as an uninterrupted run.
+the same weights as an uninterrupted run. (Checkpoints hold the trained tensors, LoRA factors or
+the model's own weights, under one format.)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -43,9 +47,9 @@ from torch import nn
 from compress.errors import CompressError
 from compress.roles import DEFAULT_TARGET_ROLES
 
-CHECKPOINT_FORMAT = "compress.lora-checkpoint/1"
+CHECKPOINT_FORMAT = "compress.training-checkpoint/2"
 CHECKPOINT_NAME = "checkpoint.pt"
-FINGERPRINT_VERSION = "compress.lora-run/1"
+FINGERPRINT_VERSION = "compress.training-run/2"
 ADAPTER_NAME = "default"
 
 
@@ -90,8 +94,9 @@ class LoRASpec:
 @dataclass(frozen=True)
 class TrainSpec:
     """The optimisation: AdamW on ``steps`` optimizer steps of ``grad_accum`` micro-batches each of
-    ``batch_size`` random windows of ``seqlen`` tokens, linear warm-up over ``warmup_steps`` then a
-    constant learning rate."""
+    ``batch_size`` random windows of ``seqlen`` tokens, linear warm-up over ``warmup_steps``, then a
+    constant learning rate (``schedule: constant``) or a cosine decay to ``MIN_LR_SHARE`` of it at
+    the last step (``schedule: cosine``)."""
 
     steps: int = 200
     lr: float = 2e-4
@@ -102,6 +107,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     seed: int = 0
+    schedule: str = "constant"  # after the warm-up: "constant" | "cosine"
     loss: str = "next_token"  # "next_token" | "kl": KL(teacher || model) per token (needs a teacher)
     temperature: float = 1.0  # "kl": both distributions at this softmax temperature (loss scaled by T²)
     bf16: bool = False  # forward passes under bfloat16 autocast (CPU: AMX/AVX-512 BF16; CUDA: tensor cores)
@@ -113,13 +119,16 @@ class TrainSpec:
                 raise CompressError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.warmup_steps < 0:
             raise CompressError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise CompressError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.loss not in ("next_token", "kl"):
             raise CompressError(f"loss must be next_token or kl, got {self.loss!r}")
 
 
 @dataclass
 class TrainResult:
-    """What a training run did. ``losses[k]`` is the mean loss of optimizer step ``k + 1``."""
+    """What a training run did. ``losses[k]`` is the mean loss of optimizer step ``k + 1``;
+    ``modules``: the adapted modules (LoRA) or the trained parameters (full fine-tuning)."""
 
     losses: list[float]
     steps: int
@@ -297,11 +306,20 @@ def training_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec, teach
     return distillation_loss(logits, target.to(logits.device), train.temperature)
 
 
-def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor of optimizer step ``s`` (0-based): ``(s + 1) / warmup`` during warm-up, then 1."""
+MIN_LR_SHARE = 0.1  # schedule cosine: the learning rate of the last step, as a share of ``lr``
+
+
+def lr_factor(warmup_steps: int, steps: int = 0, schedule: str = "constant") -> Callable[[int], float]:
+    """Learning-rate factor of optimizer step ``s`` (0-based): ``(s + 1) / warmup`` during warm-up;
+    then 1 (constant), or cosine from 1 at the end of the warm-up to ``MIN_LR_SHARE`` at step ``steps - 1``."""
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or steps - 1 <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (steps - 1 - warmup_steps))
+        return MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
@@ -318,14 +336,16 @@ def model_state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(model: nn.Module, ids: torch.Tensor, lora: LoRASpec, train: TrainSpec, extra: dict | None = None) -> str:
-    """What identifies a training run: the model weights (before adapters), the token stream and
-    every setting that changes the result. Checkpoints resume only into a run with the same one."""
+def run_fingerprint(model: nn.Module, ids: torch.Tensor, trained: LoRASpec | list[str], train: TrainSpec,
+                    extra: dict | None = None) -> str:
+    """What identifies a training run: the model weights (before adapters), the token stream, what is
+    trained (a LoRA spec, or the names of the model's own parameters) and every setting that changes
+    the result. Checkpoints resume only into a run with the same one."""
     ids = torch.as_tensor(ids, dtype=torch.long).contiguous()
     h = hashlib.blake2b(digest_size=16)
     settings = {
         "version": FINGERPRINT_VERSION,
-        "lora": dataclasses.asdict(lora),
+        "trained": dataclasses.asdict(trained) if isinstance(trained, LoRASpec) else sorted(trained),
         "train": dataclasses.asdict(train),
         "extra": extra or {},
     }
@@ -458,31 +478,84 @@ def train_lora(
     if fingerprint is None:
         fingerprint = run_fingerprint(model, ids, lora, train)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    device = next(model.parameters()).device
     was_training = model.training
 
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         torch.manual_seed(train.seed)
         modules = attach_lora(model, lora)
         try:
-            result = _train_attached(model, ids, train, modules, fingerprint, checkpoint, checkpoint_every, device,
-                                     progress, description, callback, hooks or TrainingHooks(), teacher)
+            named = lora_parameters(model)
+            for _, p in named:  # adapters train in float32 whatever the base dtype
+                p.data = p.data.float()
+            result = _train_loop(model, named, ids, train, fingerprint, checkpoint, checkpoint_every, progress,
+                                 description, callback, hooks or TrainingHooks(), teacher)
         except BaseException:
             detach_lora(model)
             raise
         finally:
             model.train(was_training)
+    result.modules = list(modules)
     return result
 
 
-def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoint, checkpoint_every, device,
-                    progress, description, callback, hooks: TrainingHooks, teacher=None) -> TrainResult:
-    named = lora_parameters(model)
-    for _, p in named:  # adapters train in float32 whatever the base dtype
-        p.data = p.data.float()
+def train_weights(
+    model: nn.Module,
+    ids: torch.Tensor,
+    names: list[str],
+    train: TrainSpec,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    fingerprint: str | None = None,
+    progress: bool = True,
+    description: str = "fine-tuning",
+    callback: Callable[[int, float], None] | None = None,
+    teacher: nn.Module | None = None,
+) -> TrainResult:
+    """Train the model's own parameters ``names`` (full fine-tuning; every other parameter frozen
+    meanwhile) with the same loop, batches, checkpoints and resume as :func:`train_lora`. The
+    parameters must be float32 (AdamW updates in half precision lose most small steps); the
+    forward passes may still run under ``train.bf16`` autocast. ``requires_grad`` and the train/eval
+    mode are restored afterwards."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing or not names:
+        raise CompressError(f"no parameter named {missing[:3]} in the model" if missing else "nothing to train")
+    half = sorted({str(params[n].dtype) for n in names if params[n].dtype != torch.float32})
+    if half:
+        raise CompressError(f"fine-tuning trains float32 weights; the model's are {', '.join(half)} "
+                            "(load it with dtype: float32)")
+    if fingerprint is None:
+        fingerprint = run_fingerprint(model, ids, list(names), train)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    flags = {n: p.requires_grad for n, p in params.items()}
+    was_training = model.training
+    chosen = set(names)
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in chosen)
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            torch.manual_seed(train.seed)
+            named = sorted(((n, params[n]) for n in chosen), key=lambda item: item[0])
+            result = _train_loop(model, named, ids, train, fingerprint, checkpoint, checkpoint_every, progress,
+                                 description, callback, TrainingHooks(), teacher)
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    result.modules = sorted(chosen)
+    return result
+
+
+def _train_loop(model, named: list[tuple[str, nn.Parameter]], ids, train: TrainSpec, fingerprint, checkpoint,
+                checkpoint_every, progress, description, callback, hooks: TrainingHooks, teacher=None) -> TrainResult:
+    """AdamW on the parameters ``named`` (sorted by name) over ``train.steps`` optimizer steps,
+    resuming from ``checkpoint`` when it belongs to ``fingerprint``."""
+    device = next(model.parameters()).device
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(train.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train.warmup_steps, train.steps, train.schedule))
     sampler = WindowSampler(ids, train.batch_size, train.seqlen, train.seed, train.bos)
     losses: list[float] = []
     start = 0
@@ -491,7 +564,7 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
     if state is not None:
         with torch.no_grad():
             for name, p in named:
-                p.copy_(state["lora"][name].to(p.device, p.dtype))
+                p.copy_(state["params"][name].to(p.device, p.dtype))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -506,7 +579,7 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
             "format": CHECKPOINT_FORMAT,
             "fingerprint": fingerprint,
             "step": step,
-            "lora": {name: p.detach().cpu().clone() for name, p in named},
+            "params": {name: p.detach().cpu().clone() for name, p in named},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),
@@ -543,8 +616,7 @@ def _train_attached(model, ids, train: TrainSpec, modules, fingerprint, checkpoi
     if checkpoint is not None and start == train.steps and not checkpoint.is_file():
         write_checkpoint(train.steps)
     return TrainResult(losses=losses, steps=train.steps, resumed_from=start, fingerprint=fingerprint,
-                       checkpoint=checkpoint, modules=list(modules),
-                       trainable_params=sum(p.numel() for p in params))
+                       checkpoint=checkpoint, modules=[], trainable_params=sum(p.numel() for p in params))
 
 
 def module_names(model: nn.Module, modules: Iterable[nn.Module]) -> list[str]:

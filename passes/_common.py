@@ -74,8 +74,6 @@ class StructuredOptions(BaseModel):
         return self
 
 
-
-
 AllocatorName = Literal["uniform", "global", "block_budget", "search"]
 ALLOCATOR_HELP = (
     "'uniform': every layer loses the same share; 'global': FLAP's standardised global threshold over all "
@@ -112,31 +110,27 @@ def pruner_settings(options: StructuredOptions, **method) -> PrunerSettings:
 TargetRole = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class LoRATrainOptions(BaseModel):
-    """Options of every pass that trains LoRA adapters on text (lora_recover, loraprune)."""
+class TrainOptions(BaseModel):
+    """Options of every pass that trains on text (distill, and the LoRA passes below)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate (after warm-up).")
-    rank: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0.0, description="LoRA alpha; the scaling of an adapter is alpha / its rank.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input while training.")
     batch_size: int = Field(4, ge=1, description="Windows per micro-batch.")
     seqlen: int = Field(128, ge=2, description="Tokens per training window.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (gradient accumulation).")
     warmup_steps: float = Field(
         10, ge=0.0, description="Linear learning-rate warm-up: a number of steps, or a fraction of `steps` when below 1."
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After the warm-up: a 'constant' rate, or a 'cosine' decay to a tenth of lr at "
+        "the last step."
+    )
     max_grad_norm: Optional[float] = Field(None, gt=0.0, description="Clip the adapters' gradient norm (null: no clipping).")
     source: TextSource = Field("general", description="Training text source (default: the general corpus' "
                                "calibration mix).")
     seed: Seed = Field(0, description="Seeds the adapter initialisation, dropout and the window draws.")
-    target_modules: list[TargetRole] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_ROLES),
-        min_length=1,
-        description="Decoder linears that get adapters (q/k/v/o_proj, gate/up/down_proj).",
-    )
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every this many steps (0: only at the end).")
     checkpoint_dir: Optional[str] = Field(
         None,
@@ -151,13 +145,6 @@ class LoRATrainOptions(BaseModel):
             raise ValueError(f"must be a whole number of steps or a fraction below 1 (got {value})")
         return value
 
-    @field_validator("target_modules")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"lists a module twice (got {value})")
-        return value
-
     def warmup(self) -> int:
         """The learning-rate warm-up in optimizer steps."""
         if 0 < self.warmup_steps < 1:
@@ -169,7 +156,7 @@ class LoRATrainOptions(BaseModel):
 
         return TrainSpec(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seqlen=self.seqlen,
                          grad_accum=self.grad_accum, warmup_steps=self.warmup(), max_grad_norm=self.max_grad_norm,
-                         seed=self.seed)
+                         seed=self.seed, schedule=self.lr_schedule)
 
     def checkpoint_folder(self, fingerprint: str) -> Path:
         if self.checkpoint_dir:
@@ -177,6 +164,26 @@ class LoRATrainOptions(BaseModel):
         from compress.models.loading import cache_root
 
         return cache_root() / "checkpoints" / fingerprint
+
+
+class LoRATrainOptions(TrainOptions):
+    """Options of every pass that trains LoRA adapters on text (lora_recover, loraprune)."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA alpha; the scaling of an adapter is alpha / its rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input while training.")
+    target_modules: list[TargetRole] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_ROLES),
+        min_length=1,
+        description="Decoder linears that get adapters (q/k/v/o_proj, gate/up/down_proj).",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a module twice (got {value})")
+        return value
 
 
 def target_names(ctx, roles: list[str]) -> list[list[str]]:

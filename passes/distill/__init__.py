@@ -1,0 +1,31 @@
+"""The ``distill`` pass, declared: name, options and what it needs (light; run by passes.distill.run)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from compress.registry import register_pass
+from passes._common import TrainOptions
+
+
+@register_pass("distill", implementation="passes.distill.run:DistillPass")
+class Distill:
+    """Recovery by distillation: fine-tune the pruned model's decoder blocks toward the dense model.
+
+    Every parameter of the decoder blocks (the sliced linears, their biases and the norms; not the
+    embedding or the head) trains with AdamW on random windows of a text source, the loss being the
+    KL from the dense model's next-token distribution at every position. Full fine-tuning recovers
+    more per step than LoRA of the same cost (docs/general.md); the trained weights are saved beside
+    plan.json, so ``compress apply`` reproduces them without data.
+    """
+
+    kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
+    needs_calibration = False
+
+    class Options(TrainOptions):
+        batch_size: int = Field(8, ge=1, description="Windows per micro-batch.")
+        checkpoint_every: int = Field(100, ge=0, description="Checkpoint every this many steps (0: only at the end); "
+                                      "a checkpoint holds the trained weights and AdamW's two moments.")
+        temperature: float = Field(1.0, gt=0.0, description="Softmax temperature of both models.")
+        bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
+                           "AMX or AVX-512 BF16 and on GPUs; the weights and AdamW stay float32).")

@@ -1,0 +1,128 @@
+"""The distill pass (full fine-tuning toward the dense model) and train_weights, on tiny random Llamas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lora_recover import ByteTokenizer, assert_same_weights, run_pass, text_file  # noqa: F401  (fixture)
+
+import passes.distill.run  # noqa: F401  (registers the pass)
+from compress.errors import CompressError
+from compress.evaluation import compare_logits
+from compress.plan import Plan
+from compress.registry import get_pass
+from compress.run import apply_plan
+from compress.training import TrainSpec, train_weights
+from conftest import tiny_model
+
+TOKENS = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(1))
+
+
+def distill_options(text_file, tmp_path, **overrides):
+    options = dict(steps=4, lr=1e-3, batch_size=2, seqlen=16, warmup_steps=2, source=str(text_file),
+                   checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    options.update(overrides)
+    return options
+
+
+def test_train_weights_trains_only_the_named_parameters_and_restores_the_flags():
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chosen = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.input_layernorm.weight"]
+    result = train_weights(model, TOKENS, chosen, TrainSpec(steps=3, lr=1e-2, batch_size=2, seqlen=16), progress=False)
+    assert result.modules == sorted(chosen) and result.trainable_params == sum(before[n].numel() for n in chosen)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (name in chosen), name
+        assert p.requires_grad
+    assert model.training is False
+
+
+def test_train_weights_refuses_half_precision_and_unknown_names():
+    with pytest.raises(CompressError, match="float32"):
+        train_weights(tiny_model().to(torch.bfloat16), TOKENS, ["model.layers.0.mlp.up_proj.weight"],
+                      TrainSpec(steps=1), progress=False)
+    with pytest.raises(CompressError, match="no parameter"):
+        train_weights(tiny_model(), TOKENS, ["model.layers.9.nope"], TrainSpec(steps=1), progress=False)
+
+
+def test_distill_brings_the_pruned_model_closer_and_its_plan_replays(text_file, tmp_path):  # noqa: F811
+    """The KL to the dense model on held-out windows of the training text falls; the embedding and
+    head stay as they were; the plan's saved weights reproduce the model on the pruned one."""
+    ids = torch.tensor(ByteTokenizer()(text_file.read_text(encoding="utf-8"))["input_ids"])
+    held_out = ids[-6 * 16:].reshape(6, 16)
+    model = tiny_model()
+    steps = [run_pass(model, "flap", ratio=0.5)]
+    before = compare_logits(tiny_model(), model, held_out).mean_kl
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    steps.append(run_pass(model, "distill", ByteTokenizer(), **distill_options(text_file, tmp_path, steps=30)))
+    after = compare_logits(tiny_model(), model, held_out).mean_kl
+    assert before > 0.05 and after < 0.7 * before
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    step = steps[-1]
+    assert step.layers == [] and step.details["resumed_from_step"] == 0
+    assert all(name.startswith("model.layers.") for name in step.artifacts["distill"])
+
+    plan = Plan(model={"num_layers": 4}, steps=steps)
+    assert plan.save(tmp_path / "plan.json") == ["plan.json", "1-distill.safetensors"]
+    replayed = tiny_model()
+    apply_plan(replayed, Plan.load(tmp_path / "plan.json"))
+    assert_same_weights(model, replayed)
+
+    again = tiny_model()
+    run_pass(again, "flap", ratio=0.5)
+    resumed = run_pass(again, "distill", ByteTokenizer(), **distill_options(text_file, tmp_path, steps=30))
+    assert resumed.details["resumed_from_step"] == 30
+    assert_same_weights(model, again)
+
+
+def test_distill_replay_refuses_a_mismatched_plan(text_file, tmp_path):  # noqa: F811
+    from compress.errors import PlanError
+
+    model = tiny_model()
+    step = run_pass(model, "distill", ByteTokenizer(), **distill_options(text_file, tmp_path, steps=1))
+    pruned = tiny_model()
+    run_pass(pruned, "flap", ratio=0.5)
+    with pytest.raises(PlanError, match="distill step's"):
+        apply_plan(pruned, Plan(model={"num_layers": 4}, steps=[step]))
+
+
+def test_distill_options_are_validated():
+    from pydantic import ValidationError
+
+    options = get_pass("distill").options
+    assert options().batch_size == 8 and options().warmup() == 10
+    for bad in ({"rank": 8}, {"temperature": 0}, {"steps": 0}, {"source": "austen:nope"}):
+        with pytest.raises(ValidationError):
+            options(**bad)
+
+
+@pytest.mark.slow
+def test_recipe_run_and_apply_reproduce_the_distilled_weights(tmp_path):
+    """End to end: flap with the shipped recipe's least squares (dense_output target) + distill through
+    run_recipe, then `compress apply` on the dense model writes the same safetensors."""
+    from compress.recipe import parse_recipe
+    from compress.run import apply_plan_file, run_recipe
+    from conftest import assert_same_safetensors, tiny_smol_folder
+
+    folder = tiny_smol_folder(tmp_path / "tiny-smol")
+    recipe = parse_recipe({
+        "name": "tiny-distill",
+        "model": str(folder),
+        "device": "cpu",
+        "calibration": {"source": "austen:persuasion", "samples": 8, "seqlen": 32, "seed": 0, "batch_size": 4},
+        "passes": [{"flap": {"ratio": 0.4, "allocator": "uniform", "compensation": "least_squares", "ls_prior": "dense",
+                             "ls_damp": "auto", "sequential": True, "ls_target": "dense_output"}},
+                   {"distill": {"steps": 3, "batch_size": 2, "seqlen": 32, "lr": 1e-3, "lr_schedule": "cosine",
+                                "source": "austen:persuasion", "checkpoint_dir": str(tmp_path / "ckpt")}}],
+        "export": {"output": str(tmp_path / "a")},
+        "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 32, "max_windows": 4, "batch_size": 2},
+        "validate": {"reload_max_abs_diff": 1e-4},
+    }, "test.yaml")
+    first = run_recipe(recipe, progress=False)
+    assert first.passed, first.failures
+    assert "1-distill.safetensors" in first.report["artifacts"]["files"]
+    assert any(k.endswith(".drift") for k in first.report["passes"][0]["details"]["ls_damp_chosen"])
+    replay = apply_plan_file(tmp_path / "a" / "plan.json", str(folder), tmp_path / "b", device="cpu", progress=False,
+                             evaluate=False)
+    assert replay.passed
+    assert_same_safetensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
