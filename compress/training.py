@@ -138,6 +138,17 @@ class TrainResult:
     modules: list[str]
     trainable_params: int
 
+    def summary(self) -> dict:
+        """The step details every training pass reports: parameters trained, the step resumed
+        from, and the mean loss of the first and of the last ten steps."""
+        head, tail = self.losses[:10], self.losses[-10:]
+        return {
+            "trainable_params": self.trainable_params,
+            "resumed_from_step": self.resumed_from,
+            "loss_first_steps": sum(head) / len(head),
+            "loss_last_steps": sum(tail) / len(tail),
+        }
+
 
 # ------------------------------------------------------------------------------------ adapters
 def attach_lora(model: nn.Module, spec: LoRASpec, seed: int | None = None) -> list[str]:

@@ -44,14 +44,7 @@ class DistillPass(Distill):
                                description="distillation", teacher=teacher)
         params = dict(ctx.model.named_parameters())
         weights = {name: params[name].detach().to("cpu").clone().contiguous() for name in names}
-        head, tail = result.losses[:10], result.losses[-10:]
-        details = {
-            "trainable_params": result.trainable_params,
-            "trained_tensors": len(names),
-            "resumed_from_step": result.resumed_from,
-            "loss_first_steps": sum(head) / len(head),
-            "loss_last_steps": sum(tail) / len(tail),
-        }
+        details = {**result.summary(), "trained_tensors": len(names)}
         return PlanStep(self.name, o.model_dump(), layers=[], artifacts={ARTIFACT: weights}, details=details)
 
     @staticmethod

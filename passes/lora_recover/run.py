@@ -98,14 +98,7 @@ class LoraRecoverPass(LoraRecover):
                             description="LoRA recovery" + (" (distillation)" if teacher is not None else ""),
                             teacher=teacher)
         factors = merge_lora(ctx.model)
-        head, tail = result.losses[:10], result.losses[-10:]
-        details.update({
-            "trainable_params": result.trainable_params,
-            "adapted_modules": len(result.modules),
-            "resumed_from_step": result.resumed_from,
-            "loss_first_steps": sum(head) / len(head),
-            "loss_last_steps": sum(tail) / len(tail),
-        })
+        details.update({**result.summary(), "adapted_modules": len(result.modules)})
         return PlanStep(self.name, o.model_dump(), layers=[], artifacts={ARTIFACT: factors}, details=details)
 
     @staticmethod

@@ -175,7 +175,6 @@ class LoraPrunePass(LoraPrune):
     def run(self, ctx) -> PlanStep:
         hooks, result = self.train(ctx)
         plans, factors = self.finish(ctx, hooks)
-        head, tail = result.losses[:10], result.losses[-10:]
         details = {
             "importance": self.options.importance,
             "removed_fraction": hooks.sparsity,
@@ -183,10 +182,7 @@ class LoraPrunePass(LoraPrune):
             "mask_updates": hooks.history,
             "importance_updates": hooks.importance.updates,
             "importance_skipped_nan": hooks.importance.skipped,
-            "trainable_params": result.trainable_params,
-            "resumed_from_step": result.resumed_from,
-            "loss_first_steps": sum(head) / len(head),
-            "loss_last_steps": sum(tail) / len(tail),
+            **result.summary(),
         }
         return PlanStep(self.name, self.options.model_dump(), layers=plans, artifacts={ARTIFACT: factors},
                         details=details)
