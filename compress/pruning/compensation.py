@@ -38,11 +38,14 @@ class GramStats:
         self.channels = channels
         self.matrix = torch.zeros(channels + 1, channels + 1, dtype=torch.float64, device=device)
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the tokens of ``x`` [..., channels]; returns their augmented rows [tokens, channels + 1]
+        (float64, on the statistics' device)."""
         flat = x.detach().reshape(-1, self.channels).to(device=self.matrix.device, dtype=torch.float64)
         ones = torch.ones(flat.shape[0], 1, dtype=torch.float64, device=flat.device)
         augmented = torch.cat([flat, ones], dim=1)
         self.matrix += augmented.T @ augmented
+        return augmented
 
     @property
     def tokens(self) -> int:
@@ -116,17 +119,24 @@ def choose_damp(weight: torch.Tensor, gram: GramStats, heldout: GramStats, keep:
     """The damp of ``grid`` whose refit (fitted on ``gram``) reconstructs the dense output best on
     the held-out tokens ``heldout``; returns (damp, W', c, held-out error per damp). Ties: the
     larger damp (the refit closer to the prior)."""
+    candidates = [d for d in grid if not (math.isinf(d) and prior != "dense")]
+    damp, (refit, intercept), errors = best_on_grid(
+        candidates, lambda d: least_squares_refit(weight, gram, keep, d, prior),
+        lambda fit: refit_error(weight, heldout, keep, *fit))
+    return damp, refit, intercept, errors
+
+
+def best_on_grid(grid, solve, error):
+    """The damp of ``grid`` whose ``solve(damp)`` has the least ``error(solution)``; returns (damp,
+    solution, error per damp keyed by ``str(damp)``). Ties: the later (larger) damp."""
     errors: dict[str, float] = {}
     best = None
     for damp in grid:
-        if math.isinf(damp) and prior != "dense":
-            continue
-        refit, intercept = least_squares_refit(weight, gram, keep, damp, prior)
-        error = refit_error(weight, heldout, keep, refit, intercept)
-        errors[str(damp)] = error
-        if best is None or error <= best[0]:
-            best = (error, damp, refit, intercept)
-    return best[1], best[2], best[3], errors
+        solution = solve(damp)
+        errors[str(damp)] = value = error(solution)
+        if best is None or value <= best[0]:
+            best = (value, damp, solution)
+    return best[1], best[2], errors
 
 
 class DriftStats:
@@ -141,11 +151,8 @@ class DriftStats:
         self.error_energy = 0.0
 
     def update(self, x: torch.Tensor, error: torch.Tensor) -> None:
-        device = self.cross.device
-        flat = x.detach().reshape(-1, self.gram.channels).to(device=device, dtype=torch.float64)
-        err = error.detach().reshape(-1, self.cross.shape[1]).to(device=device, dtype=torch.float64)
-        augmented = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=torch.float64, device=device)], dim=1)
-        self.gram.matrix += augmented.T @ augmented
+        augmented = self.gram.update(x)
+        err = error.detach().reshape(-1, self.cross.shape[1]).to(device=self.cross.device, dtype=torch.float64)
         self.cross += augmented.T @ err
         self.error_energy += float(err.square().sum())
 
@@ -171,12 +178,4 @@ def choose_drift_damp(fit: DriftStats, heldout: DriftStats,
                       grid: tuple[float, ...] = DAMP_GRID) -> tuple[float, torch.Tensor, dict[str, float]]:
     """The damp of ``grid`` whose correction (fitted on ``fit``) leaves the least drift on the held-out
     tokens; returns (damp, delta [k + 1, out], held-out drift per damp). Ties: the larger damp."""
-    errors: dict[str, float] = {}
-    best = None
-    for damp in grid:
-        delta = drift_delta(fit, damp)
-        error = drift_error(heldout, delta)
-        errors[str(damp)] = error
-        if best is None or error <= best[0]:
-            best = (error, damp, delta)
-    return best[1], best[2], errors
+    return best_on_grid(grid, lambda damp: drift_delta(fit, damp), lambda delta: drift_error(heldout, delta))

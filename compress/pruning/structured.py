@@ -339,7 +339,7 @@ class StructuredPruner:
         units = self.layer_units(adapter, index, self.scorer(adapter, index, stats))
         (attention, mlp), = self.allocate([units]) if counts is None else (counts,)
         plan = self.layer_plan(adapter, units, attention, mlp, stats)
-        drift = sequential and self.corrects_drift
+        drift = self.corrects_drift  # only with settings.sequential: every sweep that slices here is sequential
         if drift:
             runner.run_dense_block(index)  # the dense model's outputs of this block, before it is sliced
             consumer_bias = adapter.mlp_consumer(index).bias
