@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -485,14 +486,8 @@ def train_lora(
         teacher: with ``train.loss == "kl"``, the model whose next-token distributions are the
             targets (e.g. the dense model; it stays in eval mode and gets no gradients).
     """
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    if fingerprint is None:
-        fingerprint = run_fingerprint(model, ids, lora, train)
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    was_training = model.training
-
-    with torch.random.fork_rng(devices=_cuda_devices(model)):
-        torch.manual_seed(train.seed)
+    ids, fingerprint, checkpoint = _run_identity(model, ids, lora, train, fingerprint, checkpoint_dir)
+    with _training_session(model, train.seed):
         modules = attach_lora(model, lora)
         try:
             named = lora_parameters(model)
@@ -503,8 +498,6 @@ def train_lora(
         except BaseException:
             detach_lora(model)
             raise
-        finally:
-            model.train(was_training)
     result.modules = list(modules)
     return result
 
@@ -528,7 +521,6 @@ def train_weights(
     parameters must be float32 (AdamW updates in half precision lose most small steps); the
     forward passes may still run under ``train.bf16`` autocast. ``requires_grad`` and the train/eval
     mode are restored afterwards."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
     if missing or not names:
@@ -537,26 +529,45 @@ def train_weights(
     if half:
         raise CompressError(f"fine-tuning trains float32 weights; the model's are {', '.join(half)} "
                             "(load it with dtype: float32)")
-    if fingerprint is None:
-        fingerprint = run_fingerprint(model, ids, list(names), train)
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    ids, fingerprint, checkpoint = _run_identity(model, ids, list(names), train, fingerprint, checkpoint_dir)
     flags = {n: p.requires_grad for n, p in params.items()}
-    was_training = model.training
     chosen = set(names)
     try:
         for n, p in params.items():
             p.requires_grad_(n in chosen)
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
-            torch.manual_seed(train.seed)
+        with _training_session(model, train.seed):
             named = sorted(((n, params[n]) for n in chosen), key=lambda item: item[0])
             result = _train_loop(model, named, ids, train, fingerprint, checkpoint, checkpoint_every, progress,
                                  description, callback, TrainingHooks(), teacher)
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
-        model.train(was_training)
     result.modules = sorted(chosen)
     return result
+
+
+def _run_identity(model: nn.Module, ids, trained: LoRASpec | list[str], train: TrainSpec, fingerprint: str | None,
+                  checkpoint_dir: str | Path | None) -> tuple[torch.Tensor, str, Path | None]:
+    """A run's token stream as a flat long tensor [N], its fingerprint (:func:`run_fingerprint` unless
+    given; taken before any adapter is attached) and its checkpoint file (None: no checkpoints)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if fingerprint is None:
+        fingerprint = run_fingerprint(model, ids, trained, train)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    return ids, fingerprint, checkpoint
+
+
+@contextmanager
+def _training_session(model: nn.Module, seed: int):
+    """Seed a forked RNG (the caller's random state is untouched) and restore the model's train/eval
+    mode on the way out."""
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _train_loop(model, named: list[tuple[str, nn.Parameter]], ids, train: TrainSpec, fingerprint, checkpoint,

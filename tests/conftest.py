@@ -110,6 +110,40 @@ def assert_same_safetensors(a, b):
         assert torch.equal(first[key], second[key]), key
 
 
+TINY_CALIBRATION = {"source": "austen:persuasion", "samples": 8, "seqlen": 32, "seed": 0, "batch_size": 4}
+
+
+def tiny_recipe(tmp_path, name: str, passes: list[dict], calibration: bool = True):
+    """A parsed recipe that runs ``passes`` on :func:`tiny_smol_folder` (saved in tmp_path/tiny-smol),
+    exports to tmp_path/a and evaluates 4 Persuasion windows; returns (model folder, recipe)."""
+    from compress.recipe import parse_recipe
+
+    folder = tiny_smol_folder(tmp_path / "tiny-smol")
+    recipe = {
+        "name": name,
+        "model": str(folder),
+        "device": "cpu",
+        **({"calibration": TINY_CALIBRATION} if calibration else {}),
+        "passes": passes,
+        "export": {"output": str(tmp_path / "a")},
+        "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 32, "max_windows": 4, "batch_size": 2},
+        "validate": {"reload_max_abs_diff": 1e-4},
+    }
+    return folder, parse_recipe(recipe, "test.yaml")
+
+
+def assert_apply_reproduces(tmp_path, folder):
+    """`compress apply` of tmp_path/a/plan.json on the dense ``folder`` writes tmp_path/b with the same
+    model.safetensors, bit for bit; returns the replay's result."""
+    from compress.run import apply_plan_file
+
+    replay = apply_plan_file(tmp_path / "a" / "plan.json", str(folder), tmp_path / "b", device="cpu", progress=False,
+                             evaluate=False)
+    assert replay.passed
+    assert_same_safetensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
+    return replay
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: intra-op threads only add synchronisation (100× slower on a busy 2-core machine)."""

@@ -100,29 +100,16 @@ def test_distill_options_are_validated():
 def test_recipe_run_and_apply_reproduce_the_distilled_weights(tmp_path):
     """End to end: flap with the shipped recipe's least squares (dense_output target) + distill through
     run_recipe, then `compress apply` on the dense model writes the same safetensors."""
-    from compress.recipe import parse_recipe
-    from compress.run import apply_plan_file, run_recipe
-    from conftest import assert_same_safetensors, tiny_smol_folder
+    from compress.run import run_recipe
+    from conftest import assert_apply_reproduces, tiny_recipe
 
-    folder = tiny_smol_folder(tmp_path / "tiny-smol")
-    recipe = parse_recipe({
-        "name": "tiny-distill",
-        "model": str(folder),
-        "device": "cpu",
-        "calibration": {"source": "austen:persuasion", "samples": 8, "seqlen": 32, "seed": 0, "batch_size": 4},
-        "passes": [{"flap": {"ratio": 0.4, "allocator": "uniform", "compensation": "least_squares", "ls_prior": "dense",
-                             "ls_damp": "auto", "sequential": True, "ls_target": "dense_output"}},
-                   {"distill": {"steps": 3, "batch_size": 2, "seqlen": 32, "lr": 1e-3, "lr_schedule": "cosine",
-                                "source": "austen:persuasion", "checkpoint_dir": str(tmp_path / "ckpt")}}],
-        "export": {"output": str(tmp_path / "a")},
-        "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 32, "max_windows": 4, "batch_size": 2},
-        "validate": {"reload_max_abs_diff": 1e-4},
-    }, "test.yaml")
+    folder, recipe = tiny_recipe(tmp_path, "tiny-distill", [
+        {"flap": {"ratio": 0.4, "allocator": "uniform", "compensation": "least_squares", "ls_prior": "dense",
+                  "ls_damp": "auto", "sequential": True, "ls_target": "dense_output"}},
+        {"distill": {"steps": 3, "batch_size": 2, "seqlen": 32, "lr": 1e-3, "lr_schedule": "cosine",
+                     "source": "austen:persuasion", "checkpoint_dir": str(tmp_path / "ckpt")}}])
     first = run_recipe(recipe, progress=False)
     assert first.passed, first.failures
     assert "1-distill.safetensors" in first.report["artifacts"]["files"]
     assert any(k.endswith(".drift") for k in first.report["passes"][0]["details"]["ls_damp_chosen"])
-    replay = apply_plan_file(tmp_path / "a" / "plan.json", str(folder), tmp_path / "b", device="cpu", progress=False,
-                             evaluate=False)
-    assert replay.passed
-    assert_same_safetensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
+    assert_apply_reproduces(tmp_path, folder)

@@ -22,7 +22,7 @@ from compress.training import (
     merge_lora,
     train_lora,
 )
-from conftest import assert_same_safetensors, tiny_model, tiny_smol_folder
+from conftest import tiny_model
 from passes.lora_recover.run import block_ranks
 
 TOKENS = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(1))
@@ -275,30 +275,17 @@ def test_the_recover_recipe_validates():
 @pytest.mark.slow
 def test_recipe_run_and_apply_reproduce_the_recovered_weights(tmp_path):
     """End to end: flap + lora_recover through run_recipe, then `compress apply` on the dense model."""
-    from compress.run import apply_plan_file, run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run import run_recipe
+    from conftest import assert_apply_reproduces, tiny_recipe
 
-    folder = tiny_smol_folder(tmp_path / "tiny-smol")
-    recipe = parse_recipe({
-        "name": "tiny-recover",
-        "model": str(folder),
-        "device": "cpu",
-        "calibration": {"source": "austen:persuasion", "samples": 8, "seqlen": 32, "seed": 0, "batch_size": 4},
-        "passes": [{"flap": {"ratio": 0.4}},
-                   {"lora_recover": {"steps": 3, "batch_size": 2, "seqlen": 32, "lr": 1e-3, "source": "austen:persuasion",
-                                     "checkpoint_dir": str(tmp_path / "ckpt"), "rank_by": "block_importance"}}],
-        "export": {"output": str(tmp_path / "a")},
-        "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 32, "max_windows": 4, "batch_size": 2},
-        "validate": {"reload_max_abs_diff": 1e-4},
-    }, "test.yaml")
+    folder, recipe = tiny_recipe(tmp_path, "tiny-recover", [
+        {"flap": {"ratio": 0.4}},
+        {"lora_recover": {"steps": 3, "batch_size": 2, "seqlen": 32, "lr": 1e-3, "source": "austen:persuasion",
+                          "checkpoint_dir": str(tmp_path / "ckpt"), "rank_by": "block_importance"}}])
     first = run_recipe(recipe, progress=False)
     assert first.passed, first.failures
     assert (tmp_path / "a" / "1-lora_recover.safetensors").is_file()
     assert "1-lora_recover.safetensors" in first.report["artifacts"]["files"]
     assert first.report["passes"][1]["details"]["lora_ranks"]
-
-    replay = apply_plan_file(tmp_path / "a" / "plan.json", str(folder), tmp_path / "b", device="cpu", progress=False,
-                             evaluate=False)
-    assert replay.passed
+    assert_apply_reproduces(tmp_path, folder)
     assert (tmp_path / "b" / "1-lora_recover.safetensors").is_file()
-    assert_same_safetensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")

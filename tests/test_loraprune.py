@@ -23,7 +23,7 @@ from compress.pruning.masks import UnitMasks
 from compress.pruning.schedule import PruningSchedule, cubic_sparsity
 from compress.registry import get_pass
 from compress.training import LoRASpec, attach_lora, detach_lora, lora_modules
-from conftest import assert_same_safetensors, tiny_model, tiny_smol_folder
+from conftest import tiny_model
 from passes.loraprune.run import default_skip_layers, rank_correlation
 from test_lora_recover import ByteTokenizer, assert_same_weights
 
@@ -318,21 +318,13 @@ def test_recipe_run_reloads_and_apply_reproduces_the_artifact(tmp_path):
     """End to end: loraprune through run_recipe (reload gate), then `compress apply` on the dense model."""
     from transformers import AutoModelForCausalLM
 
-    from compress.run import apply_plan_file, run_recipe
-    from compress.recipe import parse_recipe
+    from compress.run import run_recipe
+    from conftest import assert_apply_reproduces, tiny_recipe
 
-    folder = tiny_smol_folder(tmp_path / "tiny-smol")
-    recipe = parse_recipe({
-        "name": "tiny-loraprune",
-        "model": str(folder),
-        "device": "cpu",
-        "passes": [{"loraprune": {"ratio": 0.4, "steps": 6, "prune_every": 2, "batch_size": 2, "seqlen": 32,
-                                  "lr": 1e-3, "source": "austen:persuasion", "skip_layers": [0],
-                                  "checkpoint_dir": str(tmp_path / "ckpt")}}],
-        "export": {"output": str(tmp_path / "a")},
-        "evaluate": {"datasets": ["austen:persuasion"], "seqlen": 32, "max_windows": 4, "batch_size": 2},
-        "validate": {"reload_max_abs_diff": 1e-4},
-    }, "test.yaml")
+    folder, recipe = tiny_recipe(tmp_path, "tiny-loraprune", [
+        {"loraprune": {"ratio": 0.4, "steps": 6, "prune_every": 2, "batch_size": 2, "seqlen": 32, "lr": 1e-3,
+                       "source": "austen:persuasion", "skip_layers": [0], "checkpoint_dir": str(tmp_path / "ckpt")}}],
+        calibration=False)
     first = run_recipe(recipe, progress=False)
     assert first.passed, first.failures
     assert (tmp_path / "a" / "0-lora.safetensors").is_file()
@@ -340,11 +332,7 @@ def test_recipe_run_reloads_and_apply_reproduces_the_artifact(tmp_path):
     assert details["removed_fraction"] == pytest.approx(0.4, abs=0.02)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True)
     assert 1 - linear_params(reloaded) / linear_params(tiny_model()) == pytest.approx(details["removed_fraction"])
-
-    replay = apply_plan_file(tmp_path / "a" / "plan.json", str(folder), tmp_path / "b", device="cpu", progress=False,
-                             evaluate=False)
-    assert replay.passed
-    assert_same_safetensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
+    assert_apply_reproduces(tmp_path, folder)
 
 
 def test_taylor_hooks_do_not_keep_activations_alive():
