@@ -28,7 +28,7 @@ from compress.pruning.compensation import DriftStats, GramStats, choose_damp, ch
 from compress.pruning.scores import ConsumerStats, LayerScores
 from compress.pruning.search import SearchResult, SearchSettings, search_allocation
 from compress.pruning.settings import PrunerSettings
-from compress.pruning.surgeon import REFIT_ARTIFACT, apply_layer_plan
+from compress.pruning.surgeon import REFIT_ARTIFACT, apply_layer_plan, summed_bias
 from compress.pruning.units import LayerUnits, build_layer_units, kept_heads
 
 
@@ -381,10 +381,9 @@ class StructuredPruner:
         self.refit[key] = weight.to(consumer.weight.dtype)
         plan.down_proj_bias = LayerPlan.bias_values(torch.tensor(plan.down_proj_bias, dtype=torch.float64)
                                                     + delta[k].cpu())
-        added = torch.tensor(plan.down_proj_bias, dtype=torch.float32, device=device).to(consumer.weight.dtype)
         with torch.no_grad():  # what apply_layer_plan builds from the updated plan
             consumer.weight.copy_(self.refit[key].to(device))
-            consumer.bias.copy_(added if base_bias is None else base_bias + added)
+            consumer.bias.copy_(summed_bias(base_bias, plan.down_proj_bias, consumer.weight))
 
     def _finish_layer(self, adapter, blocks, plan: LayerPlan) -> LayerPlan:
         self._apply(adapter, plan)

@@ -35,19 +35,26 @@ def _sliced_linear(linear: nn.Linear, keep_rows: torch.Tensor | None = None, kee
     return new
 
 
+def summed_bias(base: torch.Tensor | None, delta: list[float], like: torch.Tensor) -> torch.Tensor:
+    """The bias [out] that applying a plan gives a linear whose bias was ``base`` [out] (None: it had
+    none) and whose plan adds ``delta`` [out]: in ``like``'s dtype and on its device."""
+    delta_t = torch.tensor(delta, dtype=torch.float32, device=like.device).to(like.dtype)
+    return delta_t if base is None else base.detach().to(like.device, like.dtype) + delta_t
+
+
 def _with_added_bias(linear: nn.Linear, delta: list[float]) -> nn.Linear:
     """``linear`` with ``delta`` [out] added to its bias (creating the bias if it had none)."""
-    delta_t = torch.tensor(delta, dtype=torch.float32, device=linear.weight.device).to(linear.weight.dtype)
-    if delta_t.shape[0] != linear.out_features:
-        raise PlanError(f"compensation bias has {delta_t.shape[0]} values, layer has {linear.out_features} outputs")
+    if len(delta) != linear.out_features:
+        raise PlanError(f"compensation bias has {len(delta)} values, layer has {linear.out_features} outputs")
+    bias = summed_bias(linear.bias, delta, linear.weight)
     if linear.bias is None:
         new = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(linear.weight)
-            new.bias.copy_(delta_t)
+            new.bias.copy_(bias)
         return new
     with torch.no_grad():
-        linear.bias.add_(delta_t)
+        linear.bias.copy_(bias)
     return linear
 
 
