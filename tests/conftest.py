@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,20 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+
+def _share_cores_among_workers() -> None:
+    """Under pytest-xdist (``-n``, set in pyproject.toml) each worker gets its share of the cores, for
+    torch's intra-op threads and, through OMP_NUM_THREADS, for the subprocesses the tests start: two
+    workers with two threads each on two cores run tiny models many times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_cores_among_workers()
 
 # family -> (config class, causal-LM class, what the family's tiny config sets beyond the common one)
 TINY_FAMILIES = {
