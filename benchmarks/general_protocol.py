@@ -44,7 +44,7 @@ LSD = {"compensation": "least_squares", "ls_prior": "dense", "ls_damp": "auto"}
 # --recovery lora: lora_recover with loss kl (rank-32 LoRA), rows "+distill<N>" (the earlier rows).
 # --lr-schedule cosine: the rate decays to a tenth at the last step, so only the last row is that run's
 # own schedule; rows "+distill-full-cos<N>".
-# --lr: another learning rate than RECOVERY's; rows "+distill-full-lr<lr>-<N>" (e.g. "-lr4e-4-500").
+# --lr: another learning rate than RECOVERY's; rows "+distill-full-lr<lr>-<N>" (e.g. "+distill-full-lr0.0004-500").
 RECOVERY = {
     "full": ("distill", "distill-full", {"source": "general", "seqlen": 128, "batch_size": 8, "lr": 2e-4,
                                          "warmup_steps": 10, "bf16": True, "checkpoint_every": 0}),
