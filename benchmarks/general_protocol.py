@@ -45,6 +45,7 @@ LSD = {"compensation": "least_squares", "ls_prior": "dense", "ls_damp": "auto"}
 # --lr-schedule cosine: the rate decays to a tenth at the last step, so only the last row is that run's
 # own schedule; rows "+distill-full-cos<N>".
 # --lr: another learning rate than RECOVERY's; rows "+distill-full-lr<lr>-<N>" (e.g. "+distill-full-lr0.0004-500").
+# --hidden-weight (full only): the distill pass's hidden-state term beside the KL; rows "+distill-full-hid<w>-<N>".
 RECOVERY = {
     "full": ("distill", "distill-full", {"source": "general", "seqlen": 128, "batch_size": 8, "lr": 2e-4,
                                          "warmup_steps": 10, "bf16": True, "checkpoint_every": 0}),
@@ -123,7 +124,7 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
 
 def run_one(name: str, calibration: dict, windows: int, threads: int, distill: list[int], model_name: str = MODEL,
             eval_batch: int = 8, recovery: str = "full", schedule: str = "constant",
-            lr: float | None = None) -> list[dict]:
+            lr: float | None = None, hidden_weight: float = 0.0) -> list[dict]:
     """Load, prune and evaluate one configuration in this process; with ``distill`` (step counts),
     then distil it (``--recovery``: see ``RECOVERY``) and evaluate after each count too."""
     import torch
@@ -188,11 +189,12 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
         "eval_s": round(time.perf_counter() - start, 1),
         "evaluation": section,
     }
-    return [row] + (distilled_rows(row, model, ctx, evaluator, distill, recovery, schedule, lr) if distill else [])
+    return [row] + (distilled_rows(row, model, ctx, evaluator, distill, recovery, schedule, lr, hidden_weight)
+                    if distill else [])
 
 
 def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], recovery: str,
-                   schedule: str = "constant", lr: float | None = None) -> list[dict]:
+                   schedule: str = "constant", lr: float | None = None, hidden_weight: float = 0.0) -> list[dict]:
     """Distil ``model`` for max(checkpoints) steps with the ``recovery`` pass's training (``RECOVERY``)
     and evaluate it (LoRA adapters still attached) after each count; the evaluation time is not
     counted in ``train_s``."""
@@ -205,11 +207,14 @@ def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], re
     from passes.distill.run import block_parameter_names
 
     pass_name, suffix, settings = RECOVERY[recovery]
-    settings = {**settings, "lr_schedule": schedule, **({"lr": lr} if lr else {})}
+    settings = {**settings, "lr_schedule": schedule, **({"lr": lr} if lr else {}),
+                **({"hidden_weight": hidden_weight} if hidden_weight else {})}
     suffix += "-cos" if schedule == "cosine" else ""
     suffix += f"-lr{lr:g}-" if lr else ""
+    suffix += f"-hid{hidden_weight:g}-" if hidden_weight else ""
     options = get_pass(pass_name).options(**{**settings, "steps": max(checkpoints)})
     train = replace(options.train_spec(), loss="kl", temperature=options.temperature, bf16=options.bf16,
+                    hidden_weight=getattr(options, "hidden_weight", 0.0),
                     bos=window_bos(ctx.tokenizer))
     rows, trained, started = [], 0.0, time.perf_counter()
 
@@ -297,6 +302,8 @@ def main() -> None:
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                         help="--distill: the learning rate after the warm-up")
     parser.add_argument("--lr", type=float, help="--distill: the learning rate (default: RECOVERY's)")
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="--distill (full): weight of the hidden-state term beside the KL")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=MODEL, help="model source (default: the embedded SmolLM2-135M)")
@@ -311,7 +318,7 @@ def main() -> None:
 
     if args.one:
         rows = run_one(args.one, calibration, args.windows, args.threads, sorted(args.distill), args.model,
-                       args.eval_batch, args.recovery, args.lr_schedule, args.lr)
+                       args.eval_batch, args.recovery, args.lr_schedule, args.lr, args.hidden_weight)
         args.row_out.write_text(json.dumps(rows if args.distill else rows[0]))
         return
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"protocol": {}, "rows": {}}
@@ -328,7 +335,8 @@ def main() -> None:
                    "--calibration", args.calibration, "--samples", str(args.samples), "--calib-seqlen",
                    str(args.calib_seqlen), "--windows", str(args.windows), "--model", args.model,
                    "--eval-batch", str(args.eval_batch), "--recovery", args.recovery, "--lr-schedule", args.lr_schedule,
-                   *(["--lr", str(args.lr)] if args.lr else []), "--distill", *[str(n) for n in args.distill]]
+                   *(["--lr", str(args.lr)] if args.lr else []), "--hidden-weight", str(args.hidden_weight),
+                   "--distill", *[str(n) for n in args.distill]]
             subprocess.run(cmd, check=True)
             written = json.loads(row_file.read_text())
             for row in written if isinstance(written, list) else [written]:

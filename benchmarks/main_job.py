@@ -2,10 +2,11 @@
 
 Runs the CLI as a child process ``--runs`` times into a temporary folder (the first run of a fresh
 machine also measures the dense model; later runs read its figures from the cache), and records for
-each run the wall time, the child's peak RSS (``wait4``) and the report's stage table (wall seconds
-and peak RSS per stage). Prints a table and writes JSON (no machine paths).
+each run the wall time, the child's peak RSS (``wait4``), the report's stage table (wall seconds
+and peak RSS per stage) and its protocol figures (each domain's PPL ratio, geometric mean, worst). Prints a table and writes JSON (no machine paths).
 
     python3 benchmarks/main_job.py --runs 2 --out docs/results/main_job.json
+    python3 benchmarks/main_job.py --recipe recipes/llama-flap-50-distill.yaml --runs 1 --out docs/results/distill_job.json
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ def run_once(recipe: Path, out: Path) -> dict:
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "exit_code": child.returncode, "stages": report.get("stages", []),
             "passed": (report.get("validation") or {}).get("passed"),
+            "quality": quality(report.get("evaluation") or {}),
             **({"stderr_tail": without_paths(stderr[-400:])} if child.returncode else {})}
+
+
+def quality(evaluation: dict) -> dict:
+    """The report's protocol figures: each domain's PPL ratio to dense, their geometric mean and the worst."""
+    ratios = {name: d.get("ppl_ratio") for name, d in (evaluation.get("datasets") or {}).items()}
+    return {"suite": evaluation.get("suite"), "max_windows": evaluation.get("max_windows"), "ppl_ratio": ratios,
+            **{k: evaluation.get(k) for k in ("geomean_ppl_ratio", "worst_dataset", "worst_ppl_ratio")}}
 
 
 def without_paths(text: str) -> str:
@@ -76,8 +85,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="main-job-") as tmp:
         for i in range(args.runs):
             runs.append(run_once(ROOT / args.recipe, Path(tmp) / "out"))
+            q = runs[-1]["quality"]
             print(f"run {i + 1}: {runs[-1]['wall_s']:.0f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB, "
-                  f"exit {runs[-1]['exit_code']}", flush=True)
+                  f"exit {runs[-1]['exit_code']}, PPL ratio geomean {q['geomean_ppl_ratio']}, worst "
+                  f"{q['worst_dataset']} {q['worst_ppl_ratio']}", flush=True)
     result = {"recipe": str(args.recipe), "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "python": platform.python_version(), "runs": runs,
               "median_wall_s": median(r["wall_s"] for r in runs),

@@ -111,6 +111,7 @@ class TrainSpec:
     schedule: str = "constant"  # after the warm-up: "constant" | "cosine"
     loss: str = "next_token"  # "next_token" | "kl": KL(teacher || model) per token (needs a teacher)
     temperature: float = 1.0  # "kl": both distributions at this softmax temperature (loss scaled by T²)
+    hidden_weight: float = 0.0  # "kl": plus this times the blocks' hidden-state distance (hidden_state_loss)
     bf16: bool = False  # forward passes under bfloat16 autocast (CPU: AMX/AVX-512 BF16; CUDA: tensor cores)
     bos: int | None = None  # every window starts with this token (models that expect BOS: Gemma, Llama 3)
 
@@ -124,6 +125,10 @@ class TrainSpec:
             raise CompressError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.loss not in ("next_token", "kl"):
             raise CompressError(f"loss must be next_token or kl, got {self.loss!r}")
+        if self.hidden_weight < 0:
+            raise CompressError(f"hidden_weight must be >= 0, got {self.hidden_weight!r}")
+        if self.hidden_weight and self.loss != "kl":
+            raise CompressError("hidden_weight needs loss: kl (the teacher's hidden states)")
 
 
 @dataclass
@@ -302,8 +307,27 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return total * (temperature**2) / rows.shape[0]
 
 
+def hidden_state_loss(hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over the decoder blocks' outputs and over positions of ``‖h − h_T‖² / ‖h_T‖²``: each a
+    tuple of [b, t, hidden] (the embeddings first, as ``output_hidden_states`` gives them; skipped).
+
+    Width pruning keeps the residual stream's size, so the pruned model's block outputs compare with
+    the dense model's directly. The distance is relative per position, so a block whose stream is
+    large (deep layers, the first token's massive activations) weighs no more than the others.
+    """
+    if len(hidden) != len(teacher_hidden):
+        raise CompressError(f"the model gives {len(hidden)} hidden states, the teacher {len(teacher_hidden)}")
+    total = hidden[0].new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden[1:], teacher_hidden[1:]):
+        t = t.float().to(h.device)
+        err = (h.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)
+        total = total + err.mean()
+    return total / max(len(hidden) - 1, 1)
+
+
 def training_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec, teacher: nn.Module | None) -> torch.Tensor:
-    """The loss of one micro-batch [b, t]: next-token cross-entropy, or KL to ``teacher``."""
+    """The loss of one micro-batch [b, t]: next-token cross-entropy, or KL to ``teacher`` (plus
+    ``hidden_weight`` × :func:`hidden_state_loss` when that is set)."""
     device_type = batch.device.type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.bf16)
     if train.loss == "next_token":
@@ -311,11 +335,16 @@ def training_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec, teach
             return model(input_ids=batch, labels=batch, use_cache=False).loss.float()
     if teacher is None:
         raise CompressError("loss: kl needs the dense model as teacher")
+    hidden = bool(train.hidden_weight)
     with torch.no_grad(), autocast:
-        target = teacher(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False).logits
+        target = teacher(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False,
+                         output_hidden_states=hidden)
     with autocast:
-        logits = model(input_ids=batch, use_cache=False).logits
-    return distillation_loss(logits, target.to(logits.device), train.temperature)
+        out = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+    loss = distillation_loss(out.logits, target.logits.to(out.logits.device), train.temperature)
+    if hidden:
+        loss = loss + train.hidden_weight * hidden_state_loss(out.hidden_states, target.hidden_states)
+    return loss
 
 
 MIN_LR_SHARE = 0.1  # schedule cosine: the learning rate of the last step, as a share of ``lr``

@@ -12,7 +12,7 @@ from compress.evaluation import compare_logits
 from compress.plan import Plan
 from compress.registry import get_pass
 from compress.run import apply_plan
-from compress.training import TrainSpec, train_weights
+from compress.training import TrainSpec, hidden_state_loss, train_weights, training_loss
 from conftest import tiny_model
 
 TOKENS = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(1))
@@ -91,9 +91,62 @@ def test_distill_options_are_validated():
 
     options = get_pass("distill").options
     assert options().batch_size == 8 and options().warmup() == 10
-    for bad in ({"rank": 8}, {"temperature": 0}, {"steps": 0}, {"source": "austen:nope"}):
+    for bad in ({"rank": 8}, {"temperature": 0}, {"steps": 0}, {"source": "austen:nope"}, {"hidden_weight": -1}):
         with pytest.raises(ValidationError):
             options(**bad)
+
+
+def test_hidden_state_loss_is_the_mean_relative_distance_of_the_block_outputs():
+    """Zero for equal states; the embeddings (entry 0) do not count; each position weighs the same
+    whatever its norm: a tenfold error on a tenfold larger state adds the same as a unit one."""
+    g = torch.Generator().manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(3))
+    assert hidden_state_loss(teacher, teacher).item() == 0.0
+    shifted = (teacher[0] + 1.0, *teacher[1:])
+    assert hidden_state_loss(shifted, teacher).item() == 0.0
+    unit = torch.zeros(1, 2, 4)
+    unit[..., 0] = 1.0
+    big = unit * 10
+    student = (unit, unit + torch.tensor([0.0, 0.5, 0.0, 0.0]), big + torch.tensor([0.0, 5.0, 0.0, 0.0]))
+    assert hidden_state_loss(student, (unit, unit, big)).item() == pytest.approx(0.25)
+    with pytest.raises(CompressError, match="hidden states"):
+        hidden_state_loss(teacher[:2], teacher)
+
+
+def test_hidden_weight_adds_the_hidden_term_to_the_kl_and_needs_it():
+    """loss kl with hidden_weight w is the KL plus w times the hidden-state distance (and 0 adds
+    nothing); it is refused for next-token loss and when negative."""
+    dense, pruned = tiny_model(), tiny_model()
+    run_pass(pruned, "flap", ratio=0.5)
+    batch = TOKENS[:32].reshape(2, 16)
+    kl = training_loss(pruned, batch, TrainSpec(loss="kl"), dense)
+    with torch.no_grad():
+        hid = hidden_state_loss(pruned(input_ids=batch, output_hidden_states=True).hidden_states,
+                                dense(input_ids=batch, output_hidden_states=True).hidden_states)
+    assert hid.item() > 0.01
+    both = training_loss(pruned, batch, TrainSpec(loss="kl", hidden_weight=3.0), dense)
+    assert both.item() == pytest.approx(kl.item() + 3.0 * hid.item(), rel=1e-5)
+    with pytest.raises(CompressError, match="needs loss: kl"):
+        TrainSpec(hidden_weight=1.0)
+    with pytest.raises(CompressError, match=">= 0"):
+        TrainSpec(loss="kl", hidden_weight=-0.5)
+
+
+def test_distill_with_the_hidden_term_trains_and_replays(text_file, tmp_path):  # noqa: F811
+    """The pass passes hidden_weight to the training (the loss differs from the logits-only run) and
+    its plan still reproduces the weights."""
+    runs = {}
+    for weight in (0.0, 2.0):
+        model = tiny_model()
+        steps = [run_pass(model, "flap", ratio=0.5)]
+        steps.append(run_pass(model, "distill", ByteTokenizer(), **distill_options(
+            text_file, tmp_path, steps=3, hidden_weight=weight, checkpoint_dir=str(tmp_path / f"ckpt{weight}"))))
+        runs[weight] = (model, steps)
+    assert runs[2.0][1][-1].details["loss_first_steps"] > runs[0.0][1][-1].details["loss_first_steps"]
+    model, steps = runs[2.0]
+    replayed = tiny_model()
+    apply_plan(replayed, Plan(model={"num_layers": 4}, steps=steps))
+    assert_same_weights(replayed, model)
 
 
 @pytest.mark.slow

@@ -27,5 +27,8 @@ class Distill:
         checkpoint_every: int = Field(100, ge=0, description="Checkpoint every this many steps (0: only at the end); "
                                       "a checkpoint holds the trained weights and AdamW's two moments.")
         temperature: float = Field(1.0, gt=0.0, description="Softmax temperature of both models.")
+        hidden_weight: float = Field(0.0, ge=0.0, description="Add this times the blocks' hidden-state distance to "
+                                     "the KL: mean over blocks and positions of |h - h_dense|^2 / |h_dense|^2 "
+                                     "(0: logits only).")
         bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
                            "AMX or AVX-512 BF16 and on GPUs; the weights and AdamW stay float32).")
