@@ -3,7 +3,8 @@
 Runs the CLI as a child process ``--runs`` times into a temporary folder (the first run of a fresh
 machine also measures the dense model; later runs read its figures from the cache), and records for
 each run the wall time, the child's peak RSS (``wait4``), the report's stage table (wall seconds
-and peak RSS per stage) and its protocol figures (each domain's PPL ratio, geometric mean, worst). Prints a table and writes JSON (no machine paths).
+and peak RSS per stage) and its protocol figures (each domain's PPL ratio, geometric mean, worst).
+Prints a table and writes JSON (no machine paths).
 
     python3 benchmarks/main_job.py --runs 2 --out docs/results/main_job.json
     python3 benchmarks/main_job.py --recipe recipes/llama-flap-50-distill.yaml --runs 1 --out docs/results/distill_job.json
