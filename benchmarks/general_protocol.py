@@ -213,9 +213,7 @@ def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], re
     suffix += f"-lr{lr:g}-" if lr else ""
     suffix += f"-hid{hidden_weight:g}-" if hidden_weight else ""
     options = get_pass(pass_name).options(**{**settings, "steps": max(checkpoints)})
-    train = replace(options.train_spec(), loss="kl", temperature=options.temperature, bf16=options.bf16,
-                    hidden_weight=getattr(options, "hidden_weight", 0.0),
-                    bos=window_bos(ctx.tokenizer))
+    train = replace(options.train_spec(), bos=window_bos(ctx.tokenizer))
     rows, trained, started = [], 0.0, time.perf_counter()
 
     def callback(step: int, loss: float) -> None:

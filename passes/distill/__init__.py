@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import Field
 
 from compress.registry import register_pass
@@ -32,3 +34,8 @@ class Distill:
                                      "(0: logits only).")
         bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
                            "AMX or AVX-512 BF16 and on GPUs; the weights and AdamW stay float32).")
+
+        def train_spec(self):
+            """The training settings with this pass's KL loss (BOS is the caller's: it needs the tokenizer)."""
+            return replace(super().train_spec(), loss="kl", temperature=self.temperature, bf16=self.bf16,
+                           hidden_weight=self.hidden_weight)

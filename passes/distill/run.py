@@ -35,9 +35,7 @@ class DistillPass(Distill):
         o = self.options
         names = block_parameter_names(ctx.model, ctx.adapter())
         ids = training_ids(ctx, o.source, self.name)
-        train = replace(o.train_spec(), loss="kl", temperature=o.temperature, bf16=o.bf16,
-                        hidden_weight=o.hidden_weight,
-                        bos=window_bos(ctx.tokenizer))
+        train = replace(o.train_spec(), bos=window_bos(ctx.tokenizer))
         teacher = ctx.dense_model()
         fingerprint = run_fingerprint(ctx.model, ids, names, train, {"teacher": model_state_digest(teacher)})
         result = train_weights(ctx.model, ids, names, train, checkpoint_dir=o.checkpoint_folder(fingerprint),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
@@ -38,3 +39,7 @@ class LoraRecover:
         temperature: float = Field(1.0, gt=0.0, description="loss: kl: softmax temperature of both models.")
         bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
                            "AMX or AVX-512 BF16 and on GPUs; the adapters and the merge stay float32).")
+
+        def train_spec(self):
+            """The training settings with this pass's loss (BOS is the caller's: it needs the tokenizer)."""
+            return replace(super().train_spec(), loss=self.loss, temperature=self.temperature, bf16=self.bf16)

@@ -88,8 +88,7 @@ class LoraRecoverPass(LoraRecover):
 
         lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=o.rank, alpha=o.alpha,
                         dropout=o.dropout, rank_pattern=rank_pattern)
-        train = replace(o.train_spec(), loss=o.loss, temperature=o.temperature, bf16=o.bf16,
-                        bos=window_bos(ctx.tokenizer))
+        train = replace(o.train_spec(), bos=window_bos(ctx.tokenizer))
         teacher = ctx.dense_model() if o.loss == "kl" else None
         extra = {"teacher": model_state_digest(teacher)} if teacher is not None else None
         fingerprint = run_fingerprint(ctx.model, ids, lora, train, extra)
