@@ -46,6 +46,7 @@ LSD = {"compensation": "least_squares", "ls_prior": "dense", "ls_damp": "auto"}
 # own schedule; rows "+distill-full-cos<N>".
 # --lr: another learning rate than RECOVERY's; rows "+distill-full-lr<lr>-<N>" (e.g. "+distill-full-lr0.0004-500").
 # --hidden-weight (full only): the distill pass's hidden-state term beside the KL; rows "+distill-full-hid<w>-<N>".
+# --balance (full only): draw the mix's parts by excess loss to this power; rows "+distill-full-bal<p>-<N>".
 RECOVERY = {
     "full": ("distill", "distill-full", {"source": "general", "seqlen": 128, "batch_size": 8, "lr": 2e-4,
                                          "warmup_steps": 10, "bf16": True, "checkpoint_every": 0}),
@@ -124,7 +125,7 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
 
 def run_one(name: str, calibration: dict, windows: int, threads: int, distill: list[int], model_name: str = MODEL,
             eval_batch: int = 8, recovery: str = "full", schedule: str = "constant",
-            lr: float | None = None, hidden_weight: float = 0.0) -> list[dict]:
+            lr: float | None = None, hidden_weight: float = 0.0, balance: float = 0.0) -> list[dict]:
     """Load, prune and evaluate one configuration in this process; with ``distill`` (step counts),
     then distil it (``--recovery``: see ``RECOVERY``) and evaluate after each count too."""
     import torch
@@ -189,12 +190,13 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
         "eval_s": round(time.perf_counter() - start, 1),
         "evaluation": section,
     }
-    return [row] + (distilled_rows(row, model, ctx, evaluator, distill, recovery, schedule, lr, hidden_weight)
-                    if distill else [])
+    return [row] + (distilled_rows(row, model, ctx, evaluator, distill, recovery, schedule, lr, hidden_weight,
+                                   balance) if distill else [])
 
 
 def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], recovery: str,
-                   schedule: str = "constant", lr: float | None = None, hidden_weight: float = 0.0) -> list[dict]:
+                   schedule: str = "constant", lr: float | None = None, hidden_weight: float = 0.0,
+                   balance: float = 0.0) -> list[dict]:
     """Distil ``model`` for max(checkpoints) steps with the ``recovery`` pass's training (``RECOVERY``)
     and evaluate it (LoRA adapters still attached) after each count; the evaluation time is not
     counted in ``train_s``."""
@@ -208,10 +210,12 @@ def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], re
 
     pass_name, suffix, settings = RECOVERY[recovery]
     settings = {**settings, "lr_schedule": schedule, **({"lr": lr} if lr else {}),
-                **({"hidden_weight": hidden_weight} if hidden_weight else {})}
+                **({"hidden_weight": hidden_weight} if hidden_weight else {}),
+                **({"balance": balance} if balance else {})}
     suffix += "-cos" if schedule == "cosine" else ""
     suffix += f"-lr{lr:g}-" if lr else ""
     suffix += f"-hid{hidden_weight:g}-" if hidden_weight else ""
+    suffix += f"-bal{balance:g}-" if balance else ""
     options = get_pass(pass_name).options(**{**settings, "steps": max(checkpoints)})
     train = replace(options.train_spec(), bos=window_bos(ctx.tokenizer))
     rows, trained, started = [], 0.0, time.perf_counter()
@@ -228,10 +232,12 @@ def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], re
             model.train()
             started = time.perf_counter()
 
-    ids = training_ids(ctx, options.source, pass_name)
+    ids = training_ids(ctx, options.source, pass_name, parts=bool(balance))
     if recovery == "full":
-        train_weights(model, ids, block_parameter_names(model, ctx.adapter()), train, progress=False,
-                      callback=callback, teacher=ctx.dense_model())
+        result = train_weights(model, ids, block_parameter_names(model, ctx.adapter()), train, progress=False,
+                               callback=callback, teacher=ctx.dense_model())
+        if result.part_weights is not None:
+            rows[-1]["distill"]["part_weights"] = result.part_weights
         return rows
     names = target_names(ctx, options.target_modules)
     lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=options.rank,
@@ -302,6 +308,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="--distill: the learning rate (default: RECOVERY's)")
     parser.add_argument("--hidden-weight", type=float, default=0.0,
                         help="--distill (full): weight of the hidden-state term beside the KL")
+    parser.add_argument("--balance", type=float, default=0.0,
+                        help="--distill (full): draw the mix's parts by excess loss to this power (0: the mix as is)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=MODEL, help="model source (default: the embedded SmolLM2-135M)")
@@ -316,7 +324,8 @@ def main() -> None:
 
     if args.one:
         rows = run_one(args.one, calibration, args.windows, args.threads, sorted(args.distill), args.model,
-                       args.eval_batch, args.recovery, args.lr_schedule, args.lr, args.hidden_weight)
+                       args.eval_batch, args.recovery, args.lr_schedule, args.lr, args.hidden_weight,
+                       args.balance)
         args.row_out.write_text(json.dumps(rows if args.distill else rows[0]))
         return
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"protocol": {}, "rows": {}}
@@ -334,6 +343,7 @@ def main() -> None:
                    str(args.calib_seqlen), "--windows", str(args.windows), "--model", args.model,
                    "--eval-batch", str(args.eval_batch), "--recovery", args.recovery, "--lr-schedule", args.lr_schedule,
                    *(["--lr", str(args.lr)] if args.lr else []), "--hidden-weight", str(args.hidden_weight),
+                   "--balance", str(args.balance),
                    "--distill", *[str(n) for n in args.distill]]
             subprocess.run(cmd, check=True)
             written = json.loads(row_file.read_text())

@@ -7,6 +7,8 @@ needs to train low-rank adapters on a causal LM (LoRAPrune, …). The pieces:
     train_lora(model, ids, spec, train, …)     attach + AdamW on random windows of ``ids``; LoRA stays attached
     train_weights(model, ids, names, train, …) the same loop on the model's own parameters ``names``
                                                 (full fine-tuning, e.g. the ``distill`` pass)
+    PartSampler                                 windows of a mix's parts, drawn by the model's excess loss over
+                                                the teacher on each (``balance``; dynamic batch loading)
     TrainingHooks                               where a pass plugs in (scores before each optimizer step, masks
                                                 after it, state saved in the checkpoint), e.g. ``loraprune``
     merge_lora(model) -> factors               detach the adapters, add ``scaling · B @ A`` to each weight
@@ -112,6 +114,7 @@ class TrainSpec:
     loss: str = "next_token"  # "next_token" | "kl": KL(teacher || model) per token (needs a teacher)
     temperature: float = 1.0  # "kl": both distributions at this softmax temperature (loss scaled by T²)
     hidden_weight: float = 0.0  # "kl": plus this times the blocks' hidden-state distance (hidden_state_loss)
+    balance: float = 0.0  # "kl", a mixed source: draw its parts by excess loss to this power (PartSampler)
     bf16: bool = False  # forward passes under bfloat16 autocast (CPU: AMX/AVX-512 BF16; CUDA: tensor cores)
     bos: int | None = None  # every window starts with this token (models that expect BOS: Gemma, Llama 3)
 
@@ -129,6 +132,10 @@ class TrainSpec:
             raise CompressError(f"hidden_weight must be >= 0, got {self.hidden_weight!r}")
         if self.hidden_weight and self.loss != "kl":
             raise CompressError("hidden_weight needs loss: kl (the teacher's hidden states)")
+        if self.balance < 0:
+            raise CompressError(f"balance must be >= 0, got {self.balance!r}")
+        if self.balance and self.loss != "kl":
+            raise CompressError("balance needs loss: kl (the excess loss is measured against the teacher)")
 
 
 @dataclass
@@ -143,6 +150,7 @@ class TrainResult:
     checkpoint: Path | None
     modules: list[str]
     trainable_params: int
+    part_weights: dict[str, float] | None = None  # a balanced run: each part's final draw probability
 
     def summary(self) -> dict:
         """The step details every training pass reports: parameters trained, the step resumed
@@ -153,6 +161,7 @@ class TrainResult:
             "resumed_from_step": self.resumed_from,
             "loss_first_steps": sum(head) / len(head),
             "loss_last_steps": sum(tail) / len(tail),
+            **({"part_weights": self.part_weights} if self.part_weights is not None else {}),
         }
 
 
@@ -290,6 +299,84 @@ class WindowSampler:
         self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
 
 
+PART_FLOOR = 0.1  # PartSampler: this share of the draws stays uniform over the parts
+PART_DECAY = 0.95  # PartSampler: the excess estimates forget this share per micro-batch (~20 batches)
+
+
+class PartSampler:
+    """Micro-batches of random windows from the parts of a mixed source (several token streams),
+    each window's part drawn at random and reweighted as training goes: dynamic batch loading
+    (Sheared-LLaMA), with the teacher as the reference.
+
+    Part ``i`` is drawn with probability ``PART_FLOOR / k + (1 - PART_FLOOR) · e_i^power / Σ e^power``,
+    ``e_i`` being the decayed mean (``PART_DECAY`` per micro-batch) of the excess loss of its recent
+    windows, clipped at 0 (:meth:`observe`: the model's mean next-token NLL minus the teacher's, the
+    log of the PPL ratio on that window). Until every part has been seen, and at ``power`` 0, the
+    draw is uniform. A private ``random.Random(seed)`` draws the parts and one seed per window for
+    :func:`~compress.calibration.sources.random_windows`; its state and the estimates are checkpointed.
+    """
+
+    def __init__(self, parts: dict[str, torch.Tensor], batch_size: int, seqlen: int, seed: int,
+                 bos: int | None = None, power: float = 1.0):
+        self.names = list(parts)
+        self.parts = [parts[name] for name in self.names]
+        self.batch_size, self.seqlen, self.bos, self.power = batch_size, seqlen, bos, power
+        self.rng = random.Random(seed)
+        self.sums = [0.0] * len(self.names)  # decayed sum of excess, per part
+        self.counts = [0.0] * len(self.names)  # decayed window count, per part
+        self.last: list[int] = []  # the part of each window of the last batch
+
+    def weights(self) -> list[float]:
+        """The current draw probability of each part (sums to 1)."""
+        k = len(self.names)
+        if not self.power or not all(self.counts):
+            return [1.0 / k] * k
+        scores = [max(total / count, 0.0) ** self.power for total, count in zip(self.sums, self.counts)]
+        norm = sum(scores)
+        if norm <= 0:
+            return [1.0 / k] * k
+        return [PART_FLOOR / k + (1 - PART_FLOOR) * score / norm for score in scores]
+
+    def next(self) -> torch.Tensor:
+        """A micro-batch [batch_size, seqlen]."""
+        from compress.calibration.sources import random_windows
+
+        self.last = self.rng.choices(range(len(self.names)), weights=self.weights(), k=self.batch_size)
+        return torch.cat([random_windows(self.parts[i], 1, self.seqlen, self.rng.getrandbits(63), bos=self.bos)
+                          for i in self.last])
+
+    def observe(self, excess: torch.Tensor) -> None:
+        """Record the excess loss [batch_size] of each window of the last batch."""
+        self.sums = [PART_DECAY * v for v in self.sums]
+        self.counts = [PART_DECAY * v for v in self.counts]
+        for i, value in zip(self.last, excess.double().tolist()):
+            self.sums[i] += value
+            self.counts[i] += 1.0
+
+    def part_weights(self) -> dict[str, float]:
+        return {name: round(w, 4) for name, w in zip(self.names, self.weights())}
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "sums": list(self.sums), "counts": list(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        self.sums = [float(v) for v in state["sums"]]
+        self.counts = [float(v) for v in state["counts"]]
+
+
+def make_sampler(ids, train: "TrainSpec") -> WindowSampler | PartSampler:
+    """The batches of a run: one token stream [N] (a :class:`WindowSampler`), or a mix's parts as a
+    dict of streams (a :class:`PartSampler` drawing them by excess loss to the power ``train.balance``)."""
+    if isinstance(ids, dict):
+        return PartSampler(ids, train.batch_size, train.seqlen, train.seed, train.bos, train.balance)
+    if train.balance:
+        raise CompressError("balance needs a mixed text source (its parts as separate token streams)")
+    return WindowSampler(ids, train.batch_size, train.seqlen, train.seed, train.bos)
+
+
 DISTILL_CHUNK = 1024  # positions per KL chunk (bounds the float32 copies at chunk × vocab)
 
 
@@ -325,14 +412,34 @@ def hidden_state_loss(hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[to
     return total / max(len(hidden) - 1, 1)
 
 
+def excess_nll(logits: torch.Tensor, teacher_logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Per window, the model's mean next-token NLL minus the teacher's: logits [b, t, vocab] of
+    both and the windows [b, t] -> [b] float64 (no gradient), the log of the PPL ratio per window."""
+    with torch.no_grad():
+        labels = batch[:, 1:].to(logits.device)
+        out = []
+        for row, teacher_row, target in zip(logits[:, :-1], teacher_logits[:, :-1], labels):
+            model_nll = torch.nn.functional.cross_entropy(row.float(), target)
+            teacher_nll = torch.nn.functional.cross_entropy(teacher_row.float().to(row.device), target)
+            out.append((model_nll - teacher_nll).double())
+        return torch.stack(out)
+
+
 def training_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec, teacher: nn.Module | None) -> torch.Tensor:
     """The loss of one micro-batch [b, t]: next-token cross-entropy, or KL to ``teacher`` (plus
     ``hidden_weight`` × :func:`hidden_state_loss` when that is set)."""
+    return step_loss(model, batch, train, teacher)[0]
+
+
+def step_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec,
+              teacher: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`training_loss` and, for a balanced run (``train.balance``), each window's
+    :func:`excess_nll` [b] (else None)."""
     device_type = batch.device.type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.bf16)
     if train.loss == "next_token":
         with autocast:
-            return model(input_ids=batch, labels=batch, use_cache=False).loss.float()
+            return model(input_ids=batch, labels=batch, use_cache=False).loss.float(), None
     if teacher is None:
         raise CompressError("loss: kl needs the dense model as teacher")
     hidden = bool(train.hidden_weight)
@@ -344,7 +451,8 @@ def training_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec, teach
     loss = distillation_loss(out.logits, target.logits.to(out.logits.device), train.temperature)
     if hidden:
         loss = loss + train.hidden_weight * hidden_state_loss(out.hidden_states, target.hidden_states)
-    return loss
+    excess = excess_nll(out.logits, target.logits, batch) if train.balance else None
+    return loss, excess
 
 
 MIN_LR_SHARE = 0.1  # schedule cosine: the learning rate of the last step, as a share of ``lr``
@@ -382,7 +490,6 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, trained: LoRASpec | lis
     """What identifies a training run: the model weights (before adapters), the token stream, what is
     trained (a LoRA spec, or the names of the model's own parameters) and every setting that changes
     the result. Checkpoints resume only into a run with the same one."""
-    ids = torch.as_tensor(ids, dtype=torch.long).contiguous()
     h = hashlib.blake2b(digest_size=16)
     settings = {
         "version": FINGERPRINT_VERSION,
@@ -392,7 +499,10 @@ def run_fingerprint(model: nn.Module, ids: torch.Tensor, trained: LoRASpec | lis
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(model_state_digest(model).encode())
-    h.update(ids.numpy().tobytes())
+    streams = ids.items() if isinstance(ids, dict) else [("", ids)]
+    for name, stream in streams:  # a mix's parts: each name and stream, in order
+        h.update(name.encode())
+        h.update(torch.as_tensor(stream, dtype=torch.long).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -577,9 +687,13 @@ def train_weights(
 
 def _run_identity(model: nn.Module, ids, trained: LoRASpec | list[str], train: TrainSpec, fingerprint: str | None,
                   checkpoint_dir: str | Path | None) -> tuple[torch.Tensor, str, Path | None]:
-    """A run's token stream as a flat long tensor [N], its fingerprint (:func:`run_fingerprint` unless
-    given; taken before any adapter is attached) and its checkpoint file (None: no checkpoints)."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    """A run's token stream as a flat long tensor [N] (a mix's parts: a dict of them), its fingerprint
+    (:func:`run_fingerprint` unless given; taken before any adapter is attached) and its checkpoint
+    file (None: no checkpoints)."""
+    if isinstance(ids, dict):
+        ids = {name: torch.as_tensor(stream, dtype=torch.long).reshape(-1) for name, stream in ids.items()}
+    else:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if fingerprint is None:
         fingerprint = run_fingerprint(model, ids, trained, train)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -607,7 +721,7 @@ def _train_loop(model, named: list[tuple[str, nn.Parameter]], ids, train: TrainS
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train.warmup_steps, train.steps, train.schedule))
-    sampler = WindowSampler(ids, train.batch_size, train.seqlen, train.seed, train.bos)
+    sampler = make_sampler(ids, train)
     losses: list[float] = []
     start = 0
 
@@ -648,7 +762,9 @@ def _train_loop(model, named: list[tuple[str, nn.Parameter]], ids, train: TrainS
             total = 0.0
             for _ in range(train.grad_accum):
                 batch = sampler.next().to(device)
-                loss = training_loss(model, batch, train, teacher)
+                loss, excess = step_loss(model, batch, train, teacher)
+                if excess is not None:
+                    sampler.observe(excess)
                 (loss / train.grad_accum).backward()
                 total += float(loss.detach()) / train.grad_accum
             if train.max_grad_norm is not None:
@@ -667,7 +783,8 @@ def _train_loop(model, named: list[tuple[str, nn.Parameter]], ids, train: TrainS
     if checkpoint is not None and start == train.steps and not checkpoint.is_file():
         write_checkpoint(train.steps)
     return TrainResult(losses=losses, steps=train.steps, resumed_from=start, fingerprint=fingerprint,
-                       checkpoint=checkpoint, modules=[], trainable_params=sum(p.numel() for p in params))
+                       checkpoint=checkpoint, modules=[], trainable_params=sum(p.numel() for p in params),
+                       part_weights=sampler.part_weights() if isinstance(sampler, PartSampler) else None)
 
 
 def module_names(model: nn.Module, modules: Iterable[nn.Module]) -> list[str]:

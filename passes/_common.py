@@ -198,14 +198,15 @@ def target_names(ctx, roles: list[str]) -> list[list[str]]:
     return per_layer
 
 
-def training_ids(ctx, source: str, pass_name: str):
-    """[N] token ids of a text source, read with the model's tokenizer."""
-    from compress.calibration.token_cache import source_ids
+def training_ids(ctx, source: str, pass_name: str, *, parts: bool = False):
+    """[N] token ids of a text source, read with the model's tokenizer; with ``parts``, the source
+    must be a mix (:data:`MIXED_SOURCES`) and the result is a dict of each part's ids [N_part]."""
+    from compress.calibration.token_cache import mix_part_ids, source_ids
     from compress.errors import CompressError
 
     if ctx.tokenizer is None:
         raise CompressError(f"{pass_name} needs the model's tokenizer to read its text source")
-    return source_ids(ctx.tokenizer, source)
+    return mix_part_ids(ctx.tokenizer, source) if parts else source_ids(ctx.tokenizer, source)
 
 
 def count_or_fraction(value):

@@ -24,6 +24,7 @@ from compress.calibration.sources import (
     general_mix_domains,
     general_mix_part,
     general_mix_parts,
+    mix_part_texts,
     read_text,
     suite_sources,
 )
@@ -122,6 +123,18 @@ def test_mix_holds_every_mix_part_and_interleaves_them(mix):
     # no 20,000-character stretch of the mix is a single part
     starts = sorted((pos, part) for part, pos in positions.items() for pos in pos)
     assert max(b[0] - a[0] for a, b in zip(starts, starts[1:])) < 20_000
+
+
+def test_mix_part_texts_are_the_parts_the_mix_interleaves():
+    """What a balanced training run draws from: each part of the mix on its own, in mix order; only
+    the mix has parts."""
+    for name in ("general", "general:train"):
+        parts = mix_part_texts(name)
+        assert list(parts) == list(general_mix_parts())
+        assert all(parts[part] == general_mix_part(part) for part in parts)
+    for name in ("general:wiki", "general:wiki:train", "austen"):
+        with pytest.raises(DataSourceError, match="not a mix of parts; the mixes are general, general:train"):
+            mix_part_texts(name)
 
 
 def test_mix_holds_no_test_text_and_nothing_of_the_held_out_domain(mix_paragraphs, manifest):

@@ -12,7 +12,8 @@ from compress.evaluation import compare_logits
 from compress.plan import Plan
 from compress.registry import get_pass
 from compress.run import apply_plan
-from compress.training import TrainSpec, hidden_state_loss, train_weights, training_loss
+from compress.training import (PART_FLOOR, PartSampler, TrainSpec, excess_nll, hidden_state_loss, train_weights,
+                               training_loss)
 from conftest import tiny_model
 
 TOKENS = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(1))
@@ -91,9 +92,13 @@ def test_distill_options_are_validated():
 
     options = get_pass("distill").options
     assert options().batch_size == 8 and options().warmup() == 10
-    for bad in ({"rank": 8}, {"temperature": 0}, {"steps": 0}, {"source": "austen:nope"}, {"hidden_weight": -1}):
+    for bad in ({"rank": 8}, {"temperature": 0}, {"steps": 0}, {"source": "austen:nope"}, {"hidden_weight": -1},
+                {"balance": -1}):
         with pytest.raises(ValidationError):
             options(**bad)
+    with pytest.raises(ValidationError, match="balance needs a mixed training source.*'austen'"):
+        options(balance=1.0, source="austen")
+    assert options(balance=2.0).train_spec().balance == 2.0
 
 
 def test_hidden_state_loss_is_the_mean_relative_distance_of_the_block_outputs():
@@ -144,6 +149,106 @@ def test_distill_with_the_hidden_term_trains_and_replays(text_file, tmp_path):  
         runs[weight] = (model, steps)
     assert runs[2.0][1][-1].details["loss_first_steps"] > runs[0.0][1][-1].details["loss_first_steps"]
     model, steps = runs[2.0]
+    replayed = tiny_model()
+    apply_plan(replayed, Plan(model={"num_layers": 4}, steps=steps))
+    assert_same_weights(replayed, model)
+
+
+PARTS = {"a": TOKENS[:1000], "b": TOKENS[1000:2000] + 128, "c": TOKENS[2000:] + 256}  # ids tell the part
+
+
+def test_part_sampler_draws_uniformly_until_it_has_seen_every_part_then_by_excess():
+    """Weights are uniform before any part's excess is known and at power 0; then the floor plus
+    (1 - floor) times each part's share of excess^power, negative excess counting as 0."""
+    sampler = PartSampler(PARTS, batch_size=6, seqlen=8, seed=0, power=1.0)
+    assert sampler.weights() == pytest.approx([1 / 3] * 3)
+    batch = sampler.next()
+    assert batch.shape == (6, 8)
+    for window, part in zip(batch, sampler.last):  # each window comes from the part it was drawn from
+        assert int(window.min()) // 128 == int(window.max()) // 128 == part
+    sampler.last = [0, 1, 2]
+    sampler.observe(torch.tensor([0.2, 0.6, -0.3]))
+    floor = PART_FLOOR / 3
+    assert sampler.weights() == pytest.approx([floor + (1 - PART_FLOOR) * 0.25, floor + (1 - PART_FLOOR) * 0.75, floor])
+    sampler.power = 2.0
+    assert sampler.weights() == pytest.approx([floor + (1 - PART_FLOOR) * 0.1, floor + (1 - PART_FLOOR) * 0.9, floor])
+    sampler.power = 0.0
+    assert sampler.weights() == pytest.approx([1 / 3] * 3)
+
+
+def test_part_sampler_forgets_old_excess_and_resumes_from_its_state():
+    sampler = PartSampler(PARTS, batch_size=4, seqlen=8, seed=3, power=1.0)
+    sampler.last = [0, 1, 2]
+    sampler.observe(torch.tensor([1.0, 1.0, 1.0]))
+    for _ in range(60):  # part 0 improves: its recent windows have no excess
+        sampler.last = [0]
+        sampler.observe(torch.tensor([0.0]))
+    weights = sampler.weights()
+    assert weights[0] < 0.2 < weights[1] == pytest.approx(weights[2])
+    sampler.next()
+    copy = PartSampler(PARTS, batch_size=4, seqlen=8, seed=99, power=1.0)
+    copy.load_state_dict(sampler.state_dict())
+    assert torch.equal(copy.next(), sampler.next()) and copy.last == sampler.last
+
+
+def test_excess_nll_is_the_log_ppl_ratio_of_each_window():
+    dense, pruned = tiny_model(), tiny_model()
+    run_pass(pruned, "flap", ratio=0.5)
+    batch = TOKENS[:48].reshape(3, 16)
+    with torch.no_grad():
+        excess = excess_nll(pruned(input_ids=batch).logits, dense(input_ids=batch).logits, batch)
+        for window, value in zip(batch, excess):
+            row = window[None]
+            expected = pruned(input_ids=row, labels=row).loss - dense(input_ids=row, labels=row).loss
+            assert value.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert excess.dtype == torch.float64 and excess.shape == (3,)
+
+
+def test_balance_is_refused_without_kl_or_without_a_mix():
+    with pytest.raises(CompressError, match="balance needs loss: kl"):
+        TrainSpec(balance=1.0)
+    with pytest.raises(CompressError, match=">= 0"):
+        TrainSpec(loss="kl", balance=-1.0)
+    with pytest.raises(CompressError, match="mixed text source"):
+        train_weights(tiny_model(), TOKENS, ["model.layers.0.mlp.up_proj.weight"],
+                      TrainSpec(steps=1, loss="kl", balance=1.0), progress=False, teacher=tiny_model())
+
+
+def test_balanced_training_reweights_the_parts_toward_the_worst_one(text_file):  # noqa: F811
+    """Each window's excess goes to the part it was drawn from: the part where the student is further
+    from the teacher (measured beforehand on 16 windows of each) ends with the larger weight."""
+    from compress.calibration.sources import random_windows
+
+    parts = {"random": TOKENS, "text": torch.tensor(ByteTokenizer()(text_file.read_text())["input_ids"])}
+    dense, pruned = tiny_model(), tiny_model()  # the teacher learns the text, so the student lags there
+    train_weights(dense, parts["text"], [n for n, _ in dense.named_parameters()],
+                  TrainSpec(steps=30, lr=1e-2, batch_size=4, seqlen=16), progress=False)
+    run_pass(pruned, "flap", ratio=0.5)
+    with torch.no_grad():
+        gap = {}
+        for name, ids in parts.items():
+            windows = random_windows(ids, 16, 16, seed=5)
+            gap[name] = excess_nll(pruned(input_ids=windows).logits, dense(input_ids=windows).logits, windows).mean()
+    worst, best = sorted(gap, key=gap.get, reverse=True)
+    assert gap[worst] > 2 * max(gap[best], 0.0) and gap[worst] > 0.05
+    result = train_weights(pruned, parts, ["model.layers.0.mlp.up_proj.weight"],
+                           TrainSpec(steps=8, lr=1e-6, batch_size=4, seqlen=16, loss="kl", balance=1.0),
+                           progress=False, teacher=dense)
+    weights = result.part_weights
+    assert list(weights) == ["random", "text"] and sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
+    assert weights[worst] > 0.6 and result.summary()["part_weights"] == weights
+
+
+def test_distill_with_balance_draws_the_general_mix_by_part_and_replays(tmp_path):
+    """On the general mix, the pass trains on the mix's parts (one weight per part in the details),
+    and its plan reproduces the weights."""
+    from compress.calibration.sources import general_mix_parts
+
+    model = tiny_model()
+    steps = [run_pass(model, "flap", ratio=0.5)]
+    steps.append(run_pass(model, "distill", ByteTokenizer(), steps=3, batch_size=4, seqlen=16, source="general",
+                          balance=1.0, checkpoint_dir=str(tmp_path / "ckpt")))
+    assert list(steps[-1].details["part_weights"]) == list(general_mix_parts())
     replayed = tiny_model()
     apply_plan(replayed, Plan(model={"num_layers": 4}, steps=steps))
     assert_same_weights(replayed, model)

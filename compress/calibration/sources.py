@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from compress.calibration.suites import EVALUATION_SUITES
+from compress.calibration.suites import EVALUATION_SUITES, MIXED_SOURCES
 from compress.errors import DataSourceError
 
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
@@ -253,6 +253,15 @@ def general_mix() -> str:
     (chunk 0 of every part, chunk 1 of every part, ...; a part that has run out is skipped), joined by
     a blank line."""
     return _general_mix()
+
+
+def mix_part_texts(source: str) -> dict[str, str]:
+    """The parts of a mixed text source, by name, each as the text it contributes to the mix (in
+    :func:`general_mix_parts` order): for ``general`` / ``general:train`` the train split of every mix
+    domain and the Austen slice. Any other source is one text, not a mix: :class:`DataSourceError`."""
+    if source not in MIXED_SOURCES:
+        raise DataSourceError(f"text source '{source}' is not a mix of parts; the mixes are {', '.join(MIXED_SOURCES)}")
+    return {name: general_mix_part(name) for name in general_mix_parts()}
 
 
 def chunk_text(text: str, size: int = MIX_CHUNK_CHARS, *, code: bool = False) -> list[str]:

@@ -21,6 +21,10 @@ EVALUATION_SUITES: dict[str, list[str]] = {
 }
 DEFAULT_SUITE = "v2"
 
+# Text sources made of parts (the general corpus' calibration mix): a training pass can draw their
+# parts separately (compress.calibration.sources.mix_part_texts).
+MIXED_SOURCES = ("general", "general:train")
+
 
 def dataset_name(source: str) -> str:
     """The short name a text source goes by in reports: ``austen:persuasion`` -> ``persuasion``,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from compress.cache import cache_root, digest, write_atomically
-from compress.calibration.sources import read_text, tokenize_text
+from compress.calibration.sources import mix_part_texts, read_text, tokenize_text
 
 TOKENS_FOLDER = "tokens"
 
@@ -32,7 +32,17 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
 def source_ids(tokenizer, source: str, *, cache: bool = True) -> torch.Tensor:
     """The token ids LongTensor [N] of text source ``source`` (see
     :func:`compress.calibration.sources.read_text`), from the cache when it holds them."""
-    text = read_text(source)
+    return text_ids(tokenizer, read_text(source), cache=cache)
+
+
+def mix_part_ids(tokenizer, source: str, *, cache: bool = True) -> dict[str, torch.Tensor]:
+    """The token ids [N_part] of each part of the mixed source ``source``
+    (:func:`compress.calibration.sources.mix_part_texts`), by part name, cached as :func:`source_ids`."""
+    return {name: text_ids(tokenizer, text, cache=cache) for name, text in mix_part_texts(source).items()}
+
+
+def text_ids(tokenizer, text: str, *, cache: bool = True) -> torch.Tensor:
+    """The token ids LongTensor [N] of ``text``, from the cache when it holds them."""
     fingerprint = tokenizer_fingerprint(tokenizer) if cache else None
     if fingerprint is None:
         return tokenize_text(tokenizer, text)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from compress.calibration.suites import MIXED_SOURCES
 from compress.registry import register_pass
 from passes._common import TrainOptions
 
@@ -32,10 +33,20 @@ class Distill:
         hidden_weight: float = Field(0.0, ge=0.0, description="Add this times the blocks' hidden-state distance to "
                                      "the KL: mean over blocks and positions of |h - h_dense|^2 / |h_dense|^2 "
                                      "(0: logits only).")
+        balance: float = Field(0.0, ge=0.0, description="Draw the windows of a mixed source (general) part by part, "
+                               "each part in proportion to the model's excess loss over the dense model there, "
+                               "to this power (dynamic batch loading; 0: the mix as it is).")
         bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
                            "AMX or AVX-512 BF16 and on GPUs; the weights and AdamW stay float32).")
+
+        @model_validator(mode="after")
+        def _balance_needs_a_mix(self):
+            if self.balance and self.source not in MIXED_SOURCES:
+                raise ValueError(f"balance needs a mixed training source ({' or '.join(MIXED_SOURCES)}); "
+                                 f"source is {self.source!r}")
+            return self
 
         def train_spec(self):
             """The training settings with this pass's KL loss (BOS is the caller's: it needs the tokenizer)."""
             return replace(super().train_spec(), loss="kl", temperature=self.temperature, bf16=self.bf16,
-                           hidden_weight=self.hidden_weight)
+                           hidden_weight=self.hidden_weight, balance=self.balance)

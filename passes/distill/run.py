@@ -34,7 +34,7 @@ class DistillPass(Distill):
 
         o = self.options
         names = block_parameter_names(ctx.model, ctx.adapter())
-        ids = training_ids(ctx, o.source, self.name)
+        ids = training_ids(ctx, o.source, self.name, parts=bool(o.balance))
         train = replace(o.train_spec(), bos=window_bos(ctx.tokenizer))
         teacher = ctx.dense_model()
         fingerprint = run_fingerprint(ctx.model, ids, names, train, {"teacher": model_state_digest(teacher)})
