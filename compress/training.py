@@ -686,7 +686,7 @@ def train_weights(
 
 
 def _run_identity(model: nn.Module, ids, trained: LoRASpec | list[str], train: TrainSpec, fingerprint: str | None,
-                  checkpoint_dir: str | Path | None) -> tuple[torch.Tensor, str, Path | None]:
+                  checkpoint_dir: str | Path | None) -> tuple[torch.Tensor | dict[str, torch.Tensor], str, Path | None]:
     """A run's token stream as a flat long tensor [N] (a mix's parts: a dict of them), its fingerprint
     (:func:`run_fingerprint` unless given; taken before any adapter is attached) and its checkpoint
     file (None: no checkpoints)."""

@@ -308,9 +308,9 @@ _SENTENCE_GAP = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')]))\s+(?=[A-Z\"'(])")
 
 def _read_general(source: str) -> str:
     """``general``, ``general:train``, ``general:<domain>``, ``general:<domain>:test|train``."""
-    parts = source.split(":")
-    if parts == [GENERAL_PREFIX] or parts == [GENERAL_PREFIX, "train"]:
+    if source in MIXED_SOURCES:
         return general_mix()
+    parts = source.split(":")
     if len(parts) == 2 and parts[1]:
         return general_split(parts[1], "test")
     if len(parts) == 3 and parts[1]:
