@@ -46,7 +46,7 @@ LSD = {"compensation": "least_squares", "ls_prior": "dense", "ls_damp": "auto"}
 # own schedule; rows "+distill-full-cos<N>".
 # --lr: another learning rate than RECOVERY's; rows "+distill-full-lr<lr>-<N>" (e.g. "+distill-full-lr0.0004-500").
 # --hidden-weight (full only): the distill pass's hidden-state term beside the KL; rows "+distill-full-hid<w>-<N>".
-# --balance (full only): draw the mix's parts by excess loss to this power; rows "+distill-full-bal<p>-<N>".
+# --balance: draw the mix's parts by excess loss to this power; rows "+distill-full-bal<p>-<N>" (lora: "+distill-bal<p>-<N>").
 RECOVERY = {
     "full": ("distill", "distill-full", {"source": "general", "seqlen": 128, "batch_size": 8, "lr": 2e-4,
                                          "warmup_steps": 10, "bf16": True, "checkpoint_every": 0}),
@@ -309,7 +309,7 @@ def main() -> None:
     parser.add_argument("--hidden-weight", type=float, default=0.0,
                         help="--distill (full): weight of the hidden-state term beside the KL")
     parser.add_argument("--balance", type=float, default=0.0,
-                        help="--distill (full): draw the mix's parts by excess loss to this power (0: the mix as is)")
+                        help="--distill: draw the mix's parts by excess loss to this power (0: the mix as is)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "general_protocol.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=MODEL, help="model source (default: the embedded SmolLM2-135M)")

@@ -383,15 +383,43 @@ DISTILL_CHUNK = 1024  # positions per KL chunk (bounds the float32 copies at chu
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over positions of KL(teacher || model) at ``temperature`` (times T², so gradients keep
     their scale): logits [b, t, vocab] of the model and of the teacher (no gradient)."""
-    vocab = logits.shape[-1]
+    return distillation_terms(logits, teacher_logits, temperature)[0]
+
+
+def distillation_terms(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                       batch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`distillation_loss` and, given the windows ``batch`` [b, t], each window's
+    :func:`excess_nll` [b] float64 (no gradient; else None), read from the same chunked log-softmax
+    at temperature 1 (at another temperature the excess takes its own)."""
+    b, t, vocab = logits.shape
     rows, teacher_rows = logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     total = logits.new_zeros((), dtype=torch.float32)
+    labels = gaps = None
+    if batch is not None:  # the next token of each position; -1 after a window's last
+        labels = torch.full((b, t), -1, dtype=torch.long, device=logits.device)
+        labels[:, :-1] = batch[:, 1:].to(logits.device)
+        labels, gaps = labels.reshape(-1), torch.zeros(b * t, dtype=torch.float64, device=logits.device)
     for start in range(0, rows.shape[0], DISTILL_CHUNK):
         part = slice(start, start + DISTILL_CHUNK)
         logp = torch.log_softmax(rows[part].float() / temperature, dim=-1)
         target = torch.log_softmax(teacher_rows[part].float() / temperature, dim=-1)
         total = total + torch.nn.functional.kl_div(logp, target, log_target=True, reduction="sum")
-    return total * (temperature**2) / rows.shape[0]
+        if gaps is not None:
+            gaps[part] = _nll_gap(logp, target, rows[part], teacher_rows[part], labels[part], temperature)
+    excess = gaps.view(b, t).sum(1) / max(t - 1, 1) if gaps is not None else None
+    return total * (temperature**2) / rows.shape[0], excess
+
+
+def _nll_gap(logp: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, teacher_rows: torch.Tensor,
+             labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per position [n], the model's next-token NLL minus the teacher's (0 where ``labels`` is -1),
+    from the log-probabilities [n, vocab] at ``temperature`` when it is 1, else from the raw rows."""
+    with torch.no_grad():
+        if temperature != 1:
+            logp, target = (torch.log_softmax(r.float(), dim=-1) for r in (rows, teacher_rows))
+        index = labels.clamp_min(0).unsqueeze(1)
+        gap = (target.gather(1, index) - logp.gather(1, index)).squeeze(1).double()
+        return torch.where(labels >= 0, gap, torch.zeros_like(gap))
 
 
 def hidden_state_loss(hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -414,7 +442,8 @@ def hidden_state_loss(hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[to
 
 def excess_nll(logits: torch.Tensor, teacher_logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """Per window, the model's mean next-token NLL minus the teacher's: logits [b, t, vocab] of
-    both and the windows [b, t] -> [b] float64 (no gradient), the log of the PPL ratio per window."""
+    both and the windows [b, t] -> [b] float64 (no gradient), the log of the PPL ratio per window.
+    Training reads it from the KL's log-softmax instead (:func:`distillation_terms`); this is the reference."""
     with torch.no_grad():
         labels = batch[:, 1:].to(logits.device)
         out = []
@@ -448,10 +477,10 @@ def step_loss(model: nn.Module, batch: torch.Tensor, train: TrainSpec,
                          output_hidden_states=hidden)
     with autocast:
         out = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
-    loss = distillation_loss(out.logits, target.logits.to(out.logits.device), train.temperature)
+    loss, excess = distillation_terms(out.logits, target.logits.to(out.logits.device), train.temperature,
+                                      batch if train.balance else None)
     if hidden:
         loss = loss + train.hidden_weight * hidden_state_loss(out.hidden_states, target.hidden_states)
-    excess = excess_nll(out.logits, target.logits, batch) if train.balance else None
     return loss, excess
 
 

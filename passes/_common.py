@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compress.calibration.suites import MIXED_SOURCES
 from compress.schema import Seed
 from compress.pruning.settings import PrunerSettings
 from compress.recipe import TextSource
@@ -164,6 +165,21 @@ class TrainOptions(BaseModel):
         from compress.models.loading import cache_root
 
         return cache_root() / "checkpoints" / fingerprint
+
+
+class BalanceOption(BaseModel):
+    """The ``balance`` option of the passes that distil on a mixed source (distill, lora_recover)."""
+
+    balance: float = Field(0.0, ge=0.0, description="Draw the windows of a mixed source (general) part by part, "
+                           "each part in proportion to the model's excess loss over the dense model there, "
+                           "to this power (dynamic batch loading; 0: the mix as it is).")
+
+    @model_validator(mode="after")
+    def _balance_needs_a_mix(self):
+        if self.balance and self.source not in MIXED_SOURCES:
+            raise ValueError(f"balance needs a mixed training source ({' or '.join(MIXED_SOURCES)}); "
+                             f"source is {self.source!r}")
+        return self
 
 
 class LoRATrainOptions(TrainOptions):

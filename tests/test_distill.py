@@ -12,7 +12,7 @@ from compress.evaluation import compare_logits
 from compress.plan import Plan
 from compress.registry import get_pass
 from compress.run import apply_plan
-from compress.training import (PART_FLOOR, PartSampler, TrainSpec, excess_nll, hidden_state_loss, train_weights,
+from compress.training import (PART_FLOOR, PartSampler, TrainSpec, distillation_loss, distillation_terms, excess_nll, hidden_state_loss, train_weights,
                                training_loss)
 from conftest import tiny_model
 
@@ -189,6 +189,24 @@ def test_part_sampler_forgets_old_excess_and_resumes_from_its_state():
     copy = PartSampler(PARTS, batch_size=4, seqlen=8, seed=99, power=1.0)
     copy.load_state_dict(sampler.state_dict())
     assert torch.equal(copy.next(), sampler.next()) and copy.last == sampler.last
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_terms_read_the_excess_from_the_kl_chunks(monkeypatch, temperature):
+    """The loss is distillation_loss's and the excess excess_nll's, with chunks that split windows."""
+    import compress.training as training
+
+    monkeypatch.setattr(training, "DISTILL_CHUNK", 7)  # 3 windows of 16 positions: chunks cross windows
+    dense, pruned = tiny_model(), tiny_model()
+    run_pass(pruned, "flap", ratio=0.5)
+    batch = TOKENS[:48].reshape(3, 16)
+    with torch.no_grad():
+        logits, teacher = pruned(input_ids=batch).logits, dense(input_ids=batch).logits
+    loss, excess = distillation_terms(logits, teacher, temperature, batch)
+    assert loss.item() == pytest.approx(distillation_loss(logits, teacher, temperature).item(), rel=1e-6)
+    assert torch.allclose(excess, excess_nll(logits, teacher, batch), atol=1e-5)
+    assert excess.dtype == torch.float64 and not excess.requires_grad
+    assert distillation_terms(logits, teacher, temperature)[1] is None
 
 
 def test_excess_nll_is_the_log_ppl_ratio_of_each_window():

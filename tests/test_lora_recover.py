@@ -264,6 +264,35 @@ def test_options_are_validated(text_file):
             options(**bad)
 
 
+def test_balance_needs_kl_and_a_mix():
+    from pydantic import ValidationError
+
+    options = get_pass("lora_recover").options
+    with pytest.raises(ValidationError, match="balance .*needs loss: kl.*'next_token'"):
+        options(balance=1.0, loss="next_token")
+    with pytest.raises(ValidationError, match="balance needs a mixed training source.*'austen'"):
+        options(balance=1.0, source="austen")
+    assert options(balance=2.0).train_spec().balance == 2.0 and options().train_spec().balance == 0.0
+
+
+def test_balanced_recovery_draws_the_general_mix_by_part_and_replays(tmp_path):
+    """balance on the general mix: LoRA distillation trains on the mix's parts (their final draw
+    weights in the details), block-importance ranks still read the whole mix, and the plan replays."""
+    from compress.calibration.sources import general_mix_parts
+
+    model = tiny_model()
+    steps = [run_pass(model, "flap", ratio=0.5)]
+    steps.append(run_pass(model, "lora_recover", ByteTokenizer(), steps=3, rank=2, batch_size=4, seqlen=16,
+                          source="general", balance=1.0, rank_by="block_importance", importance_samples=4,
+                          checkpoint_dir=str(tmp_path / "ckpt")))
+    weights = steps[-1].details["part_weights"]
+    assert list(weights) == list(general_mix_parts()) and sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
+    assert len(steps[-1].details["block_importance"]) == 4
+    replayed = tiny_model()
+    apply_plan(replayed, Plan(model={"num_layers": 4}, steps=steps))
+    assert_same_weights(replayed, model)
+
+
 def test_the_recover_recipe_validates():
     from compress.recipe import load_recipe
 

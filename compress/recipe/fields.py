@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator
 
+from compress.calibration.suites import MIXED_SOURCES
 from compress.devices import check_device_name
 from compress.recipe.problems import show_value
 
@@ -56,15 +57,15 @@ def normalize_device(value: str) -> str:
 
 
 def general_text_names() -> tuple[str, ...]:
-    """Text sources of the embedded general corpus (``compress/data/general/manifest.json``):
-    ``general``, ``general:train``, and per domain ``general:<d>``, ``general:<d>:test`` and, for a
+    """Text sources of the embedded general corpus (``compress/data/general/manifest.json``): its
+    mixes (``MIXED_SOURCES``: ``general``, ``general:train``) and per domain ``general:<d>``, ``general:<d>:test`` and, for a
     domain in the calibration mix, ``general:<d>:train``."""
     manifest = DATA_DIR / "general" / "manifest.json"
     try:
         domains = json.loads(manifest.read_text(encoding="utf-8"))["domains"]
     except (OSError, ValueError, KeyError):
-        return ("general", "general:train")
-    names = ["general", "general:train"]
+        return MIXED_SOURCES
+    names = list(MIXED_SOURCES)
     for name, info in domains.items():
         names += [f"general:{name}", f"general:{name}:test"]
         if info.get("in_mix"):

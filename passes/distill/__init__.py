@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from compress.calibration.suites import MIXED_SOURCES
 from compress.registry import register_pass
-from passes._common import TrainOptions
+from passes._common import BalanceOption, TrainOptions
 
 
 @register_pass("distill", implementation="passes.distill.run:DistillPass")
@@ -25,7 +24,7 @@ class Distill:
     kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = False
 
-    class Options(TrainOptions):
+    class Options(TrainOptions, BalanceOption):
         batch_size: int = Field(8, ge=1, description="Windows per micro-batch.")
         checkpoint_every: int = Field(100, ge=0, description="Checkpoint every this many steps (0: only at the end); "
                                       "a checkpoint holds the trained weights and AdamW's two moments.")
@@ -33,18 +32,8 @@ class Distill:
         hidden_weight: float = Field(0.0, ge=0.0, description="Add this times the blocks' hidden-state distance to "
                                      "the KL: mean over blocks and positions of |h - h_dense|^2 / |h_dense|^2 "
                                      "(0: logits only).")
-        balance: float = Field(0.0, ge=0.0, description="Draw the windows of a mixed source (general) part by part, "
-                               "each part in proportion to the model's excess loss over the dense model there, "
-                               "to this power (dynamic batch loading; 0: the mix as it is).")
         bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
                            "AMX or AVX-512 BF16 and on GPUs; the weights and AdamW stay float32).")
-
-        @model_validator(mode="after")
-        def _balance_needs_a_mix(self):
-            if self.balance and self.source not in MIXED_SOURCES:
-                raise ValueError(f"balance needs a mixed training source ({' or '.join(MIXED_SOURCES)}); "
-                                 f"source is {self.source!r}")
-            return self
 
         def train_spec(self):
             """The training settings with this pass's KL loss (BOS is the caller's: it needs the tokenizer)."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.registry import register_pass
-from passes._common import LoRATrainOptions
+from passes._common import BalanceOption, LoRATrainOptions
 
 
 @register_pass("lora_recover", implementation="passes.lora_recover.run:LoraRecoverPass")
@@ -25,7 +25,7 @@ class LoraRecover:
     kinds = ("decoder",)  # the model kinds it works on (compress.kinds)
     needs_calibration = False
 
-    class Options(LoRATrainOptions):
+    class Options(LoRATrainOptions, BalanceOption):
         rank: int = Field(8, ge=1, description="LoRA rank (the mean rank with rank_by: block_importance).")
         rank_by: Literal["none", "block_importance"] = Field(
             "none",
@@ -40,6 +40,14 @@ class LoraRecover:
         bf16: bool = Field(False, description="Run the forward passes under bfloat16 autocast (faster on CPUs with "
                            "AMX or AVX-512 BF16 and on GPUs; the adapters and the merge stay float32).")
 
+        @model_validator(mode="after")
+        def _balance_needs_kl(self):
+            if self.balance and self.loss != "kl":
+                raise ValueError("balance weighs the parts by the excess loss over the dense model, so it needs "
+                                 f"loss: kl (loss is {self.loss!r})")
+            return self
+
         def train_spec(self):
             """The training settings with this pass's loss (BOS is the caller's: it needs the tokenizer)."""
-            return replace(super().train_spec(), loss=self.loss, temperature=self.temperature, bf16=self.bf16)
+            return replace(super().train_spec(), loss=self.loss, temperature=self.temperature, bf16=self.bf16,
+                           balance=self.balance)

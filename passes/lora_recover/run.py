@@ -74,11 +74,11 @@ class LoraRecoverPass(LoraRecover):
 
         o = self.options
         names = target_names(ctx, o.target_modules)
-        ids = training_ids(ctx, o.source, "lora_recover")
+        ids = training_ids(ctx, o.source, self.name, parts=bool(o.balance))
         details: dict = {}
         rank_pattern: dict[str, int] = {}
         if o.rank_by == "block_importance":
-            importance = self.block_importance(ctx, ids)
+            importance = self.block_importance(ctx, training_ids(ctx, o.source, self.name) if o.balance else ids)
             ranks = block_ranks(importance, o.rank)
             rank_pattern = {name: r for layer, r in zip(names, ranks) for name in layer}
             details["block_importance"] = [float(x) for x in importance]
