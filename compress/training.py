@@ -377,7 +377,7 @@ def make_sampler(ids, train: "TrainSpec") -> WindowSampler | PartSampler:
     return WindowSampler(ids, train.batch_size, train.seqlen, train.seed, train.bos)
 
 
-DISTILL_CHUNK = 1024  # positions per KL chunk (bounds the float32 copies at chunk × vocab)
+DISTILL_CHUNK = 256  # positions per KL chunk (bounds the float32 temporaries at chunk × vocab)
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -390,36 +390,71 @@ def distillation_terms(logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
                        batch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`distillation_loss` and, given the windows ``batch`` [b, t], each window's
     :func:`excess_nll` [b] float64 (no gradient; else None), read from the same chunked log-softmax
-    at temperature 1 (at another temperature the excess takes its own)."""
+    at temperature 1 (at another temperature the excess takes its own).
+
+    The KL runs chunk by chunk (:class:`_ChunkedKL`) and keeps for the backward pass only its
+    gradient, one tensor the size and dtype of ``logits``: autograd would keep float32 copies of
+    both models' log-probabilities, [b·t, vocab] each, which dominate the memory of a training step.
+    """
     b, t, vocab = logits.shape
-    rows, teacher_rows = logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    total = logits.new_zeros((), dtype=torch.float32)
-    labels = gaps = None
+    labels = None
     if batch is not None:  # the next token of each position; -1 after a window's last
         labels = torch.full((b, t), -1, dtype=torch.long, device=logits.device)
         labels[:, :-1] = batch[:, 1:].to(logits.device)
-        labels, gaps = labels.reshape(-1), torch.zeros(b * t, dtype=torch.float64, device=logits.device)
-    for start in range(0, rows.shape[0], DISTILL_CHUNK):
-        part = slice(start, start + DISTILL_CHUNK)
-        logp = torch.log_softmax(rows[part].float() / temperature, dim=-1)
-        target = torch.log_softmax(teacher_rows[part].float() / temperature, dim=-1)
-        total = total + torch.nn.functional.kl_div(logp, target, log_target=True, reduction="sum")
-        if gaps is not None:
-            gaps[part] = _nll_gap(logp, target, rows[part], teacher_rows[part], labels[part], temperature)
-    excess = gaps.view(b, t).sum(1) / max(t - 1, 1) if gaps is not None else None
-    return total * (temperature**2) / rows.shape[0], excess
+        labels = labels.reshape(-1)
+    loss, gaps = _ChunkedKL.apply(logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach(), labels,
+                                  float(temperature))
+    excess = gaps.view(b, t).sum(1) / max(t - 1, 1) if batch is not None else None
+    return loss, excess
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """``T² · mean_rows KL(softmax(teacher/T) || softmax(rows/T))`` over rows [n, vocab], DISTILL_CHUNK
+    rows at a time. Its gradient, ``T · (p − q) / n`` with p, q the two softmaxes, is computed in the
+    forward pass and saved in the dtype of ``rows``. With ``labels`` [n] (-1: no next token), the
+    second output is each row's next-token NLL of the model minus the teacher's [n] float64 (else empty)."""
+
+    @staticmethod
+    def forward(ctx, rows, teacher_rows, labels, temperature):
+        n = rows.shape[0]
+        grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        gaps = torch.zeros(n if labels is not None else 0, dtype=torch.float64, device=rows.device)
+        total = torch.zeros((), dtype=torch.float64, device=rows.device)
+        for start in range(0, n, DISTILL_CHUNK):
+            part = slice(start, start + DISTILL_CHUNK)
+            logp = torch.log_softmax(_scaled(rows[part], temperature), dim=-1)
+            target = torch.log_softmax(_scaled(teacher_rows[part], temperature), dim=-1)
+            q = target.exp()
+            total += (q * (target - logp)).sum(dtype=torch.float64)
+            if grad is not None:
+                grad[part] = (logp.exp() - q).mul_(temperature / n)
+            if labels is not None:
+                gaps[part] = _nll_gap(logp, target, rows[part], teacher_rows[part], labels[part], temperature)
+        ctx.mark_non_differentiable(gaps)
+        ctx.save_for_backward(grad)
+        return (total * temperature**2 / n).float(), gaps
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_gaps):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
+
+
+def _scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``rows / temperature`` in float32 (no copy of float32 rows at temperature 1)."""
+    rows = rows.float()
+    return rows if temperature == 1 else rows / temperature
 
 
 def _nll_gap(logp: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, teacher_rows: torch.Tensor,
              labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per position [n], the model's next-token NLL minus the teacher's (0 where ``labels`` is -1),
     from the log-probabilities [n, vocab] at ``temperature`` when it is 1, else from the raw rows."""
-    with torch.no_grad():
-        if temperature != 1:
-            logp, target = (torch.log_softmax(r.float(), dim=-1) for r in (rows, teacher_rows))
-        index = labels.clamp_min(0).unsqueeze(1)
-        gap = (target.gather(1, index) - logp.gather(1, index)).squeeze(1).double()
-        return torch.where(labels >= 0, gap, torch.zeros_like(gap))
+    if temperature != 1:
+        logp, target = (torch.log_softmax(r.float(), dim=-1) for r in (rows, teacher_rows))
+    index = labels.clamp_min(0).unsqueeze(1)
+    gap = (target.gather(1, index) - logp.gather(1, index)).squeeze(1).double()
+    return torch.where(labels >= 0, gap, torch.zeros_like(gap))
 
 
 def hidden_state_loss(hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -773,7 +808,7 @@ def _train_loop(model, named: list[tuple[str, nn.Parameter]], ids, train: TrainS
             "format": CHECKPOINT_FORMAT,
             "fingerprint": fingerprint,
             "step": step,
-            "params": {name: p.detach().cpu().clone() for name, p in named},
+            "params": {name: p.detach().cpu() for name, p in named},  # saved now: no copy needed
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),

@@ -209,6 +209,27 @@ def test_distillation_terms_read_the_excess_from_the_kl_chunks(monkeypatch, temp
     assert distillation_terms(logits, teacher, temperature)[1] is None
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_kl_gradient_is_autograds(monkeypatch, temperature):
+    """The gradient the chunked KL saves equals autograd's through the plain formula, in the logits' dtype."""
+    import torch.nn.functional as F
+
+    import compress.training as training
+
+    monkeypatch.setattr(training, "DISTILL_CHUNK", 4)
+    teacher = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    (3 * distillation_loss(logits, teacher, temperature)).backward()
+    mine, logits.grad = logits.grad, None
+    q = F.softmax(teacher / temperature, -1)
+    reference = temperature**2 * (q * (q.log() - F.log_softmax(logits / temperature, -1))).sum(-1).mean()
+    (3 * reference).backward()
+    assert torch.allclose(mine, logits.grad, atol=1e-6)
+    low = logits.detach().bfloat16().requires_grad_()
+    distillation_loss(low, teacher, temperature).backward()
+    assert low.grad.dtype == torch.bfloat16 and torch.allclose(low.grad.float(), logits.grad / 3, atol=1e-3)
+
+
 def test_excess_nll_is_the_log_ppl_ratio_of_each_window():
     dense, pruned = tiny_model(), tiny_model()
     run_pass(pruned, "flap", ratio=0.5)
