@@ -125,9 +125,11 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
 
 def run_one(name: str, calibration: dict, windows: int, threads: int, distill: list[int], model_name: str = MODEL,
             eval_batch: int = 8, recovery: str = "full", schedule: str = "constant",
-            lr: float | None = None, hidden_weight: float = 0.0, balance: float = 0.0) -> list[dict]:
+            lr: float | None = None, hidden_weight: float = 0.0, balance: float = 0.0,
+            distilled_only: bool = False) -> list[dict]:
     """Load, prune and evaluate one configuration in this process; with ``distill`` (step counts),
-    then distil it (``--recovery``: see ``RECOVERY``) and evaluate after each count too."""
+    then distil it (``--recovery``: see ``RECOVERY``) and evaluate after each count too
+    (``distilled_only``: only then; the pruned model's row is left out)."""
     import torch
 
     from compress.calibration.sources import random_windows, window_bos
@@ -173,7 +175,7 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
     prune_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     adapter = get_adapter(model)
     start = time.perf_counter()
-    section = evaluator.evaluate(model)
+    section = None if distilled_only else evaluator.evaluate(model)
     row = {
         "config": name,
         "model": model_name,
@@ -187,11 +189,12 @@ def run_one(name: str, calibration: dict, windows: int, threads: int, distill: l
         "step_details": step_details,
         "prune_s": round(sum(step_times), 1),
         "prune_peak_rss_mb": round(prune_peak_mb, 1),
-        "eval_s": round(time.perf_counter() - start, 1),
+        "eval_s": None if distilled_only else round(time.perf_counter() - start, 1),
         "evaluation": section,
     }
-    return [row] + (distilled_rows(row, model, ctx, evaluator, distill, recovery, schedule, lr, hidden_weight,
-                                   balance) if distill else [])
+    distilled = distilled_rows(row, model, ctx, evaluator, distill, recovery, schedule, lr, hidden_weight,
+                               balance) if distill else []
+    return distilled if distilled_only else [row] + distilled
 
 
 def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], recovery: str,
@@ -317,6 +320,9 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only print the table of --out")
     parser.add_argument("--rows", nargs="*", help="--table: only these row keys, in this order")
     parser.add_argument("--crosscal", help="--table: the cross-calibration table of this config instead")
+    parser.add_argument("--distilled-only", action="store_true",
+                        help="--distill: evaluate and write only the distilled rows (the pruned model's row is "
+                        "already in --out)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -325,7 +331,7 @@ def main() -> None:
     if args.one:
         rows = run_one(args.one, calibration, args.windows, args.threads, sorted(args.distill), args.model,
                        args.eval_batch, args.recovery, args.lr_schedule, args.lr, args.hidden_weight,
-                       args.balance)
+                       args.balance, args.distilled_only)
         args.row_out.write_text(json.dumps(rows if args.distill else rows[0]))
         return
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"protocol": {}, "rows": {}}
@@ -343,7 +349,7 @@ def main() -> None:
                    str(args.calib_seqlen), "--windows", str(args.windows), "--model", args.model,
                    "--eval-batch", str(args.eval_batch), "--recovery", args.recovery, "--lr-schedule", args.lr_schedule,
                    *(["--lr", str(args.lr)] if args.lr else []), "--hidden-weight", str(args.hidden_weight),
-                   "--balance", str(args.balance),
+                   "--balance", str(args.balance), *(["--distilled-only"] if args.distilled_only else []),
                    "--distill", *[str(n) for n in args.distill]]
             subprocess.run(cmd, check=True)
             written = json.loads(row_file.read_text())
