@@ -109,6 +109,13 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
                                                    "sequential": True, "ls_target": "dense_output", **LSD})],
     "flap-lsd-uniform-qh-seq-drift-20": [("flap", {"ratio": 0.2, "allocator": "uniform", "gqa": "query_heads",
                                                    "sequential": True, "ls_target": "dense_output", **LSD})],
+    # metric obs: channels and heads scored by the error left after the least-squares refit (OBS)
+    "flap-obs-lsd-uniform-qh-seq-drift-50": [("flap", {"ratio": 0.5, "metric": "obs", "allocator": "uniform",
+                                                       "gqa": "query_heads", "sequential": True,
+                                                       "ls_target": "dense_output", **LSD})],
+    "flap-obs-lsd-uniform-qh-seq-drift-20": [("flap", {"ratio": 0.2, "metric": "obs", "allocator": "uniform",
+                                                       "gqa": "query_heads", "sequential": True,
+                                                       "ls_target": "dense_output", **LSD})],
     "cfsp-lsd-seq-drift-50": [("cfsp", {"ratio": 0.5, "sequential": True, "ls_target": "dense_output", **LSD})],
     "cfsp-lsd-seq-drift-20": [("cfsp", {"ratio": 0.2, "sequential": True, "ls_target": "dense_output", **LSD})],
     # the search allocator (Týr-the-Pruner style)

@@ -86,6 +86,61 @@ class FluctuationScorer:
         return LayerScores(attn=attn, mlp=mlp)
 
 
+class ObsScorer:
+    """Optimal-Brain-Surgeon saliency for a least-squares refit (SlimGPT / ZipLM style).
+
+    A consumer ``W`` [out, C] reads inputs x [C]; ``G`` is their Gram matrix per token with the constant
+    channel appended ([C + 1, C + 1], ``GramStats``), so the refit may also move the bias. Removing
+    the input channels S and refitting the others (and the bias) optimally raises the mean squared
+    output error by ``E_S = trace(W_S · (Ĝ⁻¹)_SS⁻¹ · W_Sᵀ)``, Ĝ being G damped by ``damp · mean(diag)``.
+    For one channel that is ``‖W[:, j]‖² / (Ĝ⁻¹)_jj``: its weight energy times the variance of x_j
+    that the other channels cannot predict (where FLAP's WIFV takes the whole variance).
+
+    MLP channels (down_proj inputs) are scored one by one; each query head's ``head_dim`` o_proj
+    channels are scored as one set and share its ``E_S`` equally, so a head's summed score is its
+    error. Scores are float64. Needs the Gram statistics (``needs_gram``).
+    """
+
+    needs_activations = True
+    needs_gram = True
+
+    def __init__(self, damp: float = 1e-2):
+        self.damp = damp
+
+    def _inverse(self, gram: GramStats) -> torch.Tensor:
+        """[C, C] block of the inverse of the damped per-token Gram (the constant channel kept in)."""
+        if gram is None:
+            raise ValueError("the OBS score needs the consumers' Gram statistics (compensation: least_squares)")
+        matrix = gram.matrix / max(gram.tokens, 1)
+        channels = gram.channels
+        scale = float(matrix.diagonal()[:channels].mean())
+        damped = matrix.clone()
+        damped.diagonal()[:channels] += self.damp * scale if scale > 0 else 1.0
+        return torch.cholesky_inverse(torch.linalg.cholesky(damped))[:channels, :channels]
+
+    def channel_errors(self, weight: torch.Tensor, gram: GramStats) -> torch.Tensor:
+        """[C] ``E_j`` of each input channel alone."""
+        diagonal = self._inverse(gram).diagonal()
+        return _column_energy(weight).to(diagonal.device) / diagonal
+
+    def block_errors(self, weight: torch.Tensor, gram: GramStats, size: int) -> torch.Tensor:
+        """[C] ``E_S / size`` for each channel of the consecutive blocks S of ``size`` channels."""
+        inverse = self._inverse(gram)
+        w = weight.detach().to(device=inverse.device, dtype=torch.float64)
+        errors = []
+        for start in range(0, inverse.shape[0], size):
+            block = slice(start, start + size)
+            w_s = w[:, block]  # [out, size]
+            solved = torch.linalg.solve(inverse[block, block], w_s.T)  # [size, out]
+            errors.append((w_s.T * solved).sum() / size)
+        return torch.stack(errors).repeat_interleave(size)
+
+    def __call__(self, adapter, layer_index: int, stats: ConsumerStats) -> LayerScores:
+        attn = self.block_errors(adapter.attention_consumer(layer_index).weight, stats.attn_gram, adapter.head_dim)
+        mlp = self.channel_errors(adapter.mlp_consumer(layer_index).weight, stats.mlp_gram)
+        return LayerScores(attn=attn, mlp=mlp)
+
+
 class WandaSpScorer:
     """Wanda-sp: ``mean_i |W[i, j]| · ||x_j||`` with ``||x_j||² = mean_samples sum_t x[t, j]²``."""
 

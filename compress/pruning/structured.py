@@ -48,8 +48,9 @@ class StructuredPruner:
         attn_in = adapter.attention_consumer(layer_index).in_features
         mlp_in = adapter.mlp_consumer(layer_index).in_features
         reference = self.settings.reference_statistics
-        gram = refit and self.settings.compensation == "least_squares"
-        heldout = gram and self.needs_heldout
+        refits = refit and self.settings.compensation == "least_squares"
+        gram = refits or getattr(self.scorer, "needs_gram", False)
+        heldout = refits and self.needs_heldout
         return ConsumerStats(
             attn=ChannelStats(attn_in, device),
             mlp=ChannelStats(mlp_in, device),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.registry import register_pass
 from passes._common import ALLOCATOR_HELP, AllocatorName, StructuredOptions
@@ -34,7 +34,11 @@ class Flap:
             default_factory=lambda: [0, -1],
             description="Layers never pruned (negative indices count from the end); default: the first and last.",
         )
-        metric: Literal["wifv", "ifv", "wifn"] = Field("wifv", description="Channel score: WIFV (default), IFV or WIFN.")
+        metric: Literal["wifv", "ifv", "wifn", "obs"] = Field(
+            "wifv", description="Channel score: WIFV (default), IFV, WIFN, or 'obs': the output error left after "
+            "the least-squares refit (Optimal Brain Surgeon; each head scored as a whole; needs compensation: "
+            "least_squares; square_attention does not apply)."
+        )
         structure: Literal["al-am", "ul-um"] = Field(
             "al-am", description="'al-am': one global threshold over standardised scores (adaptive widths); "
             "'ul-um': every layer loses the same share."
@@ -59,3 +63,12 @@ class Flap:
             description="Reproduce the reference code: streaming variance, squared attention score, "
             "argmin threshold with strict '>', no per-layer floor and no skipped layers, fp16-rounded means.",
         )
+
+        @model_validator(mode="after")
+        def _obs_needs_a_refit(self):
+            if self.metric == "obs" and self.compensation != "least_squares":
+                raise ValueError("metric 'obs' scores the error left after a least-squares refit, so it needs "
+                                 f"compensation: least_squares (compensation is {self.compensation!r})")
+            if self.metric == "obs" and self.parity:
+                raise ValueError("metric 'obs' is not the reference code's score: parity needs metric 'wifv'")
+            return self

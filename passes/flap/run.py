@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from compress.plan import PlanStep
-from compress.pruning.scores import FluctuationScorer
+from compress.pruning.scores import FluctuationScorer, ObsScorer
 from compress.pruning.structured import PrunerSettings, StructuredPruner
 from passes._common import pruner_settings
 from passes.flap import Flap
@@ -34,9 +34,9 @@ class FlapPass(Flap):
         return settings
 
     def run(self, ctx) -> PlanStep:
-        scorer = FluctuationScorer(
-            self.options.metric, parity=self.options.parity, square_attention=self.options.square_attention
-        )
+        o = self.options
+        scorer = ObsScorer() if o.metric == "obs" else FluctuationScorer(
+            o.metric, parity=o.parity, square_attention=o.square_attention)
         step = StructuredPruner(scorer, self.settings()).run(ctx)
         step.pass_name, step.options = self.name, self.options.model_dump()
         return step
