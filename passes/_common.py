@@ -168,7 +168,8 @@ class TrainOptions(BaseModel):
 
 
 class BalanceOption(BaseModel):
-    """The ``balance`` option of the passes that distil on a mixed source (distill, lora_recover)."""
+    """The ``balance`` option of the passes that distil on a mixed source (distill, lora_recover);
+    mixed into a :class:`TrainOptions`, whose ``source`` its check reads."""
 
     balance: float = Field(0.0, ge=0.0, description="Draw the windows of a mixed source (general) part by part, "
                            "each part in proportion to the model's excess loss over the dense model there, "

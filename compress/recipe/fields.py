@@ -58,8 +58,8 @@ def normalize_device(value: str) -> str:
 
 def general_text_names() -> tuple[str, ...]:
     """Text sources of the embedded general corpus (``compress/data/general/manifest.json``): its
-    mixes (``MIXED_SOURCES``: ``general``, ``general:train``) and per domain ``general:<d>``, ``general:<d>:test`` and, for a
-    domain in the calibration mix, ``general:<d>:train``."""
+    mixes (``MIXED_SOURCES``: ``general``, ``general:train``) and per domain ``general:<d>``,
+    ``general:<d>:test`` and, for a domain in the calibration mix, ``general:<d>:train``."""
     manifest = DATA_DIR / "general" / "manifest.json"
     try:
         domains = json.loads(manifest.read_text(encoding="utf-8"))["domains"]

@@ -38,5 +38,5 @@ class FlapPass(Flap):
         scorer = ObsScorer() if o.metric == "obs" else FluctuationScorer(
             o.metric, parity=o.parity, square_attention=o.square_attention)
         step = StructuredPruner(scorer, self.settings()).run(ctx)
-        step.pass_name, step.options = self.name, self.options.model_dump()
+        step.pass_name, step.options = self.name, o.model_dump()
         return step
