@@ -10,7 +10,7 @@ from compress.evaluation.compare import compare_logits
 from compress.models.adapters import get_adapter
 from compress.run import apply_plan
 from compress.plan import Plan
-from compress.pruning.compensation import GramStats, least_squares_refit
+from compress.pruning.compensation import GramStats, add_ridge, least_squares_refit
 from compress.pruning.surgeon import REFIT_ARTIFACT
 from conftest import tiny_model
 
@@ -29,6 +29,19 @@ def test_gram_statistics_match_direct_computation():
     augmented = torch.cat([x, torch.ones(200, 1)], dim=1).double()
     torch.testing.assert_close(stats.matrix, augmented.T @ augmented)
     assert stats.tokens == 200
+
+
+def test_add_ridge_damps_the_leading_diagonal_by_its_mean():
+    matrix = torch.diag(torch.tensor([2.0, 4.0, 6.0, 100.0], dtype=torch.float64))
+    ridge = add_ridge(matrix, 0.5, count=3)  # the last entry plays the constant channel: left as it is
+    assert ridge == pytest.approx(2.0)
+    assert matrix.diagonal().tolist() == [4.0, 6.0, 8.0, 100.0]
+    everything = torch.eye(2, dtype=torch.float64) * 3
+    assert add_ridge(everything, 0.1) == pytest.approx(0.3)
+    assert everything.diagonal().tolist() == pytest.approx([3.3, 3.3])
+    dead = torch.zeros(3, 3, dtype=torch.float64)  # no signal: a unit ridge keeps it invertible
+    assert add_ridge(dead, 1e-2) == 1.0
+    assert torch.linalg.matrix_rank(dead) == 3
 
 
 def test_refit_is_the_least_squares_solution_with_intercept():

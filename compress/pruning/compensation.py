@@ -52,6 +52,19 @@ class GramStats:
         return int(self.matrix[-1, -1])
 
 
+def add_ridge(matrix: torch.Tensor, damp: float, count: int | None = None) -> float:
+    """Damp a square second-moment matrix in place: add ``damp · mean(diag[:count])`` to its first
+    ``count`` diagonal entries (all of them by default; the rest, e.g. an augmented constant channel,
+    stay). Where that mean is 0 (no signal at all) the ridge is 1, so the matrix stays invertible.
+    Returns the ridge added. The least-squares refit, the drift correction and both OBS scores (FLAP's
+    ``metric: obs``, SPA's OBSPA) damp through it."""
+    diagonal = matrix.diagonal()[:count]
+    scale = float(diagonal.mean()) if diagonal.numel() else 0.0
+    ridge = damp * scale if scale > 0 else 1.0
+    diagonal += ridge
+    return ridge
+
+
 DAMP_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, math.inf)  # choose_damp's candidates
 
 
@@ -89,8 +102,7 @@ def least_squares_refit(weight: torch.Tensor, gram: GramStats, keep: list[int], 
         return W[:, keep_t].contiguous(), W[:, removed] @ mean[removed]
     rows = torch.cat([keep_t, torch.tensor([n], device=G.device)])
     system = G.index_select(0, rows).index_select(1, rows).clone()
-    ridge = damp * system.diagonal()[:k].mean().clamp_min(1e-12)
-    system.diagonal()[:k] += ridge
+    ridge = add_ridge(system, damp, k)
     target = G.index_select(0, rows)[:, :n] @ W.T  # [k+1, out]
     if prior == "dense":
         target[:k] += ridge * W[:, keep_t].T
@@ -165,7 +177,7 @@ def drift_delta(stats: DriftStats, damp: float) -> torch.Tensor:
     if math.isinf(damp):
         return torch.zeros_like(stats.cross)
     system = G.clone()
-    system.diagonal()[:k] += damp * G.diagonal()[:k].mean().clamp_min(1e-12)
+    add_ridge(system, damp, k)
     return torch.linalg.solve(system, stats.cross)
 
 

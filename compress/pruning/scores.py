@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from compress.calibration.stats import ChannelStats, ReferenceFluctuation
-from compress.pruning.compensation import GramStats
+from compress.pruning.compensation import GramStats, add_ridge
 
 
 @dataclass
@@ -111,12 +111,9 @@ class ObsScorer:
         """[C, C] block of the inverse of the damped per-token Gram (the constant channel kept in)."""
         if gram is None:
             raise ValueError("the OBS score needs the consumers' Gram statistics (compensation: least_squares)")
-        matrix = gram.matrix / max(gram.tokens, 1)
-        channels = gram.channels
-        scale = float(matrix.diagonal()[:channels].mean())
-        damped = matrix.clone()
-        damped.diagonal()[:channels] += self.damp * scale if scale > 0 else 1.0
-        return torch.cholesky_inverse(torch.linalg.cholesky(damped))[:channels, :channels]
+        damped = gram.matrix / max(gram.tokens, 1)
+        add_ridge(damped, self.damp, gram.channels)
+        return torch.cholesky_inverse(torch.linalg.cholesky(damped))[:gram.channels, :gram.channels]
 
     def channel_errors(self, weight: torch.Tensor, gram: GramStats) -> torch.Tensor:
         """[C] ``E_j`` of each input channel alone."""

@@ -25,16 +25,16 @@ from __future__ import annotations
 import torch
 
 from compress.errors import CompressError
+from compress.pruning.compensation import add_ridge
 from compress.pruning.groups import ChannelGroup
 from passes.spa.activations import ConsumerInput, InputStats, consumer_matrix
 
 
 def damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
     """[C, C] float64 ``gram + damp·mean(diag)·I`` (identity where the gram is all zero)."""
-    gram = gram.to(torch.float64)
-    scale = float(gram.diagonal().mean())
-    eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    return gram + (damp * scale if scale > 0 else 1.0) * eye
+    gram = gram.to(torch.float64).clone()
+    add_ridge(gram, damp)
+    return gram
 
 
 def unit_saliency(weight: torch.Tensor, hinv: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
