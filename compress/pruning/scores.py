@@ -107,13 +107,17 @@ class ObsScorer:
     def __init__(self, damp: float = 1e-2):
         self.damp = damp
 
-    def _inverse(self, gram: GramStats) -> torch.Tensor:
-        """[C, C] block of the inverse of the damped per-token Gram (the constant channel kept in)."""
+    def damped_inverse(self, gram: GramStats) -> torch.Tensor:
+        """[C + 1, C + 1] inverse of the damped per-token Gram, the constant channel included."""
         if gram is None:
             raise ValueError("the OBS score needs the consumers' Gram statistics (compensation: least_squares)")
         damped = gram.matrix / max(gram.tokens, 1)
         add_ridge(damped, self.damp, gram.channels)
-        return torch.cholesky_inverse(torch.linalg.cholesky(damped))[:gram.channels, :gram.channels]
+        return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+
+    def _inverse(self, gram: GramStats) -> torch.Tensor:
+        """[C, C] block of ``damped_inverse`` for the channels (the constant channel kept in the fit)."""
+        return self.damped_inverse(gram)[:gram.channels, :gram.channels]
 
     def channel_errors(self, weight: torch.Tensor, gram: GramStats) -> torch.Tensor:
         """[C] ``E_j`` of each input channel alone."""
