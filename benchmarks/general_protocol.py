@@ -246,13 +246,13 @@ def distilled_rows(base: dict, model, ctx, evaluator, checkpoints: list[int], re
     if recovery == "full":
         result = train_weights(model, ids, block_parameter_names(model, ctx.adapter()), train, progress=False,
                                callback=callback, teacher=ctx.dense_model())
-        if result.part_weights is not None:
-            rows[-1]["distill"]["part_weights"] = result.part_weights
-        return rows
-    names = target_names(ctx, options.target_modules)
-    lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=options.rank,
-                    alpha=options.alpha, dropout=options.dropout)
-    train_lora(model, ids, lora, train, progress=False, callback=callback, teacher=ctx.dense_model())
+    else:
+        names = target_names(ctx, options.target_modules)
+        lora = LoRASpec(target_modules=tuple(n for layer in names for n in layer), rank=options.rank,
+                        alpha=options.alpha, dropout=options.dropout)
+        result = train_lora(model, ids, lora, train, progress=False, callback=callback, teacher=ctx.dense_model())
+    if result.part_weights is not None:
+        rows[-1]["distill"]["part_weights"] = result.part_weights
     return rows
 
 
