@@ -68,12 +68,13 @@ def record_grams(model, adapter, layers: list[int], windows: torch.Tensor, batch
 
 def covariance(gram: GramStats) -> torch.Tensor:
     """[C, C] per-token covariance of the input the Gram summarises."""
-    n, c = gram.tokens, gram.channels
-    mean = gram.matrix[-1, :c] / n
-    return gram.matrix[:c, :c] / n - torch.outer(mean, mean)
+    c = gram.channels
+    return gram.matrix[:c, :c] / gram.tokens - torch.outer(gram.mean, gram.mean)
 
 
 def remove_wifv(weight: torch.Tensor, gram: GramStats, count: int) -> list[int]:
+    """FluctuationScorer's WIFV from the Gram (its variance is the unbiased one, n/(n-1) times this:
+    the same order)."""
     scores = weight.square().sum(0) * covariance(gram).diagonal()
     return scores.argsort()[:count].tolist()
 

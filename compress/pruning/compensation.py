@@ -51,6 +51,11 @@ class GramStats:
     def tokens(self) -> int:
         return int(self.matrix[-1, -1])
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """[channels] float64 per-token mean of the input (the constant row over the token count)."""
+        return self.matrix[-1, :self.channels] / self.tokens
+
 
 def add_ridge(matrix: torch.Tensor, damp: float, count: int | None = None) -> float:
     """Damp a square second-moment matrix in place: add ``damp · mean(diag[:count])`` to its first
@@ -98,8 +103,7 @@ def least_squares_refit(weight: torch.Tensor, gram: GramStats, keep: list[int], 
             raise ValueError("an infinite ridge toward zero removes the consumer; use prior 'dense'")
         removed = torch.ones(n, dtype=torch.bool, device=G.device)
         removed[keep_t] = False
-        mean = G[-1, :n] / gram.tokens
-        return W[:, keep_t].contiguous(), W[:, removed] @ mean[removed]
+        return W[:, keep_t].contiguous(), W[:, removed] @ gram.mean[removed]
     rows = torch.cat([keep_t, torch.tensor([n], device=G.device)])
     system = G.index_select(0, rows).index_select(1, rows).clone()
     ridge = add_ridge(system, damp, k)
